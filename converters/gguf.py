@@ -1,0 +1,493 @@
+"""GGUF checkpoints (llama.cpp) as Hugging Face–named, HF-laid-out numpy state dicts.
+
+The rest of jaxlin only knows HF safetensors checkpoints, so this module hides every
+llama.cpp convention: tensor names (`blk.0.attn_q.weight`), Gemma's `1 + w` norm weights,
+and the q/k row permutation llama.cpp's converter applies to Llama for its interleaved
+RoPE. Files are parsed with the `gguf` package (the same library llama.cpp writes them
+with) — never torch, never pickle — and dequantized with `gguf.quants.dequantize`.
+
+The config is transformers' own GGUF metadata mapping (`GGUF_CONFIG_MAPPING`), rebuilt
+here because transformers 5.x reaches it only through modules that import torch
+(`integrations/gguf/reader.py`, `modeling_gguf_pytorch_utils.load_gguf_checkpoint`), and
+jaxlin's runtime must not need torch. The tokenizer is built the same way, from
+transformers' own GGUF tokenizer builders. Tests check all three against transformers.
+
+What cannot be undone, and is therefore only documented:
+- llama.cpp drops a tied `lm_head.weight` (the file has no `output.weight`); the config
+  then says `tie_word_embeddings=True`, exactly like an HF checkpoint of a tied model.
+- Gemma 3: llama.cpp cuts the embedding to the tokenizer's length (262208 → 262144 rows
+  for the 1B+ models); the config's `vocab_size` is that length, so both agree.
+- Llama 3.x: llama.cpp turns `rope_scaling` (rope_type "llama3") into a `rope_freqs`
+  tensor and writes no metadata for it; transformers' mapping ignores both, so the
+  config has plain RoPE. `read_gguf_config` warns, the tensor is not returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from jaxlin.errors import JaxlinError
+
+if TYPE_CHECKING:
+    import gguf
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+__all__ = [
+    "SUPPORTED_GGUF_ARCHITECTURES",
+    "GGUFError",
+    "GGUFFileNotFoundError",
+    "read_gguf_config",
+    "read_gguf_state_dict",
+    "load_gguf_tokenizer",
+]
+
+
+class GGUFError(JaxlinError, ValueError):
+    """A GGUF file jaxlin cannot read faithfully. One line, naming the file and the
+    tensor or metadata field at fault. A JaxlinError too, so the CLI prints it as one line."""
+
+
+class GGUFFileNotFoundError(GGUFError, FileNotFoundError):
+    """The path does not exist: catchable as FileNotFoundError as well as GGUFError."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _ArchSpec:
+    """Everything llama.cpp's converter does differently from HF for one architecture."""
+
+    # GGUF per-layer leaf name (between `blk.{i}.` and `.weight`/`.bias`) → HF name
+    # (between `model.layers.{i}.` and the same suffix).
+    layer_tensors: Mapping[str, str]
+    # llama.cpp stores every `*norm.weight` as `w + norm_offset` (Gemma's RMSNorm scales
+    # by `1 + w`; llama.cpp's kernel scales by the stored value).
+    norm_offset: float = 0.0
+    # llama.cpp's LlamaModel.permute reorders q/k rows per head from HF's rotate-half
+    # pairing (i, i + d/2) to its interleaved pairing (2i, 2i + 1).
+    unpermute_qk: bool = False
+    # Tensors llama.cpp generates that have no HF parameter: GGUF name → why dropped.
+    dropped_tensors: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Metadata keys (after `{arch}.`) transformers' GGUF_CONFIG_MAPPING misses although
+    # the HF config has the field. Applied on top of transformers' mapping.
+    extra_config_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+# Names outside the layers; the same for every supported architecture.
+_GLOBAL_TENSORS: dict[str, str] = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    # Absent when llama.cpp tied it to token_embd (then no lm_head, like a tied HF checkpoint).
+    "output": "lm_head",
+}
+
+# The llama-style block every supported architecture starts from.
+_DECODER_LAYER_TENSORS: dict[str, str] = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_QK_NORM_TENSORS: dict[str, str] = {
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+
+# Checked against gguf's own HF→GGUF TensorNameMap in tests/test_gguf.py.
+_ARCHITECTURES: dict[str, _ArchSpec] = {
+    "llama": _ArchSpec(
+        # Llama's post_attention_layernorm is the norm *before* the MLP: llama.cpp's ffn_norm.
+        layer_tensors={**_DECODER_LAYER_TENSORS, "ffn_norm": "post_attention_layernorm"},
+        unpermute_qk=True,
+        dropped_tensors={"rope_freqs.weight": "llama3 RoPE frequency factors generated by llama.cpp"},
+    ),
+    "qwen3": _ArchSpec(
+        layer_tensors={
+            **_DECODER_LAYER_TENSORS,
+            **_QK_NORM_TENSORS,
+            "ffn_norm": "post_attention_layernorm",
+        },
+        # llama.cpp writes Qwen3's explicit head_dim (128 ≠ hidden/heads for Qwen3-0.6B)
+        # as key_length; transformers' qwen3 mapping drops it and falls back on
+        # Qwen3Config's default 128, right for every released Qwen3 but no other file.
+        extra_config_keys={"attention.key_length": "head_dim"},
+    ),
+    "gemma3": _ArchSpec(
+        # Gemma's sandwich norms: four per layer. llama.cpp's ffn_norm is HF's
+        # pre_feedforward_layernorm here, not post_attention_layernorm as for Llama.
+        layer_tensors={
+            **_DECODER_LAYER_TENSORS,
+            **_QK_NORM_TENSORS,
+            "post_attention_norm": "post_attention_layernorm",
+            "ffn_norm": "pre_feedforward_layernorm",
+            "post_ffw_norm": "post_feedforward_layernorm",
+        },
+        norm_offset=1.0,
+    ),
+}
+
+SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = tuple(sorted(_ARCHITECTURES))
+
+# Metadata llama.cpp writes that changes the forward pass but that transformers' GGUF
+# config mapping ignores: the config built from the file would silently be another model.
+_SEMANTIC_KEYS_HF_IGNORES: tuple[str, ...] = (
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scaling.original_context_length",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+)
+
+_LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
+_GLOBAL_TENSOR = re.compile(r"^(.+)\.(weight|bias)$")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _describe(path: str | os.PathLike) -> str:
+    return os.fspath(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_reader(resolved: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
+    # GGUFReader parses every metadata value up front, ~8 s for Gemma 3's 262k-token
+    # vocabulary, so config, weights and tokenizer of one file share one reader. The key
+    # includes size and mtime, so a rewritten file is parsed again.
+    import gguf
+
+    try:
+        return gguf.GGUFReader(resolved)
+    except (ValueError, KeyError, IndexError, TypeError) as error:
+        raise GGUFError(f"{resolved}: not a readable GGUF file ({error})") from None
+
+
+def _open(path: str | os.PathLike) -> gguf.GGUFReader:
+    file = Path(path).expanduser()
+    try:
+        stat = file.stat()
+    except FileNotFoundError:
+        raise GGUFFileNotFoundError(f"{_describe(path)}: no such GGUF file") from None
+    if not file.is_file():
+        raise GGUFError(f"{_describe(path)}: not a file")
+    reader = _cached_reader(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    # gguf can read a byte-swapped (big-endian) file's metadata, but dequantize() assumes
+    # little-endian tensor data, so the weights would be garbage.
+    if reader.byte_order != "I":
+        raise GGUFError(f"{_describe(path)}: byte-swapped (big-endian) GGUF files are not supported")
+    return reader
+
+
+def _field_value(field: Any) -> Any:
+    """A metadata value as python scalar/str/list, as transformers parses it: a
+    one-element array collapses to its element."""
+    value = field.contents()
+    if isinstance(value, list) and len(value) == 1:
+        return value[0]
+    return value
+
+
+def _metadata(reader: gguf.GGUFReader, key: str, path: str | os.PathLike, default: Any = ...) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is ...:
+            raise GGUFError(f"{_describe(path)}: metadata field {key!r} is missing")
+        return default
+    return _field_value(field)
+
+
+def _architecture(reader: gguf.GGUFReader, path: str | os.PathLike) -> str:
+    architecture = _metadata(reader, "general.architecture", path)
+    if architecture not in _ARCHITECTURES:
+        raise GGUFError(
+            f"{_describe(path)}: GGUF architecture {architecture!r} (general.architecture) is not "
+            f"supported; supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
+        )
+    # A model split by llama-gguf-split keeps most tensors in the other shards.
+    split_count = _metadata(reader, "split.count", path, default=1)
+    if split_count != 1:
+        raise GGUFError(
+            f"{_describe(path)}: one shard of a {split_count}-way split GGUF (split.count); "
+            "merge the shards first (llama-gguf-split --merge)"
+        )
+    return architecture
+
+
+def _int_metadata(reader: gguf.GGUFReader, key: str, path: str | os.PathLike, default: Any = ...) -> int:
+    value = _metadata(reader, key, path, default)
+    # Per-layer lists (hybrid models) have no single meaning here.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GGUFError(f"{_describe(path)}: metadata field {key!r} = {value!r} is not a single integer")
+    return value
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _config_dict(reader: gguf.GGUFReader, path: str | os.PathLike) -> dict[str, Any]:
+    """The dict transformers' legacy `load_gguf_checkpoint(..., return_tensors=False)`
+    returns as "config", for the supported architectures, without torch."""
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    architecture = _architecture(reader, path)
+    spec = _ARCHITECTURES[architecture]
+    name = _metadata(reader, "general.name", path, default=None)
+    # transformers' own quirk, kept for parity: llama.cpp writes Mistral models as
+    # "llama", and transformers loads one as Mistral when general.name is exactly "mistral"
+    # (it tests membership in the one-element list of names).
+    hf_architecture = "mistral" if architecture == "llama" and name == "mistral" else architecture
+
+    tensor_names = {tensor.name for tensor in reader.tensors}
+    config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in tensor_names}
+    for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(hf_architecture, {}).items():
+        config.setdefault(key, value)
+
+    mapping: dict[str, Mapping[str, Any]] = {
+        "general": GGUF_CONFIG_MAPPING["general"],
+        "tokenizer": GGUF_CONFIG_MAPPING["tokenizer"],
+        architecture: {**GGUF_CONFIG_MAPPING[hf_architecture], **spec.extra_config_keys},
+    }
+    for key, field in reader.fields.items():
+        prefix, _, rest = key.partition(".")
+        # Look only at mapped keys: parsing the 262k-string vocabulary would cost seconds.
+        hf_key = mapping.get(prefix, {}).get(rest)
+        if hf_key is None or hf_key == -1:
+            continue
+        value = _field_value(field)
+        if key == "general.architecture":
+            value = hf_architecture
+        config[hf_key] = value
+
+    for rest in _SEMANTIC_KEYS_HF_IGNORES:
+        key = f"{architecture}.{rest}"
+        if key in reader.fields and rest not in mapping[architecture]:
+            warnings.warn(
+                f"{_describe(path)}: metadata {key} = {_metadata(reader, key, path)!r} changes the model, "
+                "but transformers' GGUF config mapping ignores it; the config describes the model without it",
+                stacklevel=3,
+            )
+    for tensor in spec.dropped_tensors:
+        if tensor in tensor_names:
+            warnings.warn(
+                f"{_describe(path)}: tensor {tensor} ({spec.dropped_tensors[tensor]}) has no HF "
+                "equivalent and transformers' GGUF config mapping ignores it; the config's RoPE "
+                "is plain, not the file's scaled one",
+                stacklevel=3,
+            )
+
+    # GGUF's gemma3 is the text model only: HF's text-only config class.
+    if config.get("model_type") == "gemma3":
+        config["model_type"] = "gemma3_text"
+    if "vocab_size" not in config and "tokenizer.ggml.tokens" in reader.fields:
+        # Its length only: len(field.data) avoids decoding every token.
+        config["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+    return config
+
+
+def read_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
+    """HF config for the GGUF file: what `AutoConfig.from_pretrained(dirname,
+    gguf_file=basename)` builds (transformers' GGUF_CONFIG_MAPPING), rebuilt without torch.
+
+    Raises GGUFError naming the architecture found and the supported ones when
+    general.architecture is not in SUPPORTED_GGUF_ARCHITECTURES. Warns when the file holds
+    settings the mapping drops (RoPE scaling, logit soft-capping, llama3 rope_freqs).
+    """
+    from transformers import AutoConfig
+
+    config_dict = _config_dict(_open(path), path)
+    model_type = config_dict.pop("model_type")
+    # AutoConfig.from_pretrained names the directory, as for an HF checkpoint directory.
+    return AutoConfig.for_model(model_type, name_or_path=os.fspath(Path(path).parent), **config_dict)
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _hf_name(spec: _ArchSpec, gguf_name: str, path: str | os.PathLike) -> str | None:
+    """HF name of a GGUF tensor; None for one llama.cpp generated (no HF parameter)."""
+    if gguf_name in spec.dropped_tensors:
+        return None
+    if match := _LAYER_TENSOR.match(gguf_name):
+        layer, leaf, suffix = match.groups()
+        if leaf in spec.layer_tensors:
+            return f"model.layers.{int(layer)}.{spec.layer_tensors[leaf]}.{suffix}"
+    elif (match := _GLOBAL_TENSOR.match(gguf_name)) and match.group(1) in _GLOBAL_TENSORS:
+        return f"{_GLOBAL_TENSORS[match.group(1)]}.{match.group(2)}"
+    raise GGUFError(f"{_describe(path)}: tensor {gguf_name!r} has no known Hugging Face name")
+
+
+def _unpermute_rows(values: np.ndarray, n_head: int, name: str, path: str | os.PathLike) -> np.ndarray:
+    """Inverse of llama.cpp's LlamaModel.permute (convert_hf_to_gguf / conversion/llama.py):
+    `w.reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2)`. Works on weights and
+    biases alike (only rows move)."""
+    rows = values.shape[0]
+    if rows % (2 * n_head):
+        raise GGUFError(
+            f"{_describe(path)}: tensor {name!r} has {rows} rows, not a multiple of 2 × {n_head} heads"
+        )
+    return (
+        values.reshape(n_head, rows // n_head // 2, 2, *values.shape[1:]).swapaxes(1, 2).reshape(values.shape)
+    )
+
+
+def _check_dequantizable(tensor: Any, path: str | os.PathLike) -> None:
+    """Fail before any real work: dequantize one empty-valued block of the tensor's type."""
+    import gguf
+
+    block_size, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), tensor.tensor_type)
+    except NotImplementedError:
+        raise GGUFError(
+            f"{_describe(path)}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, "
+            "which gguf cannot dequantize"
+        ) from None
+
+
+def read_gguf_state_dict(
+    path: str | os.PathLike, dtype: npt.DTypeLike = np.float32, progress: bool = False
+) -> dict[str, np.ndarray]:
+    """All tensors of a GGUF file, dequantized to `dtype`, under HF names and in HF layouts.
+
+    Names: 'model.embed_tokens.weight', 'model.layers.{i}.self_attn.q_proj.weight', ...,
+    'model.norm.weight', and 'lm_head.weight' only if the file has `output.weight`.
+    Layouts: as HF (nn.Linear weight = (out, in)); GGUF's row-major data already is.
+    llama.cpp's conventions are undone: Gemma 3 norm weights (stored as 1 + w) and
+    Llama's q/k row permutation. Llama 3's generated `rope_freqs.weight` is dropped.
+
+    Raises GGUFError for an unknown tensor name or a type gguf cannot dequantize, before
+    dequantizing anything. `progress=True` shows a tqdm bar over tensors.
+    """
+    import gguf
+
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f" and dtype.name != "bfloat16":
+        raise TypeError(f"dtype must be a floating-point type, got {dtype}")
+    # Offsets are subtracted at float32 (the type the file stores norms in) or wider.
+    work_dtype = np.float64 if dtype == np.float64 else np.float32
+
+    reader = _open(path)
+    spec = _ARCHITECTURES[_architecture(reader, path)]
+    n_head = n_head_kv = 0
+    if spec.unpermute_qk:
+        arch = _metadata(reader, "general.architecture", path)
+        n_head = _int_metadata(reader, f"{arch}.attention.head_count", path)
+        # llama.cpp's loader defaults the KV head count to the head count, and so must we
+        # (transformers skips the unpermute instead, leaving q/k scrambled).
+        n_head_kv = _int_metadata(reader, f"{arch}.attention.head_count_kv", path, default=n_head)
+
+    plan = [(tensor, _hf_name(spec, tensor.name, path)) for tensor in reader.tensors]
+    for tensor in {t.tensor_type: t for t, hf_name in plan if hf_name is not None}.values():
+        _check_dequantizable(tensor, path)
+
+    state_dict: dict[str, np.ndarray] = {}
+    if progress:
+        from tqdm.auto import tqdm
+
+        plan = tqdm(plan, desc=f"Reading {Path(path).name}", unit="tensor")
+    for tensor, hf_name in plan:
+        if hf_name is None:
+            continue
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        # F32 comes back as a read-only view of the memory map: copy it out of the file.
+        copy = np.may_share_memory(values, reader.data)
+        values = (
+            np.array(values, dtype=work_dtype, copy=True) if copy else values.astype(work_dtype, copy=False)
+        )
+        if spec.norm_offset and hf_name.endswith("norm.weight"):
+            values = values - spec.norm_offset
+        if spec.unpermute_qk and ".self_attn.q_proj." in hf_name:
+            values = _unpermute_rows(values, n_head, tensor.name, path)
+        elif spec.unpermute_qk and ".self_attn.k_proj." in hf_name:
+            values = _unpermute_rows(values, n_head_kv, tensor.name, path)
+        state_dict[hf_name] = values.astype(dtype, copy=False)
+    return state_dict
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+# Special-token attribute → GGUF id key; mirrors transformers' get_gguf_tokenizer.
+_SPECIAL_TOKEN_IDS: dict[str, str] = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer `AutoTokenizer.from_pretrained(dirname, gguf_file=basename)` builds,
+    assembled without torch from transformers' own GGUF tokenizer builders: the class
+    AutoTokenizer picks for the config's model type, the backend from
+    `convert_gguf_tokenizer`, and the settings `get_gguf_tokenizer` reads. Unlike
+    AutoTokenizer it never reads other files that happen to lie in the same directory.
+    Falls back to AutoTokenizer itself (which needs torch) if those builders move."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        from transformers import AutoTokenizer
+
+        file = Path(path)
+        if not file.exists():
+            raise GGUFFileNotFoundError(f"{_describe(path)}: no such GGUF file") from None
+        return AutoTokenizer.from_pretrained(os.fspath(file.parent), gguf_file=file.name)
+
+    reader = _open(path)
+    architecture = _architecture(reader, path)
+    config = read_gguf_config(path)
+
+    groups: dict[str, dict[str, Any]] = {}
+    for group, renames in GGUF_TOKENIZER_MAPPING.items():
+        groups[group] = {
+            name: _field_value(reader.fields[f"tokenizer.{key}"])
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in reader.fields
+        }
+    tokenizer_dict, tokenizer_config = groups["tokenizer"], groups["tokenizer_config"]
+    if "tokens" not in tokenizer_dict:
+        raise GGUFError(f"{_describe(path)}: metadata field 'tokenizer.ggml.tokens' is missing")
+    # _field_value collapses one-element lists; these two are always lists.
+    for key in ("tokens", "merges"):
+        if key in tokenizer_dict and not isinstance(tokenizer_dict[key], list):
+            tokenizer_dict[key] = [tokenizer_dict[key]]
+
+    # transformers' get_gguf_tokenizer, step for step.
+    tokenizer_type = tokenizer_dict.get("tokenizer_type")
+    if tokenizer_type == "llama":
+        # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
+        tokenizer_config.setdefault("add_bos_token", True)
+    elif tokenizer_type == "gemma4":
+        tokenizer_config["add_bos_token"] = False
+    tokens = tokenizer_dict["tokens"]
+    for attribute, key in _SPECIAL_TOKEN_IDS.items():
+        token_id = _metadata(reader, f"tokenizer.ggml.{key}", path, default=None)
+        tokenizer_config[attribute] = tokens[token_id] if token_id is not None else None
+
+    try:
+        backend, extra_kwargs = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    except ValueError as error:
+        raise GGUFError(f"{_describe(path)}: cannot build its tokenizer ({error})") from None
+    tokenizer_class = TOKENIZER_MAPPING.get(type(config), TokenizersBackend) or TokenizersBackend
+    return tokenizer_class(
+        tokenizer_object=backend,
+        name_or_path=os.fspath(Path(path).parent),
+        **tokenizer_config,
+        **extra_kwargs,
+    )

@@ -1,0 +1,25 @@
+"""A GGUF file → `Model`: llama.cpp names and conventions are translated to Hugging
+Face's by `converters.gguf`, then the same table as for safetensors applies."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from converters.gguf import read_gguf_config, read_gguf_state_dict
+from converters.params import params_from_tensors
+from jaxlin.families import family_for_hf_config
+from jaxlin.model import Model
+
+
+def load_gguf_model(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32, progress: bool = False) -> Model:
+    hf_config = read_gguf_config(path)
+    family = family_for_hf_config(hf_config)
+    config = family.config_from_hf(hf_config)
+    # Dequantize straight to float64 when asked, so nothing is rounded twice.
+    read_dtype = np.float64 if jnp.dtype(dtype) == jnp.float64 else np.float32
+    tensors = read_gguf_state_dict(path, dtype=read_dtype, progress=progress)
+    params = params_from_tensors(config, family, list(tensors), tensors.__getitem__, dtype, str(path))
+    return Model(config, params, name=os.path.basename(os.fspath(path)))

@@ -1,0 +1,144 @@
+"""The one configuration type for every supported decoder.
+
+Families differ in fields (norm placement, (1+w) norms, QK-norm, activation, sliding
+windows, RoPE variant, softcaps, embedding scale), not in code: a family file maps a
+Hugging Face config onto `ModelConfig` and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+import numpy as np
+
+
+class NormPlacement(enum.Enum):
+    """Where a block's RMSNorms sit relative to its residual branches."""
+
+    PRE = "pre"  # Llama/Qwen/Mistral: x + f(norm(x))
+    SANDWICH = "sandwich"  # Gemma 2/3: x + post_norm(f(pre_norm(x)))
+
+
+class Activation(enum.Enum):
+    SILU = "silu"
+    GELU_TANH = "gelu_tanh"
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of one layer type, as Hugging Face's `rope_parameters` define it."""
+
+    theta: float
+    rope_type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def inverse_frequencies(self, head_dim: int) -> np.ndarray:
+        """Inverse frequencies in float64, computed on the host so that every dtype
+        of the model sees the same (correctly rounded) rotation angles."""
+        exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        if self.rope_type == "default":
+            return inv_freq
+        if self.rope_type == "linear":
+            return inv_freq / self.factor
+        if self.rope_type == "llama3":
+            return _llama3_scaled(inv_freq, self)
+        raise ValueError(f"unsupported rope_type {self.rope_type!r}")
+
+
+def _llama3_scaled(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
+    """Llama 3.1's frequency-dependent interpolation (long wavelengths slowed by
+    `factor`, short ones kept, a smooth blend between)."""
+    low_freq_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+    high_freq_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, blended, scaled)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and behaviour of a decoder-only transformer (hashable: a static jit argument)."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    activation: Activation
+    rope: RopeConfig
+    norm_placement: NormPlacement = NormPlacement.PRE
+    # Gemma's RMSNorm multiplies by (1 + w): the offset is 1 there, 0 elsewhere.
+    norm_weight_offset: float = 0.0
+    qk_norm: bool = False
+    # Gemma multiplies the looked-up embedding rows by sqrt(d); None means no scale.
+    embedding_scale: float | None = None
+    # Scores are q·k * attention_scale (head_dim**-0.5 unless the family says otherwise).
+    attention_scale: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    tie_word_embeddings: bool = True
+    # One flag per layer; sliding layers see keys with query_pos - key_pos < sliding_window.
+    sliding_layers: tuple[bool, ...] = ()
+    sliding_window: int | None = None
+    # RoPE of the sliding layers when it differs from the global one (Gemma 3).
+    rope_sliding: RopeConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(
+                f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers"
+            )
+        if any(self.sliding_layers) and not self.sliding_window:
+            raise ValueError("sliding layers are configured but sliding_window is not set")
+
+    @property
+    def layer_is_sliding(self) -> tuple[bool, ...]:
+        return self.sliding_layers or (False,) * self.num_layers
+
+    @property
+    def score_scale(self) -> float:
+        return self.attention_scale if self.attention_scale is not None else self.head_dim**-0.5
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (enums as values, nested dataclasses as dicts)."""
+
+        def encode(value: object) -> object:
+            if isinstance(value, enum.Enum):
+                return value.value
+            if dataclasses.is_dataclass(value):
+                return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            if isinstance(value, tuple):
+                return [encode(v) for v in value]
+            return value
+
+        return encode(self)  # type: ignore[return-value]
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelConfig:
+        fields = dict(data)
+        fields["activation"] = Activation(fields["activation"])
+        fields["norm_placement"] = NormPlacement(fields["norm_placement"])
+        fields["rope"] = RopeConfig(**fields["rope"])
+        if fields.get("rope_sliding") is not None:
+            fields["rope_sliding"] = RopeConfig(**fields["rope_sliding"])
+        fields["sliding_layers"] = tuple(fields.get("sliding_layers", ()))
+        return cls(**fields)

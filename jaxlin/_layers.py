@@ -1,0 +1,195 @@
+"""Shared building blocks (Flax linen), each consulting the freezing policy for the
+coefficients it owns. Shapes: one sequence, (N, d); batch with `jax.vmap`."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlin._config import Activation, ModelConfig, NormPlacement
+from jaxlin._policy import FreezePolicy
+
+# Exactness is the product: never let an accelerator's default (bf16/tf32) matmul
+# precision change the numbers.
+PRECISION = jax.lax.Precision.HIGHEST
+
+
+def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """Reductions and nonlinearities run in at least float32 (bf16 params included)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def rms_norm(
+    x: jax.Array, weight: jax.Array, eps: float, weight_offset: float, policy: FreezePolicy
+) -> jax.Array:
+    """x · rsqrt(mean(x²) + eps) · (offset + w); the inverse RMS is the frozen coefficient."""
+    wide = x.astype(compute_dtype(x.dtype))
+    inv_rms = jax.lax.rsqrt(jnp.mean(wide * wide, axis=-1, keepdims=True) + eps)
+    normed = wide * policy.freeze(inv_rms) * (weight_offset + weight.astype(wide.dtype))
+    return normed.astype(x.dtype)
+
+
+def activation_gate(h: jax.Array, activation: Activation) -> jax.Array:
+    wide = h.astype(compute_dtype(h.dtype))
+    if activation is Activation.SILU:
+        gated = jax.nn.silu(wide)
+    elif activation is Activation.GELU_TANH:
+        gated = jax.nn.gelu(wide, approximate=True)
+    else:  # pragma: no cover - the enum is closed
+        raise ValueError(activation)
+    return gated.astype(h.dtype)
+
+
+def softcap(z: jax.Array, cap: float | None, policy: FreezePolicy) -> jax.Array:
+    """c·tanh(z/c) written as z · [tanh(z/c)/(z/c)], the bracket frozen (it is 1 at z = 0)."""
+    if cap is None:
+        return z
+    ratio = z / cap
+    safe = jnp.where(ratio == 0, 1.0, ratio)
+    factor = jnp.where(ratio == 0, 1.0, jnp.tanh(safe) / safe)
+    return z * policy.freeze(factor)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    first, second = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-second, first], axis=-1)
+
+
+def rope_tables(inv_freq: np.ndarray, num_tokens: int, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape (N, head_dim), Hugging Face's half-split layout. Angles are formed
+    in the compute dtype (float32 for float32/bf16 models, as HF does; float64 in x64)."""
+    wide = compute_dtype(dtype)
+    angles = jnp.arange(num_tokens, dtype=wide)[:, None] * jnp.asarray(inv_freq, dtype=wide)[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: (N, heads, head_dim); cos/sin: (N, head_dim)."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def dense(features: int, name: str, dtype: jnp.dtype, use_bias: bool = False) -> nn.Dense:
+    return nn.Dense(
+        features, use_bias=use_bias, precision=PRECISION, dtype=dtype, param_dtype=dtype, name=name
+    )
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    weight_offset: float
+    policy: FreezePolicy
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],), self.dtype)
+        return rms_norm(x, weight, self.eps, self.weight_offset, self.policy)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) ⊙ up(x)); the whole act(gate(x)) branch is the frozen coefficient
+    (freezing only a sigmoid inside it would leave a quadratic term)."""
+
+    config: ModelConfig
+    policy: FreezePolicy
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        gate = dense(cfg.intermediate_size, "gate_proj", self.dtype)(x)
+        up = dense(cfg.intermediate_size, "up_proj", self.dtype)(x)
+        coefficient = self.policy.freeze(activation_gate(gate, cfg.activation))
+        return dense(cfg.hidden_size, "down_proj", self.dtype)(coefficient * up)
+
+
+def attention_mask(num_tokens: int, is_sliding: jax.Array, window: int | None) -> jax.Array:
+    """(N, N) boolean: causal, and within the window on sliding layers (HF's rule:
+    query_pos - key_pos < window)."""
+    query = jnp.arange(num_tokens)[:, None]
+    key = jnp.arange(num_tokens)[None, :]
+    allowed = key <= query
+    if window is not None:
+        allowed &= jnp.logical_not(is_sliding) | (query - key < window)
+    return allowed
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE and optional QK-norm. The attention
+    probabilities are the frozen coefficient: only V → o_proj stays on the linear path."""
+
+    config: ModelConfig
+    policy: FreezePolicy
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        n = x.shape[0]
+        groups = cfg.num_heads // cfg.num_kv_heads
+        q = dense(cfg.num_heads * cfg.head_dim, "q_proj", self.dtype)(x)
+        k = dense(cfg.num_kv_heads * cfg.head_dim, "k_proj", self.dtype)(x)
+        v = dense(cfg.num_kv_heads * cfg.head_dim, "v_proj", self.dtype)(x)
+        q = q.reshape(n, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            norm = dict(eps=cfg.norm_eps, weight_offset=cfg.norm_weight_offset, policy=self.policy)
+            q = RMSNorm(**norm, dtype=self.dtype, name="q_norm")(q)
+            k = RMSNorm(**norm, dtype=self.dtype, name="k_norm")(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        probs = self.policy.freeze(self._probabilities(q, k, mask, groups))
+        q_grouped_out = jnp.einsum("kgqs,skh->qkgh", probs.astype(v.dtype), v, precision=PRECISION)
+        out = q_grouped_out.reshape(n, cfg.num_heads * cfg.head_dim)
+        return dense(cfg.hidden_size, "o_proj", self.dtype)(out)
+
+    def _probabilities(self, q: jax.Array, k: jax.Array, mask: jax.Array, groups: int) -> jax.Array:
+        """softmax over keys, shape (kv_heads, groups, N_query, N_key), in the compute dtype."""
+        cfg = self.config
+        wide = compute_dtype(q.dtype)
+        q_grouped = q.reshape(q.shape[0], cfg.num_kv_heads, groups, cfg.head_dim).astype(wide)
+        scores = jnp.einsum("qkgh,skh->kgqs", q_grouped, k.astype(wide), precision=PRECISION)
+        scores = scores * cfg.score_scale
+        # The softcap sits inside the frozen softmax, so its own policy here is moot.
+        scores = softcap(scores, cfg.attn_logit_softcap, FreezePolicy.ORDINARY)
+        scores = jnp.where(mask, scores, jnp.finfo(wide).min)
+        return jax.nn.softmax(scores, axis=-1)
+
+
+class DecoderBlock(nn.Module):
+    """One layer. `is_sliding` rides along the layer scan as data, so one compiled block
+    serves global and sliding-window layers alike."""
+
+    config: ModelConfig
+    policy: FreezePolicy
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, h: jax.Array, is_sliding: jax.Array, rope: dict[str, tuple[jax.Array, jax.Array]]
+    ) -> tuple[jax.Array, None]:
+        cfg = self.config
+        norm = dict(
+            eps=cfg.norm_eps, weight_offset=cfg.norm_weight_offset, policy=self.policy, dtype=self.dtype
+        )
+        cos, sin = rope["global"]
+        if "sliding" in rope:
+            cos = jnp.where(is_sliding, rope["sliding"][0], cos)
+            sin = jnp.where(is_sliding, rope["sliding"][1], sin)
+        mask = attention_mask(h.shape[0], is_sliding, cfg.sliding_window)
+
+        attn_in = RMSNorm(**norm, name="input_norm")(h)
+        attn_out = Attention(cfg, self.policy, self.dtype, name="attn")(attn_in, cos, sin, mask)
+        if cfg.norm_placement is NormPlacement.SANDWICH:
+            attn_out = RMSNorm(**norm, name="post_attn_norm")(attn_out)
+        h = h + attn_out
+
+        mlp_in = RMSNorm(**norm, name="pre_mlp_norm")(h)
+        mlp_out = GatedMLP(cfg, self.policy, self.dtype, name="mlp")(mlp_in)
+        if cfg.norm_placement is NormPlacement.SANDWICH:
+            mlp_out = RMSNorm(**norm, name="post_mlp_norm")(mlp_out)
+        return h + mlp_out, None

@@ -1,0 +1,74 @@
+"""The decoder as a Flax module: embed → scanned blocks → final norm → unembed."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlin._config import ModelConfig
+from jaxlin._layers import PRECISION, DecoderBlock, RMSNorm, rope_tables, softcap
+from jaxlin._policy import FreezePolicy
+
+
+class Transformer(nn.Module):
+    """The map analysed is `__call__`: input embeddings X (N, d), the rows looked up by
+    `embed` *before* any embedding scale, → final-normed hidden states (N, d). Gemma's
+    sqrt(d) scale is applied inside, so J is taken w.r.t. the raw embedding rows (the
+    per-token contribution J_t·x_t is the same either way)."""
+
+    config: ModelConfig
+    policy: FreezePolicy = FreezePolicy.DETACHED
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
+        # Stacked layer params and one scanned block: compile time and memory stay flat
+        # in depth, and per-layer differences (sliding or not) ride along as data.
+        scanned = nn.scan(
+            DecoderBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=cfg.num_layers,
+        )
+        self.layers = scanned(cfg, self.policy, self.dtype)
+        self.final_norm = RMSNorm(cfg.norm_eps, cfg.norm_weight_offset, self.policy, self.dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                precision=PRECISION,
+                dtype=self.dtype,
+                param_dtype=self.dtype,
+            )
+
+    def embed(self, token_ids: jax.Array) -> jax.Array:
+        return self.embedder(token_ids)
+
+    def __call__(self, embeddings: jax.Array) -> jax.Array:
+        cfg = self.config
+        h = embeddings.astype(self.dtype)
+        if cfg.embedding_scale is not None:
+            # Cast the scale to the param dtype first, as the reference does.
+            h = h * jnp.asarray(cfg.embedding_scale, dtype=self.dtype)
+        n = h.shape[0]
+        rope = {"global": rope_tables(cfg.rope.inverse_frequencies(cfg.head_dim), n, self.dtype)}
+        if cfg.rope_sliding is not None:
+            rope["sliding"] = rope_tables(cfg.rope_sliding.inverse_frequencies(cfg.head_dim), n, self.dtype)
+        is_sliding = jnp.asarray(cfg.layer_is_sliding)
+        h, _ = self.layers(h, is_sliding, rope)
+        return self.final_norm(h)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Unembedding (outside the analysed map) with the final softcap if configured."""
+        if self.config.tie_word_embeddings:
+            z = self.embedder.attend(hidden)
+        else:
+            z = self.lm_head(hidden)
+        return softcap(z, self.config.final_logit_softcap, self.policy)
+
+    def embed_and_decode(self, token_ids: jax.Array) -> jax.Array:
+        """Token ids → logits; touches every parameter (used to derive param shapes)."""
+        return self.logits(self(self.embed(token_ids)))

@@ -1,0 +1,57 @@
+"""`jaxlin run CONFIG [--text TEXT] [--out DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from jaxlin.errors import JaxlinError
+
+
+def _print_report(summary: dict) -> None:
+    print(f"model      {summary['model']} ({summary['family']}, {summary['dtype']})")
+    print(f"tokens     {summary['n_tokens']}")
+    print(f"predicted  {summary['predicted_token']!r} (id {summary['predicted_token_id']})")
+    ok = "ok" if summary["reconstruction_argmax_matches"] else "MISMATCH"
+    print(
+        f"certificate  ‖Σ_t J_t·x_t − y‖/‖y‖ = {summary['reconstruction_relative_error']:.3e}; "
+        f"next-token argmax from Σc: {ok}"
+    )
+    if summary["ordinary_jacobian_relative_error"] is not None:
+        print(f"ordinary Jacobian reconstruction error: {summary['ordinary_jacobian_relative_error']:.3e}")
+    spectrum = summary["spectrum"]
+    if spectrum.get("method") == "skipped":
+        print(f"spectrum   skipped: {spectrum['reason']}")
+    for entry in spectrum.get("left_vectors_top_tokens", []):
+        tokens = ", ".join(repr(t) for t in entry["tokens"])
+        print(f"  σ{entry['index']:<2} = {entry['sigma']:10.4f}   u → {tokens}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxlin", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="run the analysis described by a YAML config")
+    run_parser.add_argument("config", help="path to a run config (see configs/)")
+    run_parser.add_argument("--text", help="input text (overrides the config's text)")
+    run_parser.add_argument("--out", help="output directory (overrides the config's output_dir)")
+    run_parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        from jaxlin.pipeline import run
+        from jaxlin.run_config import load_run_config
+
+        config = load_run_config(args.config, text=args.text, output_dir=args.out)
+        result, out_dir = run(config, verbose=not args.quiet)
+    except JaxlinError as error:
+        print(f"jaxlin: error: {error}", file=sys.stderr)
+        return 2
+    _print_report(result.summary)
+    print(f"wrote      {out_dir}/summary.json, arrays.npz, reconstruction.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""What every family shares: the registry, HF-config reading helpers and the tensor
+name table of the llama-like block."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from jaxlin._config import Activation, ModelConfig, RopeConfig
+from jaxlin.errors import JaxlinError
+
+
+class UnsupportedArchitectureError(JaxlinError):
+    pass
+
+
+class ConfigFieldError(JaxlinError):
+    pass
+
+
+# HF tensor name (inside model.layers.{i}.) → (param path inside the stacked layers, transpose?)
+SHARED_LAYER_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "self_attn.q_proj.weight": (("attn", "q_proj", "kernel"), True),
+    "self_attn.k_proj.weight": (("attn", "k_proj", "kernel"), True),
+    "self_attn.v_proj.weight": (("attn", "v_proj", "kernel"), True),
+    "self_attn.o_proj.weight": (("attn", "o_proj", "kernel"), True),
+    "self_attn.q_norm.weight": (("attn", "q_norm", "scale"), False),
+    "self_attn.k_norm.weight": (("attn", "k_norm", "scale"), False),
+    "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), True),
+    "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), True),
+    "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), True),
+}
+
+# Llama-style blocks: HF's "post_attention_layernorm" is the norm *before* the MLP.
+PRE_NORM_LAYER_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "input_layernorm.weight": (("input_norm", "scale"), False),
+    "post_attention_layernorm.weight": (("pre_mlp_norm", "scale"), False),
+}
+
+GLOBAL_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "model.embed_tokens.weight": (("embedder", "embedding"), False),
+    "model.norm.weight": (("final_norm", "scale"), False),
+    "lm_head.weight": (("lm_head", "kernel"), True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    config_from_hf: Callable[[Any], ModelConfig]
+    layer_tensors: Mapping[str, tuple[tuple[str, ...], bool]]
+
+
+def family_for_hf_config(hf_config: Any) -> Family:
+    from jaxlin.families import FAMILIES
+
+    model_type = getattr(hf_config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise UnsupportedArchitectureError(
+        f"model_type {model_type!r} is not supported; supported model types: {supported}"
+    )
+
+
+def field(hf_config: Any, name: str, default: Any = ...) -> Any:
+    value = getattr(hf_config, name, default)
+    if value is ...:
+        raise ConfigFieldError(f"config field {name!r} is missing ({type(hf_config).__name__})")
+    return value
+
+
+def reject_if_set(hf_config: Any, *names: str) -> None:
+    """Fail loudly on features this family file does not implement (yet)."""
+    for name in names:
+        if getattr(hf_config, name, None):
+            raise ConfigFieldError(
+                f"config field {name!r}={getattr(hf_config, name)!r} is not supported for "
+                f"model_type {hf_config.model_type!r}"
+            )
+
+
+_ACTIVATIONS = {
+    "silu": Activation.SILU,
+    "swish": Activation.SILU,
+    "gelu_pytorch_tanh": Activation.GELU_TANH,
+    "gelu_tanh": Activation.GELU_TANH,
+}
+
+
+def activation(hf_config: Any) -> Activation:
+    name = getattr(hf_config, "hidden_activation", None) or field(hf_config, "hidden_act")
+    if name not in _ACTIVATIONS:
+        raise ConfigFieldError(
+            f"config field 'hidden_act'={name!r} is not supported; supported: {sorted(_ACTIVATIONS)}"
+        )
+    return _ACTIVATIONS[name]
+
+
+def rope(parameters: Mapping[str, Any] | None, field_name: str = "rope_parameters") -> RopeConfig:
+    """One RopeConfig from HF's (standardized) rope parameters dict."""
+    if not parameters or "rope_theta" not in parameters:
+        raise ConfigFieldError(f"config field {field_name!r} has no rope_theta: {parameters!r}")
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if rope_type == "default":
+        return RopeConfig(theta=float(parameters["rope_theta"]))
+    if rope_type == "linear":
+        return RopeConfig(float(parameters["rope_theta"]), "linear", factor=float(parameters["factor"]))
+    if rope_type == "llama3":
+        return RopeConfig(
+            float(parameters["rope_theta"]),
+            "llama3",
+            factor=float(parameters["factor"]),
+            low_freq_factor=float(parameters["low_freq_factor"]),
+            high_freq_factor=float(parameters["high_freq_factor"]),
+            original_max_position_embeddings=int(parameters["original_max_position_embeddings"]),
+        )
+    raise ConfigFieldError(
+        f"config field {field_name!r}: rope_type {rope_type!r} is not supported "
+        "(supported: default, linear, llama3)"
+    )
+
+
+def head_dim(hf_config: Any) -> int:
+    explicit = getattr(hf_config, "head_dim", None)
+    return (
+        int(explicit)
+        if explicit
+        else field(hf_config, "hidden_size") // field(hf_config, "num_attention_heads")
+    )
+
+
+def common_fields(hf_config: Any) -> dict[str, Any]:
+    """The ModelConfig fields every llama-like HF config spells the same way."""
+    return dict(
+        vocab_size=int(field(hf_config, "vocab_size")),
+        hidden_size=int(field(hf_config, "hidden_size")),
+        num_layers=int(field(hf_config, "num_hidden_layers")),
+        num_heads=int(field(hf_config, "num_attention_heads")),
+        num_kv_heads=int(field(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads),
+        head_dim=head_dim(hf_config),
+        intermediate_size=int(field(hf_config, "intermediate_size")),
+        norm_eps=float(field(hf_config, "rms_norm_eps")),
+        activation=activation(hf_config),
+        tie_word_embeddings=bool(field(hf_config, "tie_word_embeddings", False)),
+    )
+
+
+def sliding_layers(hf_config: Any) -> tuple[bool, ...]:
+    """Per-layer sliding flags from HF's `layer_types` (absent or all global → ())."""
+    layer_types = getattr(hf_config, "layer_types", None) or ()
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ConfigFieldError(f"config field 'layer_types' has unsupported entries {sorted(unknown)}")
+    flags = tuple(t == "sliding_attention" for t in layer_types)
+    return flags if any(flags) else ()

@@ -1,0 +1,25 @@
+"""Llama 2/3/3.1/3.2: pre-norm blocks, SwiGLU, RoPE (incl. the "llama3" scaling)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxlin._config import ModelConfig
+from jaxlin.families import _base
+
+
+def config_from_hf(hf_config: Any) -> ModelConfig:
+    _base.reject_if_set(hf_config, "attention_bias", "mlp_bias")
+    return ModelConfig(
+        family="llama",
+        **_base.common_fields(hf_config),
+        rope=_base.rope(_base.field(hf_config, "rope_parameters")),
+    )
+
+
+FAMILY = _base.Family(
+    name="llama",
+    model_types=("llama",),
+    config_from_hf=config_from_hf,
+    layer_tensors={**_base.SHARED_LAYER_TENSORS, **_base.PRE_NORM_LAYER_TENSORS},
+)

@@ -1,0 +1,65 @@
+"""A loaded model (config + params) and the pure functions over it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlin._config import ModelConfig
+from jaxlin._modules import Transformer
+from jaxlin._policy import FreezePolicy
+
+Params = dict[str, Any]
+
+
+def params_dtype(params: Params) -> jnp.dtype:
+    return params["embedder"]["embedding"].dtype
+
+
+def module(config: ModelConfig, params: Params, policy: FreezePolicy = FreezePolicy.DETACHED) -> Transformer:
+    return Transformer(config, policy, params_dtype(params))
+
+
+def embed(config: ModelConfig, params: Params, token_ids: jax.Array) -> jax.Array:
+    """Raw embedding rows (N, d): the input X of the analysed map."""
+    return module(config, params).apply({"params": params}, token_ids, method=Transformer.embed)
+
+
+def final_hidden(
+    config: ModelConfig,
+    params: Params,
+    embeddings: jax.Array,
+    policy: FreezePolicy = FreezePolicy.DETACHED,
+) -> jax.Array:
+    """Final-normed hidden states (N, d). Values do not depend on the policy."""
+    return module(config, params, policy).apply({"params": params}, embeddings)
+
+
+def logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    return module(config, params).apply({"params": params}, hidden, method=Transformer.logits)
+
+
+def expected_param_shapes(config: ModelConfig, dtype: jnp.dtype) -> Params:
+    """The param tree the model expects, as ShapeDtypeStructs (no memory allocated)."""
+    transformer = Transformer(config, FreezePolicy.DETACHED, dtype)
+    ids = jnp.zeros((2,), dtype=jnp.int32)
+    variables = jax.eval_shape(
+        lambda: transformer.init(jax.random.key(0), ids, method=Transformer.embed_and_decode)
+    )
+    return variables["params"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What a converter returns: everything needed to run and analyse the network."""
+
+    config: ModelConfig
+    params: Params
+    name: str = ""
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return params_dtype(self.params)

@@ -1,0 +1,124 @@
+"""The detached Jacobian J of y = last token's final hidden state w.r.t. the input
+embeddings X (N, d), as a linear operator.
+
+`linearize_target` runs the nonlinear forward once (`jax.linearize`) and gives J·v and,
+by `jax.linear_transpose`, Jᵀ·u without recomputing it. Call it *inside* the jit that
+uses the products (all functions below do), so the linearization residuals are
+intermediate values of one program rather than baked-in constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxlin._config import ModelConfig
+from jaxlin._policy import FreezePolicy
+from jaxlin.model import Params, final_hidden
+
+
+def target_function(
+    config: ModelConfig, params: Params, policy: FreezePolicy
+) -> Callable[[jax.Array], jax.Array]:
+    """X (N, d) → y (d,): the last token's final-normed hidden state."""
+
+    def target(embeddings: jax.Array) -> jax.Array:
+        return final_hidden(config, params, embeddings, policy)[-1]
+
+    return target
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearizedTarget:
+    """J at one input X*. `matvec`: (N, d) → (d,); `rmatvec`: (d,) → (N, d)."""
+
+    inputs: jax.Array
+    output: jax.Array
+    matvec: Callable[[jax.Array], jax.Array]
+    rmatvec: Callable[[jax.Array], jax.Array]
+
+
+def linearize_target(
+    config: ModelConfig,
+    params: Params,
+    inputs: jax.Array,
+    policy: FreezePolicy = FreezePolicy.DETACHED,
+) -> LinearizedTarget:
+    output, matvec = jax.linearize(target_function(config, params, policy), inputs)
+    transpose = jax.linear_transpose(matvec, inputs)
+    return LinearizedTarget(inputs, output, matvec, lambda u: transpose(u)[0])
+
+
+def _chunk_size(total: int, chunk: int | None) -> int | None:
+    return None if chunk is None or chunk >= total else chunk
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk"))
+def contributions(
+    params: Params,
+    inputs: jax.Array,
+    config: ModelConfig,
+    policy: FreezePolicy = FreezePolicy.DETACHED,
+    chunk: int | None = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """(y, c) with c_t = J_t·x_t, shape (N, d). Under DETACHED, Σ_t c_t = y.
+
+    Picks the cheaper side: N forward-mode products (one per token) when N ≤ d,
+    otherwise d transposed products (one per output coordinate), each reduced against
+    X on the fly so memory stays O(chunk · N · d)."""
+    op = linearize_target(config, params, inputs, policy)
+    n, d = inputs.shape
+    if n <= d:
+
+        def one_token(t: jax.Array) -> jax.Array:
+            keep = (jnp.arange(n) == t)[:, None].astype(inputs.dtype)
+            return op.matvec(inputs * keep)
+
+        c = jax.lax.map(one_token, jnp.arange(n), batch_size=_chunk_size(n, chunk))
+    else:
+
+        def one_row(i: jax.Array) -> jax.Array:
+            rows = op.rmatvec(jax.nn.one_hot(i, d, dtype=op.output.dtype))  # (N, d) = J[i]
+            return jnp.sum(rows * inputs, axis=-1)  # (N,)
+
+        c = jax.lax.map(one_row, jnp.arange(d), batch_size=_chunk_size(d, chunk)).T
+    return op.output, c
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk"))
+def materialize(
+    params: Params,
+    inputs: jax.Array,
+    config: ModelConfig,
+    policy: FreezePolicy = FreezePolicy.DETACHED,
+    chunk: int | None = 64,
+) -> jax.Array:
+    """The dense J, shape (d, N, d) with J[i, t, j] = ∂y_i/∂X_tj (small inputs only)."""
+    op = linearize_target(config, params, inputs, policy)
+    d = op.output.shape[0]
+    basis = jnp.eye(d, dtype=op.output.dtype)
+    return jax.lax.map(op.rmatvec, basis, batch_size=_chunk_size(d, chunk))
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    """Exactness of the reconstruction y ≈ Σ_t c_t (+ its next-token agreement)."""
+
+    relative_error: float
+    argmax_matches: bool
+    predicted_token_id: int
+    reconstructed_token_id: int
+
+
+def certify(y: jax.Array, c: jax.Array, logits_of: Callable[[jax.Array], jax.Array]) -> Certificate:
+    wide = jnp.promote_types(y.dtype, jnp.float32)
+    y = y.astype(wide)
+    total = jnp.sum(c.astype(wide), axis=0)
+    error = jnp.linalg.norm(total - y) / jnp.linalg.norm(y)
+    predicted = int(jnp.argmax(logits_of(y)))
+    reconstructed = int(jnp.argmax(logits_of(total)))
+    return Certificate(float(error), predicted == reconstructed, predicted, reconstructed)

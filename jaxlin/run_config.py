@@ -1,0 +1,85 @@
+"""The typed schema of a run config (YAML). Unknown keys and bad values are errors
+that name the offending field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from jaxlin.errors import JaxlinError
+
+
+class ConfigError(JaxlinError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    source: Literal["embedded", "gguf", "hf"] = "embedded"
+    path: str | None = Field(
+        None, description="GGUF file, HF model directory, or hub id in the local HF cache"
+    )
+    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
+    cache: bool = Field(True, description="cache converted params (orbax) so later runs skip conversion")
+
+
+class AnalysisSection(_Strict):
+    top_k: int = Field(8, ge=1, description="singular triplets of the whole J to report")
+    decode_top_tokens: int = Field(5, ge=1, le=100, description="tokens shown per decoded singular vector")
+    ordinary_jacobian: bool = Field(True, description="also reconstruct y with the ordinary Jacobian")
+    max_dense_tokens: int = Field(
+        48, ge=1, description="largest input for which J is materialized for a dense SVD"
+    )
+    chunk: int = Field(64, ge=1, description="vectors pushed through the operator at once")
+
+
+class RunConfig(_Strict):
+    model: ModelSection = ModelSection()
+    text: str = Field(..., description="the input text; the CLI's --text overrides it")
+    add_bos: bool = Field(True, description="prepend the tokenizer's BOS token")
+    analysis: AnalysisSection = AnalysisSection()
+    output_dir: str = "runs/default"
+
+    @field_validator("text")
+    @classmethod
+    def _text_not_empty(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("text is empty")
+        return text
+
+
+def _format(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<root>"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{source}: {where}: {message}{more}"
+
+
+def parse_run_config(data: object, source: str = "config", **overrides: object) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_format(error, source)) from None
+
+
+def load_run_config(path: str | Path, **overrides: object) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    return parse_run_config(data or {}, str(path), **overrides)

