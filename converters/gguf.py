@@ -25,9 +25,9 @@ What cannot be undone, and is therefore only documented:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
+import struct
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -155,101 +155,200 @@ _GLOBAL_TENSOR = re.compile(r"^(.+)\.(weight|bias)$")
 
 
 # --------------------------------------------------------------------------- reading
+#
+# gguf.GGUFReader would do, but it builds two numpy views per metadata string up front:
+# for Gemma 3's 262k-token vocabulary that is 9.5 s and ~600 MB before a single tensor
+# is touched (the reason transformers 5 also parses the header itself). The format is a
+# flat header, so it is read here with `struct`; types, block sizes and dequantization
+# stay gguf's own. tests/test_gguf.py checks this parser against GGUFReader.
+
+# GGUFValueType → struct format of a scalar (string = 8 and array = 9 are variable-size).
+_SCALAR_FORMATS: dict[int, str] = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAGIC = b"GGUF"
+# v1 counted in 32 bits and predates every file jaxlin could meet.
+_GGUF_VERSIONS = (2, 3)
 
 
-def _describe(path: str | os.PathLike) -> str:
-    return os.fspath(path)
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    name: str
+    tensor_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order: ggml's dimensions reversed, so (rows, columns)
+    data: np.ndarray  # the raw bytes, (rows, bytes per row) uint8, as gguf.quants.dequantize takes them
 
 
-@functools.lru_cache(maxsize=1)
-def _cached_reader(resolved: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
-    # GGUFReader parses every metadata value up front, ~8 s for Gemma 3's 262k-token
-    # vocabulary, so config, weights and tokenizer of one file share one reader. The key
-    # includes size and mtime, so a rewritten file is parsed again.
+@dataclasses.dataclass(frozen=True)
+class _GGUFFile:
+    path: str
+    metadata: dict[str, Any]
+    tensors: tuple[_Tensor, ...]
+
+
+class _Cursor:
+    """Sequential little-endian reads from the header; struct.error means truncation."""
+
+    def __init__(self, buffer: np.ndarray) -> None:
+        self.buffer = buffer
+        self.pos = 0
+
+    def scalar(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(fmt, self.buffer, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        length = self.scalar("<Q")
+        raw = bytes(self.buffer[self.pos : self.pos + length])
+        if len(raw) != length:
+            raise struct.error("string runs past the end of the file")
+        self.pos += length
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, value_type: int) -> Any:
+        if value_type in _SCALAR_FORMATS:
+            return self.scalar(_SCALAR_FORMATS[value_type])
+        if value_type == _GGUF_STRING:
+            return self.string()
+        if value_type == _GGUF_ARRAY:
+            element_type, count = self.scalar("<I"), self.scalar("<Q")
+            if element_type in _SCALAR_FORMATS and element_type != 7:
+                # Numbers in one go (scores and token types are 100k+ long).
+                dtype = np.dtype(_SCALAR_FORMATS[element_type])
+                values = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.pos)
+                self.pos += dtype.itemsize * count
+                return values.tolist()
+            return [self.value(element_type) for _ in range(count)]
+        raise ValueError(f"unknown metadata value type {value_type}")
+
+
+def _parse(path: str | os.PathLike) -> _GGUFFile:
+    """Metadata (python values) and the tensor table of a GGUF file; tensor data stays
+    in the memory map until dequantized."""
     import gguf
 
-    try:
-        return gguf.GGUFReader(resolved)
-    except (ValueError, KeyError, IndexError, TypeError) as error:
-        raise GGUFError(f"{resolved}: not a readable GGUF file ({error})") from None
-
-
-def _open(path: str | os.PathLike) -> gguf.GGUFReader:
+    name = os.fspath(path)
     file = Path(path).expanduser()
-    try:
-        stat = file.stat()
-    except FileNotFoundError:
-        raise GGUFFileNotFoundError(f"{_describe(path)}: no such GGUF file") from None
+    if not file.exists():
+        raise GGUFFileNotFoundError(f"{name}: no such GGUF file")
     if not file.is_file():
-        raise GGUFError(f"{_describe(path)}: not a file")
-    reader = _cached_reader(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
-    # gguf can read a byte-swapped (big-endian) file's metadata, but dequantize() assumes
-    # little-endian tensor data, so the weights would be garbage.
-    if reader.byte_order != "I":
-        raise GGUFError(f"{_describe(path)}: byte-swapped (big-endian) GGUF files are not supported")
-    return reader
+        raise GGUFError(f"{name}: not a file")
+    if file.stat().st_size < 24:  # magic, version and the two counts
+        raise GGUFError(f"{name}: not a GGUF file (too short)")
+    buffer = np.memmap(file, mode="r", dtype=np.uint8)
+    if bytes(buffer[:4]) != _GGUF_MAGIC:
+        raise GGUFError(f"{name}: not a GGUF file (no GGUF magic bytes)")
+    cursor = _Cursor(buffer)
+    cursor.pos = 4
+    try:
+        version = cursor.scalar("<I")
+        if version & 0xFFFF == 0:
+            # gguf.quants assumes little-endian tensor data, so the weights would be garbage.
+            raise GGUFError(f"{name}: byte-swapped (big-endian) GGUF files are not supported")
+        if version not in _GGUF_VERSIONS:
+            raise GGUFError(f"{name}: GGUF version {version} is not supported (only {_GGUF_VERSIONS})")
+        tensor_count, metadata_count = cursor.scalar("<Q"), cursor.scalar("<Q")
+        metadata: dict[str, Any] = {}
+        for _ in range(metadata_count):
+            key = cursor.string()
+            metadata[key] = cursor.value(cursor.scalar("<I"))
+        table = []
+        for _ in range(tensor_count):
+            tensor_name = cursor.string()
+            dims = [cursor.scalar("<Q") for _ in range(cursor.scalar("<I"))]
+            table.append((tensor_name, tuple(reversed(dims)), cursor.scalar("<I"), cursor.scalar("<Q")))
+    except (struct.error, ValueError) as error:
+        raise GGUFError(f"{name}: truncated or corrupt GGUF header ({error})") from None
+
+    alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    data_start = -(-cursor.pos // alignment) * alignment
+    tensors = []
+    for tensor_name, shape, type_id, offset in table:
+        try:
+            tensor_type = gguf.GGMLQuantizationType(type_id)
+        except ValueError:
+            raise GGUFError(f"{name}: tensor {tensor_name!r} has unknown ggml type id {type_id}") from None
+        shape = shape or (1,)  # no weight is 0-d; keep the arithmetic below simple
+        try:
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, tensor_type)
+        except ValueError as error:
+            raise GGUFError(f"{name}: tensor {tensor_name!r}: {error}") from None
+        start = data_start + offset
+        size = int(np.prod(byte_shape))
+        if start + size > buffer.size:
+            raise GGUFError(f"{name}: tensor {tensor_name!r} runs past the end of the file (truncated?)")
+        data = buffer[start : start + size].reshape(byte_shape)
+        tensors.append(_Tensor(tensor_name, tensor_type, shape, data))
+    return _GGUFFile(name, metadata, tuple(tensors))
 
 
-def _field_value(field: Any) -> Any:
-    """A metadata value as python scalar/str/list, as transformers parses it: a
-    one-element array collapses to its element."""
-    value = field.contents()
-    if isinstance(value, list) and len(value) == 1:
-        return value[0]
-    return value
-
-
-def _metadata(reader: gguf.GGUFReader, key: str, path: str | os.PathLike, default: Any = ...) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+def _metadata(file: _GGUFFile, key: str, default: Any = ...) -> Any:
+    if key not in file.metadata:
         if default is ...:
-            raise GGUFError(f"{_describe(path)}: metadata field {key!r} is missing")
+            raise GGUFError(f"{file.path}: metadata field {key!r} is missing")
         return default
-    return _field_value(field)
+    return file.metadata[key]
 
 
-def _architecture(reader: gguf.GGUFReader, path: str | os.PathLike) -> str:
-    architecture = _metadata(reader, "general.architecture", path)
+def _architecture(file: _GGUFFile) -> str:
+    architecture = _metadata(file, "general.architecture")
     if architecture not in _ARCHITECTURES:
         raise GGUFError(
-            f"{_describe(path)}: GGUF architecture {architecture!r} (general.architecture) is not "
+            f"{file.path}: GGUF architecture {architecture!r} (general.architecture) is not "
             f"supported; supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
         )
     # A model split by llama-gguf-split keeps most tensors in the other shards.
-    split_count = _metadata(reader, "split.count", path, default=1)
+    split_count = _metadata(file, "split.count", default=1)
     if split_count != 1:
         raise GGUFError(
-            f"{_describe(path)}: one shard of a {split_count}-way split GGUF (split.count); "
+            f"{file.path}: one shard of a {split_count}-way split GGUF (split.count); "
             "merge the shards first (llama-gguf-split --merge)"
         )
     return architecture
 
 
-def _int_metadata(reader: gguf.GGUFReader, key: str, path: str | os.PathLike, default: Any = ...) -> int:
-    value = _metadata(reader, key, path, default)
+def _int_metadata(file: _GGUFFile, key: str, default: Any = ...) -> int:
+    value = _metadata(file, key, default)
     # Per-layer lists (hybrid models) have no single meaning here.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise GGUFError(f"{_describe(path)}: metadata field {key!r} = {value!r} is not a single integer")
+        raise GGUFError(f"{file.path}: metadata field {key!r} = {value!r} is not a single integer")
     return value
 
 
 # --------------------------------------------------------------------------- config
 
 
-def _config_dict(reader: gguf.GGUFReader, path: str | os.PathLike) -> dict[str, Any]:
+def _config_value(value: Any) -> Any:
+    # transformers' parser collapses a one-element array to its element; so must we.
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def _config_dict(file: _GGUFFile) -> dict[str, Any]:
     """The dict transformers' legacy `load_gguf_checkpoint(..., return_tensors=False)`
     returns as "config", for the supported architectures, without torch."""
     from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
-    architecture = _architecture(reader, path)
+    architecture = _architecture(file)
     spec = _ARCHITECTURES[architecture]
-    name = _metadata(reader, "general.name", path, default=None)
     # transformers' own quirk, kept for parity: llama.cpp writes Mistral models as
-    # "llama", and transformers loads one as Mistral when general.name is exactly "mistral"
-    # (it tests membership in the one-element list of names).
+    # "llama", and transformers loads one as Mistral when general.name is exactly
+    # "mistral" (it tests membership in the one-element list of names).
+    name = _metadata(file, "general.name", default=None)
     hf_architecture = "mistral" if architecture == "llama" and name == "mistral" else architecture
 
-    tensor_names = {tensor.name for tensor in reader.tensors}
+    tensor_names = {tensor.name for tensor in file.tensors}
     config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in tensor_names}
     for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(hf_architecture, {}).items():
         config.setdefault(key, value)
@@ -259,41 +358,48 @@ def _config_dict(reader: gguf.GGUFReader, path: str | os.PathLike) -> dict[str, 
         "tokenizer": GGUF_CONFIG_MAPPING["tokenizer"],
         architecture: {**GGUF_CONFIG_MAPPING[hf_architecture], **spec.extra_config_keys},
     }
-    for key, field in reader.fields.items():
+    for key, value in file.metadata.items():
         prefix, _, rest = key.partition(".")
-        # Look only at mapped keys: parsing the 262k-string vocabulary would cost seconds.
         hf_key = mapping.get(prefix, {}).get(rest)
+        # None and -1 are transformers' "known, deliberately not mapped".
         if hf_key is None or hf_key == -1:
             continue
-        value = _field_value(field)
-        if key == "general.architecture":
-            value = hf_architecture
-        config[hf_key] = value
-
-    for rest in _SEMANTIC_KEYS_HF_IGNORES:
-        key = f"{architecture}.{rest}"
-        if key in reader.fields and rest not in mapping[architecture]:
-            warnings.warn(
-                f"{_describe(path)}: metadata {key} = {_metadata(reader, key, path)!r} changes the model, "
-                "but transformers' GGUF config mapping ignores it; the config describes the model without it",
-                stacklevel=3,
-            )
-    for tensor in spec.dropped_tensors:
-        if tensor in tensor_names:
-            warnings.warn(
-                f"{_describe(path)}: tensor {tensor} ({spec.dropped_tensors[tensor]}) has no HF "
-                "equivalent and transformers' GGUF config mapping ignores it; the config's RoPE "
-                "is plain, not the file's scaled one",
-                stacklevel=3,
-            )
+        config[hf_key] = hf_architecture if key == "general.architecture" else _config_value(value)
 
     # GGUF's gemma3 is the text model only: HF's text-only config class.
     if config.get("model_type") == "gemma3":
         config["model_type"] = "gemma3_text"
-    if "vocab_size" not in config and "tokenizer.ggml.tokens" in reader.fields:
-        # Its length only: len(field.data) avoids decoding every token.
-        config["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if "vocab_size" not in config and "tokenizer.ggml.tokens" in file.metadata:
+        config["vocab_size"] = len(file.metadata["tokenizer.ggml.tokens"])
     return config
+
+
+def _warn_about_what_the_config_drops(file: _GGUFFile) -> None:
+    """One warning naming what in the file changes the model but not its HF config."""
+    architecture = _architecture(file)
+    spec = _ARCHITECTURES[architecture]
+    keys = [
+        f"{key} = {file.metadata[key]!r}"
+        for rest in _SEMANTIC_KEYS_HF_IGNORES
+        if (key := f"{architecture}.{rest}") in file.metadata and rest not in spec.extra_config_keys
+    ]
+    tensor_names = {tensor.name for tensor in file.tensors}
+    keys += [f"tensor {name} ({what})" for name, what in spec.dropped_tensors.items() if name in tensor_names]
+    if keys:
+        warnings.warn(
+            f"{file.path}: {'; '.join(keys)}: changes the model, but transformers' GGUF config mapping "
+            "ignores it, so the config describes the model without it",
+            stacklevel=3,
+        )
+
+
+def _config(file: _GGUFFile) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    config_dict = _config_dict(file)
+    model_type = config_dict.pop("model_type")
+    # AutoConfig.from_pretrained(dirname, gguf_file=...) names the directory.
+    return AutoConfig.for_model(model_type, name_or_path=os.fspath(Path(file.path).parent), **config_dict)
 
 
 def read_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
@@ -302,20 +408,19 @@ def read_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
 
     Raises GGUFError naming the architecture found and the supported ones when
     general.architecture is not in SUPPORTED_GGUF_ARCHITECTURES. Warns when the file holds
-    settings the mapping drops (RoPE scaling, logit soft-capping, llama3 rope_freqs).
+    settings that mapping drops (RoPE scaling, logit soft-capping, llama3 rope_freqs).
+    One deliberate difference: a qwen3 file's attention.key_length sets head_dim.
     """
-    from transformers import AutoConfig
-
-    config_dict = _config_dict(_open(path), path)
-    model_type = config_dict.pop("model_type")
-    # AutoConfig.from_pretrained names the directory, as for an HF checkpoint directory.
-    return AutoConfig.for_model(model_type, name_or_path=os.fspath(Path(path).parent), **config_dict)
+    file = _parse(path)
+    config = _config(file)
+    _warn_about_what_the_config_drops(file)
+    return config
 
 
 # --------------------------------------------------------------------------- tensors
 
 
-def _hf_name(spec: _ArchSpec, gguf_name: str, path: str | os.PathLike) -> str | None:
+def _hf_name(spec: _ArchSpec, gguf_name: str, path: str) -> str | None:
     """HF name of a GGUF tensor; None for one llama.cpp generated (no HF parameter)."""
     if gguf_name in spec.dropped_tensors:
         return None
@@ -325,34 +430,31 @@ def _hf_name(spec: _ArchSpec, gguf_name: str, path: str | os.PathLike) -> str | 
             return f"model.layers.{int(layer)}.{spec.layer_tensors[leaf]}.{suffix}"
     elif (match := _GLOBAL_TENSOR.match(gguf_name)) and match.group(1) in _GLOBAL_TENSORS:
         return f"{_GLOBAL_TENSORS[match.group(1)]}.{match.group(2)}"
-    raise GGUFError(f"{_describe(path)}: tensor {gguf_name!r} has no known Hugging Face name")
+    raise GGUFError(f"{path}: tensor {gguf_name!r} has no known Hugging Face name")
 
 
-def _unpermute_rows(values: np.ndarray, n_head: int, name: str, path: str | os.PathLike) -> np.ndarray:
-    """Inverse of llama.cpp's LlamaModel.permute (convert_hf_to_gguf / conversion/llama.py):
-    `w.reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2)`. Works on weights and
-    biases alike (only rows move)."""
+def _unpermute_rows(values: np.ndarray, n_head: int, name: str, path: str) -> np.ndarray:
+    """Inverse of llama.cpp's LlamaModel.permute (convert_hf_to_gguf.py):
+    `w.reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2)`. Only rows move, so
+    weights and biases alike."""
     rows = values.shape[0]
     if rows % (2 * n_head):
-        raise GGUFError(
-            f"{_describe(path)}: tensor {name!r} has {rows} rows, not a multiple of 2 × {n_head} heads"
-        )
+        raise GGUFError(f"{path}: tensor {name!r} has {rows} rows, not a multiple of 2 × {n_head} heads")
     return (
         values.reshape(n_head, rows // n_head // 2, 2, *values.shape[1:]).swapaxes(1, 2).reshape(values.shape)
     )
 
 
-def _check_dequantizable(tensor: Any, path: str | os.PathLike) -> None:
-    """Fail before any real work: dequantize one empty-valued block of the tensor's type."""
+def _check_dequantizable(tensor: _Tensor, path: str) -> None:
+    """Fail before any real work: dequantize one all-zero block of the tensor's type."""
     import gguf
 
-    block_size, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    _, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
     try:
         gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), tensor.tensor_type)
     except NotImplementedError:
         raise GGUFError(
-            f"{_describe(path)}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, "
-            "which gguf cannot dequantize"
+            f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which gguf cannot dequantize"
         ) from None
 
 
@@ -375,50 +477,56 @@ def read_gguf_state_dict(
     dtype = np.dtype(dtype)
     if dtype.kind != "f" and dtype.name != "bfloat16":
         raise TypeError(f"dtype must be a floating-point type, got {dtype}")
-    # Offsets are subtracted at float32 (the type the file stores norms in) or wider.
+    # The offset is subtracted in float32 (what the file stores norms in) or wider, then
+    # cast once, so nothing is rounded twice.
     work_dtype = np.float64 if dtype == np.float64 else np.float32
 
-    reader = _open(path)
-    spec = _ARCHITECTURES[_architecture(reader, path)]
+    file = _parse(path)
+    architecture = _architecture(file)
+    spec = _ARCHITECTURES[architecture]
     n_head = n_head_kv = 0
     if spec.unpermute_qk:
-        arch = _metadata(reader, "general.architecture", path)
-        n_head = _int_metadata(reader, f"{arch}.attention.head_count", path)
-        # llama.cpp's loader defaults the KV head count to the head count, and so must we
-        # (transformers skips the unpermute instead, leaving q/k scrambled).
-        n_head_kv = _int_metadata(reader, f"{arch}.attention.head_count_kv", path, default=n_head)
+        n_head = _int_metadata(file, f"{architecture}.attention.head_count")
+        # llama.cpp's loader defaults the KV head count to the head count, and so do we
+        # (transformers instead skips the unpermute when it is absent, leaving q/k scrambled).
+        n_head_kv = _int_metadata(file, f"{architecture}.attention.head_count_kv", default=n_head)
 
-    plan = [(tensor, _hf_name(spec, tensor.name, path)) for tensor in reader.tensors]
-    for tensor in {t.tensor_type: t for t, hf_name in plan if hf_name is not None}.values():
-        _check_dequantizable(tensor, path)
+    plan = [(tensor, _hf_name(spec, tensor.name, file.path)) for tensor in file.tensors]
+    first_of_type: dict[gguf.GGMLQuantizationType, _Tensor] = {}
+    for tensor, hf_name in plan:
+        if hf_name is not None:
+            first_of_type.setdefault(tensor.tensor_type, tensor)
+    for tensor in first_of_type.values():
+        _check_dequantizable(tensor, file.path)
 
     state_dict: dict[str, np.ndarray] = {}
     if progress:
         from tqdm.auto import tqdm
 
-        plan = tqdm(plan, desc=f"Reading {Path(path).name}", unit="tensor")
+        plan = tqdm(plan, desc=f"Reading {Path(file.path).name}", unit="tensor")
     for tensor, hf_name in plan:
         if hf_name is None:
             continue
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         # F32 comes back as a read-only view of the memory map: copy it out of the file.
-        copy = np.may_share_memory(values, reader.data)
-        values = (
-            np.array(values, dtype=work_dtype, copy=True) if copy else values.astype(work_dtype, copy=False)
-        )
+        if np.may_share_memory(values, tensor.data):
+            values = np.array(values, dtype=work_dtype)
+        else:
+            values = values.astype(work_dtype, copy=False)
+        values = values.reshape(tensor.shape)
         if spec.norm_offset and hf_name.endswith("norm.weight"):
             values = values - spec.norm_offset
         if spec.unpermute_qk and ".self_attn.q_proj." in hf_name:
-            values = _unpermute_rows(values, n_head, tensor.name, path)
+            values = _unpermute_rows(values, n_head, tensor.name, file.path)
         elif spec.unpermute_qk and ".self_attn.k_proj." in hf_name:
-            values = _unpermute_rows(values, n_head_kv, tensor.name, path)
+            values = _unpermute_rows(values, n_head_kv, tensor.name, file.path)
         state_dict[hf_name] = values.astype(dtype, copy=False)
     return state_dict
 
 
 # --------------------------------------------------------------------------- tokenizer
 
-# Special-token attribute → GGUF id key; mirrors transformers' get_gguf_tokenizer.
+# Special-token attribute → GGUF id key, as in transformers' get_gguf_tokenizer.
 _SPECIAL_TOKEN_IDS: dict[str, str] = {
     "bos_token": "bos_token_id",
     "eos_token": "eos_token_id",
@@ -429,11 +537,11 @@ _SPECIAL_TOKEN_IDS: dict[str, str] = {
 
 def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The tokenizer `AutoTokenizer.from_pretrained(dirname, gguf_file=basename)` builds,
-    assembled without torch from transformers' own GGUF tokenizer builders: the class
-    AutoTokenizer picks for the config's model type, the backend from
-    `convert_gguf_tokenizer`, and the settings `get_gguf_tokenizer` reads. Unlike
-    AutoTokenizer it never reads other files that happen to lie in the same directory.
-    Falls back to AutoTokenizer itself (which needs torch) if those builders move."""
+    assembled without torch from transformers' own GGUF tokenizer pieces: the class
+    AutoTokenizer picks for the config's model type, the backend `convert_gguf_tokenizer`
+    builds, and the settings `get_gguf_tokenizer` reads. Unlike AutoTokenizer it never
+    reads other files lying in the same directory. Falls back to AutoTokenizer itself
+    (which needs torch) if a transformers release moves those pieces."""
     try:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (
             GGUF_TOKENIZER_MAPPING,
@@ -446,48 +554,44 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
         file = Path(path)
         if not file.exists():
-            raise GGUFFileNotFoundError(f"{_describe(path)}: no such GGUF file") from None
+            raise GGUFFileNotFoundError(f"{os.fspath(path)}: no such GGUF file") from None
         return AutoTokenizer.from_pretrained(os.fspath(file.parent), gguf_file=file.name)
 
-    reader = _open(path)
-    architecture = _architecture(reader, path)
-    config = read_gguf_config(path)
-
-    groups: dict[str, dict[str, Any]] = {}
-    for group, renames in GGUF_TOKENIZER_MAPPING.items():
-        groups[group] = {
-            name: _field_value(reader.fields[f"tokenizer.{key}"])
-            for key, name in renames.items()
-            if f"tokenizer.{key}" in reader.fields
-        }
-    tokenizer_dict, tokenizer_config = groups["tokenizer"], groups["tokenizer_config"]
-    if "tokens" not in tokenizer_dict:
-        raise GGUFError(f"{_describe(path)}: metadata field 'tokenizer.ggml.tokens' is missing")
-    # _field_value collapses one-element lists; these two are always lists.
-    for key in ("tokens", "merges"):
-        if key in tokenizer_dict and not isinstance(tokenizer_dict[key], list):
-            tokenizer_dict[key] = [tokenizer_dict[key]]
+    file = _parse(path)
+    architecture = _architecture(file)
+    config = _config(file)
 
     # transformers' get_gguf_tokenizer, step for step.
+    groups = {
+        group: {
+            name: file.metadata[f"tokenizer.{key}"]
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in file.metadata
+        }
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = groups["tokenizer"], groups["tokenizer_config"]
+    tokens = tokenizer_dict.get("tokens")
+    if not isinstance(tokens, list):
+        raise GGUFError(f"{file.path}: metadata field 'tokenizer.ggml.tokens' is missing")
     tokenizer_type = tokenizer_dict.get("tokenizer_type")
     if tokenizer_type == "llama":
         # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
         tokenizer_config.setdefault("add_bos_token", True)
     elif tokenizer_type == "gemma4":
         tokenizer_config["add_bos_token"] = False
-    tokens = tokenizer_dict["tokens"]
     for attribute, key in _SPECIAL_TOKEN_IDS.items():
-        token_id = _metadata(reader, f"tokenizer.ggml.{key}", path, default=None)
+        token_id = file.metadata.get(f"tokenizer.ggml.{key}")
         tokenizer_config[attribute] = tokens[token_id] if token_id is not None else None
 
     try:
         backend, extra_kwargs = convert_gguf_tokenizer(architecture, tokenizer_dict)
     except ValueError as error:
-        raise GGUFError(f"{_describe(path)}: cannot build its tokenizer ({error})") from None
+        raise GGUFError(f"{file.path}: cannot build its tokenizer ({error})") from None
     tokenizer_class = TOKENIZER_MAPPING.get(type(config), TokenizersBackend) or TokenizersBackend
     return tokenizer_class(
         tokenizer_object=backend,
-        name_or_path=os.fspath(Path(path).parent),
+        name_or_path=os.fspath(Path(file.path).parent),
         **tokenizer_config,
         **extra_kwargs,
     )

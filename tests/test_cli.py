@@ -1,0 +1,168 @@
+"""The CLI end to end on tiny models, and its refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxlin.cli import main
+
+
+def write_config(path: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+def tiny_run_config(tmp_path: Path, model_dir: Path, **extra) -> dict:
+    return {
+        "model": {"source": "hf", "path": str(model_dir), "dtype": "float64", "cache": False},
+        "text": "Hello, world! The bridge out of Marin.",
+        "analysis": {"top_k": 4, "decode_top_tokens": 3},
+        "output_dir": str(tmp_path / "run"),
+        **extra,
+    }
+
+
+def test_run_writes_summary_arrays_and_plots(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path / "run.yaml", **tiny_run_config(tmp_path, tiny_model_dir("gemma3_sliding")))
+    assert main(["run", str(config), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted" in out and "certificate" in out
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("model", "text", "n_tokens", "dtype", "predicted_token", "predicted_token_id",
+                "reconstruction_relative_error", "singular_values"):
+        assert key in summary, key
+    assert summary["dtype"] == "float64"
+    assert summary["reconstruction_relative_error"] <= 1e-12
+    assert summary["ordinary_jacobian_relative_error"] > 1e-3
+    assert len(summary["singular_values"]) == 4
+    arrays = np.load(run / "arrays.npz")
+    n, d = summary["n_tokens"], 64
+    assert arrays["contributions"].shape == (n, d) and arrays["y"].shape == (d,)
+    np.testing.assert_allclose(arrays["contributions"].sum(0), arrays["y"], rtol=0, atol=1e-12 * np.abs(
+        arrays["y"]).max() * n)
+    assert arrays["token_ids"].shape == (n,)
+    assert (run / "reconstruction.png").stat().st_size > 10_000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # no staging left
+
+
+def test_text_and_out_flags_override_the_config(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path / "run.yaml", **tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied")))
+    assert main(["run", str(config), "--quiet", "--text", "abc", "--out", str(tmp_path / "other")]) == 0
+    summary = json.loads((tmp_path / "other" / "summary.json").read_text())
+    assert summary["text"] == "abc" and summary["n_tokens"] == 4  # BOS + 3 characters
+    assert not (tmp_path / "run").exists()
+
+
+def expect_refusal(capsys, tmp_path: Path, argv: list[str], *fragments: str) -> None:
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxlin: error:") and "\n" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert not (tmp_path / "run").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]
+
+
+def test_unknown_config_key_is_named(tmp_path, tiny_model_dir, capsys):
+    data = tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    data["analysis"]["topk"] = 3
+    config = write_config(tmp_path / "run.yaml", **data)
+    expect_refusal(capsys, tmp_path, ["run", str(config)], "analysis.topk", "unknown key")
+
+
+def test_bad_value_is_named(tmp_path, tiny_model_dir, capsys):
+    data = tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    data["model"]["dtype"] = "float16"
+    config = write_config(tmp_path / "run.yaml", **data)
+    expect_refusal(capsys, tmp_path, ["run", str(config)], "model.dtype")
+
+
+def test_empty_text_is_refused(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path / "run.yaml", **tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied")))
+    expect_refusal(capsys, tmp_path, ["run", str(config), "--text", "   "], "text", "empty")
+
+
+def test_missing_config_file_is_named(tmp_path, capsys):
+    expect_refusal(capsys, tmp_path, ["run", str(tmp_path / "nope.yaml")], "nope.yaml")
+
+
+def test_missing_checkpoint_file_is_named(tmp_path, tiny_model_dir, capsys):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama_gqa_untied"), broken)
+    (broken / "model.safetensors").unlink()
+    config = write_config(tmp_path / "run.yaml", **tiny_run_config(tmp_path, broken))
+    expect_refusal(capsys, tmp_path, ["run", str(config)], "safetensors")
+    data = tiny_run_config(tmp_path, tmp_path / "absent.gguf")
+    data["model"]["source"] = "gguf"
+    config = write_config(tmp_path / "run.yaml", **data)
+    expect_refusal(capsys, tmp_path, ["run", str(config)], "absent.gguf")
+
+
+def test_checkpoint_missing_a_tensor_is_named(tmp_path, tiny_model_dir, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama_gqa_untied"), broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    config = write_config(tmp_path / "run.yaml", **tiny_run_config(tmp_path, broken))
+    expect_refusal(capsys, tmp_path, ["run", str(config)], "model.layers.1.mlp.up_proj.weight", "missing")
+
+
+def test_misshaped_tensor_is_named(tmp_path, tiny_model_dir, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama_gqa_untied"), broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.0.self_attn.k_proj.weight"] = tensors["model.layers.0.self_attn.k_proj.weight"][:-1]
+    save_file(tensors, broken / "model.safetensors")
+    config = write_config(tmp_path / "run.yaml", **tiny_run_config(tmp_path, broken))
+    expect_refusal(capsys, tmp_path, ["run", str(config)], "model.layers.0.self_attn.k_proj.weight", "shape")
+
+
+def test_unsupported_hf_architecture_lists_supported(tmp_path, tiny_model_dir, capsys):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama_gqa_untied"), broken)
+    config_json = json.loads((broken / "config.json").read_text())
+    config_json["model_type"] = "gpt_neox"
+    config_json["architectures"] = ["GPTNeoXForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config_json))
+    config = write_config(tmp_path / "run.yaml", **tiny_run_config(tmp_path, broken))
+    expect_refusal(capsys, tmp_path, ["run", str(config)], "gpt_neox", "gemma3_text", "llama", "qwen3")
+
+
+def test_unsupported_gguf_architecture_is_refused(tmp_path, capsys):
+    import gguf
+
+    path = tmp_path / "mamba.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = tiny_run_config(tmp_path, path)
+    data["model"]["source"] = "gguf"
+    config = write_config(tmp_path / "run.yaml", **data)
+    expect_refusal(capsys, tmp_path, ["run", str(config)], "mamba", "gemma3")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_run_in_lower_precisions(tmp_path, tiny_model_dir, dtype):
+    data = tiny_run_config(tmp_path, tiny_model_dir("qwen3_sliding"))
+    data["model"]["dtype"] = dtype
+    config = write_config(tmp_path / "run.yaml", **data)
+    assert main(["run", str(config), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dtype"] == dtype
+    assert summary["reconstruction_relative_error"] <= (1e-5 if dtype == "float32" else 0.1)

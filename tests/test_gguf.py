@@ -1,0 +1,559 @@
+"""converters.gguf: GGUF files → HF names, layouts, config and tokenizer.
+
+Three kinds of evidence: tiny GGUF files written here the way llama.cpp's converter
+writes them (its q/k permutation copied verbatim), transformers' own GGUF loader on the
+same files (needs torch: the reference only), and the real Gemma 3 270M Q4_K_M file.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+
+from converters.gguf import (
+    _ARCHITECTURES,
+    _GLOBAL_TENSORS,
+    SUPPORTED_GGUF_ARCHITECTURES,
+    GGUFError,
+    GGUFFileNotFoundError,
+    _parse,
+    load_gguf_tokenizer,
+    read_gguf_config,
+    read_gguf_state_dict,
+)
+
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
+F16 = gguf.GGMLQuantizationType.F16
+F32 = gguf.GGMLQuantizationType.F32
+
+# Tiny shapes: hidden 32 is one Q8_0 block per row.
+HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 32, 4, 2, 64, 2
+ARCH_IDS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+TEXTS = ["the theme", " the  thethe\n", "<|bos|>x<|eos|>", "", "élan 7"]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute (convert_hf_to_gguf.py / conversion/llama.py), verbatim
+    but for torch → numpy; applied as permute(q, n_head, n_head) and permute(k, n_head, n_kv)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def stored(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """What a reader can recover from `values` written as `qtype` (float32)."""
+    if qtype == F32:
+        return values.astype(np.float32)
+    if qtype == F16:
+        return values.astype(np.float16).astype(np.float32)
+    return gguf.quants.dequantize(gguf.quants.quantize(values, qtype), qtype).astype(np.float32)
+
+
+def byte_level_vocab() -> tuple[list[str], list[str], list[int]]:
+    """A GPT-2 style byte-level vocabulary: 256 bytes, three merges, two control tokens."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    merges = ["Ġ t", "h e", "Ġt he"]
+    tokens = [*bytes_to_unicode().values(), "Ġt", "he", "Ġthe", "<|bos|>", "<|eos|>"]
+    token_types = [1] * (len(tokens) - 2) + [3, 3]  # 3 = CONTROL
+    return tokens, merges, token_types
+
+
+VOCAB = len(byte_level_vocab()[0])
+
+
+def write_gguf(
+    path: Path,
+    arch: str,
+    tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]],
+    metadata: Callable[[gguf.GGUFWriter], None] | None = None,
+    head_dim: int = HIDDEN // HEADS,
+    tokenizer_pre: str = "llama-bpe",
+    head_count_kv: int | None = KV_HEADS,
+) -> Path:
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_context_length(128)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(LAYERS)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    if head_count_kv is not None:
+        writer.add_head_count_kv(head_count_kv)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    else:  # llama.cpp writes an explicit HF head_dim as key/value length
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    tokens, merges, token_types = byte_level_vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokenizer_pre)
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types(token_types)
+    writer.add_bos_token_id(tokens.index("<|bos|>"))
+    writer.add_eos_token_id(tokens.index("<|eos|>"))
+    if metadata is not None:
+        metadata(writer)
+    for name, (values, qtype) in tensors.items():
+        if qtype in (F32, F16) or values.dtype.kind in "iu":
+            writer.add_tensor(name, values.astype(np.float16) if qtype == F16 else values)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def tiny_checkpoint(arch: str, seed: int = 0) -> tuple[dict, dict[str, np.ndarray], int]:
+    """(GGUF tensors as llama.cpp would write them, the HF state dict a reader should
+    recover, head_dim). llama: untied, q/k permuted; qwen3: tied, head_dim ≠ hidden/heads."""
+    rng = np.random.default_rng(seed)
+    head_dim = HIDDEN // HEADS if arch == "llama" else 16
+
+    def random(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    hf: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] = {
+        "model.embed_tokens.weight": (random(VOCAB, HIDDEN), F16),
+        "model.norm.weight": (random(HIDDEN), F32),
+    }
+    if arch == "llama":
+        hf["lm_head.weight"] = (random(VOCAB, HIDDEN), Q8_0)
+    for layer in range(LAYERS):
+        # Layer 0 exact (F32/F16), layer 1 through Q8_0: quantization is per row, so it
+        # commutes with the row permutation and the original is recoverable either way.
+        exact = layer == 0
+        prefix = f"model.layers.{layer}."
+        hf |= {
+            prefix + "input_layernorm.weight": (random(HIDDEN), F32),
+            prefix + "post_attention_layernorm.weight": (random(HIDDEN), F32),
+            prefix + "self_attn.q_proj.weight": (random(HEADS * head_dim, HIDDEN), F32 if exact else Q8_0),
+            prefix + "self_attn.k_proj.weight": (random(KV_HEADS * head_dim, HIDDEN), F32 if exact else Q8_0),
+            prefix + "self_attn.v_proj.weight": (random(KV_HEADS * head_dim, HIDDEN), F16),
+            prefix + "self_attn.o_proj.weight": (random(HIDDEN, HEADS * head_dim), Q8_0 if exact else F16),
+            prefix + "mlp.gate_proj.weight": (random(FFN, HIDDEN), F16 if exact else Q8_0),
+            prefix + "mlp.up_proj.weight": (random(FFN, HIDDEN), F32),
+            prefix + "mlp.down_proj.weight": (random(HIDDEN, FFN), Q8_0),
+        }
+        if arch == "qwen3":
+            hf[prefix + "self_attn.q_norm.weight"] = (random(head_dim), F32)
+            hf[prefix + "self_attn.k_norm.weight"] = (random(head_dim), F32)
+
+    # GGUF names from gguf's own HF → GGUF map (what llama.cpp's converter uses), not ours.
+    name_map = gguf.get_tensor_name_map(ARCH_IDS[arch], LAYERS)
+    gguf_tensors = {}
+    for name, (values, qtype) in hf.items():
+        gguf_name = name_map.get_name(name, try_suffixes=(".weight",))
+        if arch == "llama" and ".q_proj." in name:
+            values = llama_cpp_permute(values, HEADS, HEADS)
+        elif arch == "llama" and ".k_proj." in name:
+            values = llama_cpp_permute(values, HEADS, KV_HEADS)
+        gguf_tensors[gguf_name] = (values, qtype)
+    expected = {name: stored(values, qtype) for name, (values, qtype) in hf.items()}
+    return gguf_tensors, expected, head_dim
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, dict]]:
+    """arch → (a tiny GGUF file, the HF state dict it must read back as), built once."""
+    built: dict[str, tuple[Path, dict]] = {}
+
+    def build(arch: str) -> tuple[Path, dict]:
+        if arch not in built:
+            tensors, expected, head_dim = tiny_checkpoint(arch)
+            pre = "qwen2" if arch == "qwen3" else "llama-bpe"
+            path = write_gguf(
+                tmp_path_factory.mktemp(arch) / f"{arch}.gguf", arch, tensors, None, head_dim, pre
+            )
+            built[arch] = (path, expected)
+        return built[arch]
+
+    return build
+
+
+# --------------------------------------------------------------------------- tiny files
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_tiny_round_trip_recovers_hf_names_layouts_and_values(tiny_gguf, arch: str) -> None:
+    path, expected = tiny_gguf(arch)
+    state_dict = read_gguf_state_dict(path)
+    assert sorted(state_dict) == sorted(expected)
+    for name, values in state_dict.items():
+        assert values.dtype == np.float32, name
+        # Exact: llama's q/k permutation undone, nothing rounded twice.
+        np.testing.assert_array_equal(values, expected[name], err_msg=name)
+
+
+def test_llama_permutation_is_undone_not_just_consistent(tiny_gguf) -> None:
+    # Guard against a round trip that is exact because it does nothing: the file's q/k
+    # rows really are in llama.cpp's order, and ours are HF's.
+    path, expected = tiny_gguf("llama")
+    raw = {t.name: t for t in _parse(path).tensors}["blk.0.attn_q.weight"].data.view(np.float32)
+    q = read_gguf_state_dict(path)["model.layers.0.self_attn.q_proj.weight"]
+    assert not np.array_equal(raw, q)
+    np.testing.assert_array_equal(raw, llama_cpp_permute(q, HEADS, HEADS))
+
+
+def test_missing_head_count_kv_defaults_to_head_count_like_llama_cpp(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    k = rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32)  # HEADS kv heads of 8
+    path = write_gguf(
+        tmp_path / "mha.gguf",
+        "llama",
+        {"blk.0.attn_k.weight": (llama_cpp_permute(k, HEADS, None), F32)},
+        head_count_kv=None,
+    )
+    np.testing.assert_array_equal(read_gguf_state_dict(path)["model.layers.0.self_attn.k_proj.weight"], k)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_dtype_and_progress(tiny_gguf, dtype: type) -> None:
+    path, expected = tiny_gguf("qwen3")
+    state_dict = read_gguf_state_dict(path, dtype=dtype, progress=True)
+    for name, values in state_dict.items():
+        assert values.dtype == dtype
+        np.testing.assert_array_equal(values, expected[name].astype(dtype), err_msg=name)
+        assert values.flags.writeable  # not a view of the read-only memory map
+
+
+def test_name_tables_agree_with_gguf_tensor_name_map() -> None:
+    """Each (GGUF, HF) pair is also what gguf's own HF → GGUF TensorNameMap says."""
+    for arch, spec in _ARCHITECTURES.items():
+        name_map = gguf.get_tensor_name_map(ARCH_IDS[arch], LAYERS)
+        for leaf, hf_leaf in spec.layer_tensors.items():
+            assert name_map.get_name(f"model.layers.1.{hf_leaf}") == f"blk.1.{leaf}", (arch, leaf)
+        for gguf_name, hf_name in _GLOBAL_TENSORS.items():
+            assert name_map.get_name(hf_name) == gguf_name, (arch, hf_name)
+    assert set(SUPPORTED_GGUF_ARCHITECTURES) >= {"gemma3", "llama", "qwen3"}
+
+
+def test_parser_agrees_with_gguf_reader(tmp_path: Path) -> None:
+    """The header parser against gguf.GGUFReader, over every metadata value type."""
+
+    def every_type(writer: gguf.GGUFWriter) -> None:
+        writer.add_uint8("t.u8", 200)
+        writer.add_int8("t.i8", -100)
+        writer.add_uint16("t.u16", 60000)
+        writer.add_int16("t.i16", -30000)
+        writer.add_int32("t.i32", -(2**31))
+        writer.add_uint64("t.u64", 2**63)
+        writer.add_int64("t.i64", -(2**62))
+        writer.add_float64("t.f64", 1 / 3)
+        writer.add_bool("t.bool", True)
+        writer.add_string("t.unicode", "ünï 🚀")
+        writer.add_array("t.floats", [0.1, -2.5])
+        writer.add_array("t.one", [7])
+        writer.add_array("t.strings", ["a", "", "ç"])
+
+    tensors, _, _ = tiny_checkpoint("llama")
+    path = write_gguf(tmp_path / "types.gguf", "llama", tensors, every_type)
+    ours, theirs = _parse(path), gguf.GGUFReader(path)
+    assert ours.metadata == {
+        key: field.contents() for key, field in theirs.fields.items() if not key.startswith("GGUF.")
+    }
+    assert [(t.name, t.tensor_type, t.shape) for t in ours.tensors] == [
+        (t.name, t.tensor_type, tuple(reversed(t.shape.tolist()))) for t in theirs.tensors
+    ]
+    for mine, reference in zip(ours.tensors, theirs.tensors, strict=True):
+        np.testing.assert_array_equal(mine.data.view(np.uint8).ravel(), reference.data.view(np.uint8).ravel())
+
+
+# --------------------------------------------------------------------------- vs transformers
+
+
+@pytest.fixture(scope="module")
+def torch() -> Any:
+    return pytest.importorskip("torch")
+
+
+def transformers_state_dict(path: Path, torch: Any) -> dict[str, np.ndarray]:
+    """transformers' GGUF loader: its tensor-name map needs a model, built on meta."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(os.fspath(path), return_tensors=True, model_to_load=model)["tensors"]
+    return {name: tensor.numpy() for name, tensor in tensors.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_tiny_state_dict_matches_transformers(tiny_gguf, torch: Any, arch: str) -> None:
+    path, _ = tiny_gguf(arch)
+    ours, theirs = read_gguf_state_dict(path), transformers_state_dict(path, torch)
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def config_difference(path: Path) -> dict[str, tuple[Any, Any]]:
+    from transformers import AutoConfig
+
+    ours = read_gguf_config(path).to_dict()
+    theirs = AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+    return {
+        key: (ours.get(key), theirs.get(key))
+        for key in ours.keys() | theirs.keys()
+        if ours.get(key) != theirs.get(key)
+    }
+
+
+def test_tiny_configs_match_transformers(tiny_gguf, torch: Any) -> None:
+    assert config_difference(tiny_gguf("llama")[0]) == {}
+    config = read_gguf_config(tiny_gguf("llama")[0])
+    assert (config.model_type, config.num_key_value_heads, config.head_dim) == ("llama", KV_HEADS, 8)
+    assert config.tie_word_embeddings is False
+    # The one deliberate difference: transformers drops qwen3's key_length and falls back
+    # on Qwen3Config's default head_dim of 128, which is not this file's 16.
+    assert config_difference(tiny_gguf("qwen3")[0]) == {"head_dim": (16, 128)}
+    assert read_gguf_config(tiny_gguf("qwen3")[0]).tie_word_embeddings is True
+
+
+def test_mistral_named_llama_file_is_mistral_as_in_transformers(tmp_path: Path, torch: Any) -> None:
+    path = write_gguf(tmp_path / "m.gguf", "llama", {}, lambda writer: writer.add_name("mistral"))
+    assert read_gguf_config(path).model_type == "mistral"
+    assert config_difference(path) == {}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_tiny_tokenizers_match_transformers(tiny_gguf, torch: Any, arch: str) -> None:
+    from transformers import AutoTokenizer
+
+    path, _ = tiny_gguf(arch)
+    ours = load_gguf_tokenizer(path)
+    theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert type(ours) is type(theirs)
+    assert ours.get_vocab() == theirs.get_vocab()
+    assert ours.special_tokens_map == theirs.special_tokens_map
+    for text in TEXTS:
+        assert ours(text).input_ids == theirs(text).input_ids, text
+    assert ours.decode(ours("the theme").input_ids) == theirs.decode(theirs("the theme").input_ids)
+
+
+def test_runtime_needs_no_torch(tiny_gguf) -> None:
+    """transformers' own GGUF config/tokenizer loaders import torch; ours must not."""
+    path, _ = tiny_gguf("llama")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # any `import torch` now raises ImportError
+        from converters.gguf import load_gguf_tokenizer, read_gguf_config, read_gguf_state_dict
+        path = {os.fspath(path)!r}
+        assert read_gguf_config(path).model_type == "llama"
+        assert len(read_gguf_state_dict(path)) == {2 + 1 + 9 * LAYERS}
+        assert load_gguf_tokenizer(path)("the").input_ids
+        print("ok")
+        """
+    )
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- errors and warnings
+
+
+def test_unsupported_architecture_lists_supported_ones(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "mamba.gguf", "mamba", {})
+    for read in (read_gguf_config, read_gguf_state_dict, load_gguf_tokenizer):
+        with pytest.raises(GGUFError, match=r"'mamba'.*gemma3, llama, qwen3") as error:
+            read(path)
+        assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / "model.gguf"
+    for read in (read_gguf_config, read_gguf_state_dict, load_gguf_tokenizer):
+        with pytest.raises(FileNotFoundError, match="nowhere/model.gguf") as error:
+            read(path)
+        assert isinstance(error.value, GGUFFileNotFoundError) and isinstance(error.value, GGUFError)
+
+
+def test_not_a_gguf_file(tmp_path: Path) -> None:
+    (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(GGUFError, match="x.gguf: not a GGUF file"):
+        read_gguf_config(tmp_path / "x.gguf")
+
+
+def test_truncated_file(tiny_gguf, tmp_path: Path) -> None:
+    source, _ = tiny_gguf("llama")
+    data = source.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(GGUFError, match="runs past the end of the file"):
+        read_gguf_state_dict(tmp_path / "cut.gguf")
+    (tmp_path / "header.gguf").write_bytes(data[:300])
+    with pytest.raises(GGUFError, match="truncated or corrupt GGUF header"):
+        read_gguf_config(tmp_path / "header.gguf")
+
+
+def test_unknown_tensor_name(tmp_path: Path) -> None:
+    experts = np.zeros((4, HIDDEN), np.float32)
+    path = write_gguf(tmp_path / "moe.gguf", "qwen3", {"blk.0.ffn_gate_exps.weight": (experts, F32)})
+    with pytest.raises(GGUFError, match=r"moe.gguf: tensor 'blk.0.ffn_gate_exps.weight' has no known"):
+        read_gguf_state_dict(path)
+
+
+def test_type_gguf_cannot_dequantize(tmp_path: Path) -> None:
+    ints = np.zeros((HIDDEN,), np.int32)
+    path = write_gguf(tmp_path / "int.gguf", "llama", {"output_norm.weight": (ints, F32)})
+    with pytest.raises(GGUFError, match=r"tensor 'output_norm.weight' has type I32"):
+        read_gguf_state_dict(path)
+
+
+def test_unsupported_quantization_type_simulated(tiny_gguf, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if this gguf release could not dequantize Q8_0: named before any work."""
+    real = gguf.quants.dequantize
+
+    def without_q8_0(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+        if qtype == Q8_0:
+            raise NotImplementedError("Dequantization for Q8_0 is not yet implemented")
+        return real(data, qtype)
+
+    monkeypatch.setattr(gguf.quants, "dequantize", without_q8_0)
+    with pytest.raises(GGUFError, match=r"llama.gguf: tensor 'output.weight' has type Q8_0"):
+        read_gguf_state_dict(tiny_gguf("llama")[0])
+
+
+def test_llama3_rope_freqs_dropped_with_a_warning(tmp_path: Path) -> None:
+    path = write_gguf(
+        tmp_path / "l3.gguf",
+        "llama",
+        {
+            "rope_freqs.weight": (np.ones(4, np.float32), F32),
+            "output_norm.weight": (np.ones(HIDDEN, np.float32), F32),
+        },
+    )
+    with pytest.warns(UserWarning, match="rope_freqs.weight"):
+        read_gguf_config(path)
+    assert list(read_gguf_state_dict(path)) == ["model.norm.weight"]
+
+
+def test_rope_scaling_metadata_warns(tmp_path: Path) -> None:
+    def scaled(writer: gguf.GGUFWriter) -> None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(8.0)
+
+    path = write_gguf(tmp_path / "scaled.gguf", "qwen3", {}, scaled)
+    with pytest.warns(
+        UserWarning, match="qwen3.rope.scaling.type = 'linear'; qwen3.rope.scaling.factor = 8.0"
+    ):
+        read_gguf_config(path)
+
+
+# --------------------------------------------------------------------------- the real file
+
+
+@pytest.fixture(scope="module")
+def gemma_state_dict(gemma_gguf_path: Path) -> dict[str, np.ndarray]:
+    return read_gguf_state_dict(gemma_gguf_path)
+
+
+def test_real_gemma_names_shapes_and_norms(gemma_gguf_path: Path, gemma_state_dict: dict) -> None:
+    config = read_gguf_config(gemma_gguf_path)
+    assert type(config).__name__ == "Gemma3TextConfig" and config.tie_word_embeddings
+    hidden, head_dim, layers = config.hidden_size, config.head_dim, config.num_hidden_layers
+    shapes = {
+        "self_attn.q_proj.weight": (config.num_attention_heads * head_dim, hidden),
+        "self_attn.k_proj.weight": (config.num_key_value_heads * head_dim, hidden),
+        "self_attn.v_proj.weight": (config.num_key_value_heads * head_dim, hidden),
+        "self_attn.o_proj.weight": (hidden, config.num_attention_heads * head_dim),
+        "self_attn.q_norm.weight": (head_dim,),
+        "self_attn.k_norm.weight": (head_dim,),
+        "mlp.gate_proj.weight": (config.intermediate_size, hidden),
+        "mlp.up_proj.weight": (config.intermediate_size, hidden),
+        "mlp.down_proj.weight": (hidden, config.intermediate_size),
+        **{
+            f"{norm}.weight": (hidden,)
+            for norm in (
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            )
+        },
+    }
+    expected = {f"model.layers.{i}.{name}": shape for i in range(layers) for name, shape in shapes.items()}
+    expected |= {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,)}
+    # No lm_head: llama.cpp drops the tied one, as tied HF checkpoints do.
+    assert {name: values.shape for name, values in gemma_state_dict.items()} == expected
+    assert all(values.dtype == np.float32 for values in gemma_state_dict.values())
+    # Norms are stored as 1 + w (F32 in the file): we return w.
+    raw = {t.name: t for t in _parse(gemma_gguf_path).tensors}["blk.3.post_ffw_norm.weight"].data.view(
+        np.float32
+    )
+    np.testing.assert_array_equal(
+        gemma_state_dict["model.layers.3.post_feedforward_layernorm.weight"], raw - 1
+    )
+
+
+def test_real_gemma_config_matches_transformers(gemma_gguf_path: Path, torch: Any) -> None:
+    assert config_difference(gemma_gguf_path) == {}
+
+
+def test_real_gemma_tokenizer(gemma_gguf_path: Path) -> None:
+    tokenizer = load_gguf_tokenizer(gemma_gguf_path)
+    assert type(tokenizer).__name__ == "GemmaTokenizer"
+    # The ids AutoTokenizer.from_pretrained(dir, gguf_file=...) gives (compared in full below).
+    assert tokenizer("Hello world  x").input_ids == [2, 9259, 1902, 138, 236781]
+
+
+@pytest.mark.slow
+def test_real_gemma_state_dict_matches_transformers(
+    gemma_gguf_path: Path, gemma_state_dict: dict, torch: Any
+) -> None:
+    theirs = transformers_state_dict(gemma_gguf_path, torch)
+    assert sorted(gemma_state_dict) == sorted(theirs)
+    for name, values in gemma_state_dict.items():
+        np.testing.assert_array_equal(values, theirs[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_real_gemma_tokenizer_matches_transformers(gemma_gguf_path: Path, torch: Any) -> None:
+    from transformers import AutoTokenizer
+
+    ours = load_gguf_tokenizer(gemma_gguf_path)
+    theirs = AutoTokenizer.from_pretrained(gemma_gguf_path.parent, gguf_file=gemma_gguf_path.name)
+    assert type(ours) is type(theirs) and ours.get_vocab() == theirs.get_vocab()
+    assert ours.special_tokens_map == theirs.special_tokens_map
+    for text in [*TEXTS, "<start_of_turn>user\nhi<end_of_turn>", "  leading\n\ttabs 数学 🚀"]:
+        assert ours(text).input_ids == theirs(text).input_ids, text
+
+
+@pytest.mark.slow
+def test_real_gemma_parser_agrees_with_gguf_reader(gemma_gguf_path: Path) -> None:
+    ours, theirs = _parse(gemma_gguf_path), gguf.GGUFReader(gemma_gguf_path)
+    for key, field in theirs.fields.items():
+        if not key.startswith("GGUF."):
+            assert ours.metadata[key] == field.contents(), key
+    assert [(t.name, t.tensor_type, t.shape) for t in ours.tensors] == [
+        (t.name, t.tensor_type, tuple(reversed(t.shape.tolist()))) for t in theirs.tensors
+    ]
