@@ -3,8 +3,10 @@
 The rest of jaxlin only knows HF safetensors checkpoints, so this module hides every
 llama.cpp convention: tensor names (`blk.0.attn_q.weight`), Gemma's `1 + w` norm weights,
 and the q/k row permutation llama.cpp's converter applies to Llama for its interleaved
-RoPE. Files are parsed with the `gguf` package (the same library llama.cpp writes them
-with) — never torch, never pickle — and dequantized with `gguf.quants.dequantize`.
+RoPE. Nothing is unpickled and torch is never needed: the flat GGUF header is read with
+`struct` (see "reading" below for why not gguf.GGUFReader), while ggml types, block sizes
+and dequantization (`gguf.quants.dequantize`) are the `gguf` package's, the library
+llama.cpp writes these files with.
 
 The config is transformers' own GGUF metadata mapping (`GGUF_CONFIG_MAPPING`), rebuilt
 here because transformers 5.x reaches it only through modules that import torch
@@ -215,7 +217,7 @@ class _Cursor:
         if len(raw) != length:
             raise struct.error("string runs past the end of the file")
         self.pos += length
-        return raw.decode("utf-8", errors="replace")
+        return raw.decode("utf-8")  # strict: a silently altered token would be worse
 
     def value(self, value_type: int) -> Any:
         if value_type in _SCALAR_FORMATS:
@@ -252,13 +254,13 @@ def _parse(path: str | os.PathLike) -> _GGUFFile:
         raise GGUFError(f"{name}: not a GGUF file (no GGUF magic bytes)")
     cursor = _Cursor(buffer)
     cursor.pos = 4
+    version = cursor.scalar("<I")
+    if version & 0xFFFF == 0:
+        # gguf.quants assumes little-endian tensor data, so the weights would be garbage.
+        raise GGUFError(f"{name}: byte-swapped (big-endian) GGUF files are not supported")
+    if version not in _GGUF_VERSIONS:
+        raise GGUFError(f"{name}: GGUF version {version} is not supported (only {_GGUF_VERSIONS})")
     try:
-        version = cursor.scalar("<I")
-        if version & 0xFFFF == 0:
-            # gguf.quants assumes little-endian tensor data, so the weights would be garbage.
-            raise GGUFError(f"{name}: byte-swapped (big-endian) GGUF files are not supported")
-        if version not in _GGUF_VERSIONS:
-            raise GGUFError(f"{name}: GGUF version {version} is not supported (only {_GGUF_VERSIONS})")
         tensor_count, metadata_count = cursor.scalar("<Q"), cursor.scalar("<Q")
         metadata: dict[str, Any] = {}
         for _ in range(metadata_count):
@@ -269,10 +271,12 @@ def _parse(path: str | os.PathLike) -> _GGUFFile:
             tensor_name = cursor.string()
             dims = [cursor.scalar("<Q") for _ in range(cursor.scalar("<I"))]
             table.append((tensor_name, tuple(reversed(dims)), cursor.scalar("<I"), cursor.scalar("<Q")))
-    except (struct.error, ValueError) as error:
+    except (struct.error, ValueError) as error:  # UnicodeDecodeError is a ValueError too
         raise GGUFError(f"{name}: truncated or corrupt GGUF header ({error})") from None
 
     alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"{name}: metadata field 'general.alignment' = {alignment!r} is not a power of two")
     data_start = -(-cursor.pos // alignment) * alignment
     tensors = []
     for tensor_name, shape, type_id, offset in table:
@@ -369,6 +373,11 @@ def _config_dict(file: _GGUFFile) -> dict[str, Any]:
     # GGUF's gemma3 is the text model only: HF's text-only config class.
     if config.get("model_type") == "gemma3":
         config["model_type"] = "gemma3_text"
+        # Gemma 3 27B scales attention by hidden/heads (its HF config: query_pre_attn_scalar
+        # 168), the others by head_dim (256, transformers' default). The file does not say;
+        # llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3) recognizes 27B by its 62 layers.
+        if config.get("num_hidden_layers") == 62:
+            config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
     if "vocab_size" not in config and "tokenizer.ggml.tokens" in file.metadata:
         config["vocab_size"] = len(file.metadata["tokenizer.ggml.tokens"])
     return config
@@ -376,12 +385,15 @@ def _config_dict(file: _GGUFFile) -> dict[str, Any]:
 
 def _warn_about_what_the_config_drops(file: _GGUFFile) -> None:
     """One warning naming what in the file changes the model but not its HF config."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
     architecture = _architecture(file)
     spec = _ARCHITECTURES[architecture]
+    mapped = {**GGUF_CONFIG_MAPPING.get(architecture, {}), **spec.extra_config_keys}
     keys = [
         f"{key} = {file.metadata[key]!r}"
         for rest in _SEMANTIC_KEYS_HF_IGNORES
-        if (key := f"{architecture}.{rest}") in file.metadata and rest not in spec.extra_config_keys
+        if (key := f"{architecture}.{rest}") in file.metadata and mapped.get(rest) in (None, -1)
     ]
     tensor_names = {tensor.name for tensor in file.tensors}
     keys += [f"tensor {name} ({what})" for name, what in spec.dropped_tensors.items() if name in tensor_names]
@@ -409,7 +421,8 @@ def read_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
     Raises GGUFError naming the architecture found and the supported ones when
     general.architecture is not in SUPPORTED_GGUF_ARCHITECTURES. Warns when the file holds
     settings that mapping drops (RoPE scaling, logit soft-capping, llama3 rope_freqs).
-    One deliberate difference: a qwen3 file's attention.key_length sets head_dim.
+    Deliberate differences: a qwen3 file's attention.key_length sets head_dim, and Gemma 3
+    27B gets its query_pre_attn_scalar (hidden/heads) as llama.cpp computes it.
     """
     file = _parse(path)
     config = _config(file)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlin._attention import blockwise_frozen_attention, dense_attention
 from jaxlin._config import Activation, ModelConfig, NormPlacement
 from jaxlin._policy import FreezePolicy
 
@@ -106,27 +107,18 @@ class GatedMLP(nn.Module):
         return dense(cfg.hidden_size, "down_proj", self.dtype)(coefficient * up)
 
 
-def attention_mask(num_tokens: int, is_sliding: jax.Array, window: int | None) -> jax.Array:
-    """(N, N) boolean: causal, and within the window on sliding layers (HF's rule:
-    query_pos - key_pos < window)."""
-    query = jnp.arange(num_tokens)[:, None]
-    key = jnp.arange(num_tokens)[None, :]
-    allowed = key <= query
-    if window is not None:
-        allowed &= jnp.logical_not(is_sliding) | (query - key < window)
-    return allowed
-
-
 class Attention(nn.Module):
     """Grouped-query attention with RoPE and optional QK-norm. The attention
-    probabilities are the frozen coefficient: only V → o_proj stays on the linear path."""
+    probabilities are the frozen coefficient: only V → o_proj stays on the linear path.
+    `block` selects the O(N)-memory blockwise implementation (detached policy only)."""
 
     config: ModelConfig
     policy: FreezePolicy
     dtype: jnp.dtype = jnp.float32
+    block: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, is_sliding: jax.Array) -> jax.Array:
         cfg = self.config
         n = x.shape[0]
         groups = cfg.num_heads // cfg.num_kv_heads
@@ -140,24 +132,18 @@ class Attention(nn.Module):
             norm = dict(eps=cfg.norm_eps, weight_offset=cfg.norm_weight_offset, policy=self.policy)
             q = RMSNorm(**norm, dtype=self.dtype, name="q_norm")(q)
             k = RMSNorm(**norm, dtype=self.dtype, name="k_norm")(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        probs = self.policy.freeze(self._probabilities(q, k, mask, groups))
-        q_grouped_out = jnp.einsum("kgqs,skh->qkgh", probs.astype(v.dtype), v, precision=PRECISION)
-        out = q_grouped_out.reshape(n, cfg.num_heads * cfg.head_dim)
-        return dense(cfg.hidden_size, "o_proj", self.dtype)(out)
-
-    def _probabilities(self, q: jax.Array, k: jax.Array, mask: jax.Array, groups: int) -> jax.Array:
-        """softmax over keys, shape (kv_heads, groups, N_query, N_key), in the compute dtype."""
-        cfg = self.config
-        wide = compute_dtype(q.dtype)
-        q_grouped = q.reshape(q.shape[0], cfg.num_kv_heads, groups, cfg.head_dim).astype(wide)
-        scores = jnp.einsum("qkgh,skh->kgqs", q_grouped, k.astype(wide), precision=PRECISION)
-        scores = scores * cfg.score_scale
-        # The softcap sits inside the frozen softmax, so its own policy here is moot.
-        scores = softcap(scores, cfg.attn_logit_softcap, FreezePolicy.ORDINARY)
-        scores = jnp.where(mask, scores, jnp.finfo(wide).min)
-        return jax.nn.softmax(scores, axis=-1)
+        wide = compute_dtype(q.dtype)  # scores and softmax in at least float32
+        q = apply_rope(q, cos, sin).reshape(n, cfg.num_kv_heads, groups, cfg.head_dim).astype(wide)
+        k = apply_rope(k, cos, sin).astype(wide)
+        common = dict(is_sliding=is_sliding, window=cfg.sliding_window, scale=cfg.score_scale,
+                      softcap=cfg.attn_logit_softcap)
+        if self.block is not None and n > self.block:
+            if self.policy is not FreezePolicy.DETACHED:
+                raise ValueError("blockwise attention is exact only under the detached policy")
+            out = blockwise_frozen_attention(q, k, v, **common, block=self.block)
+        else:
+            out = dense_attention(q, k, v, **common, policy=self.policy)
+        return dense(cfg.hidden_size, "o_proj", self.dtype)(out.reshape(n, cfg.num_heads * cfg.head_dim))
 
 
 class DecoderBlock(nn.Module):
@@ -167,6 +153,7 @@ class DecoderBlock(nn.Module):
     config: ModelConfig
     policy: FreezePolicy
     dtype: jnp.dtype = jnp.float32
+    attention_block: int | None = None
 
     @nn.compact
     def __call__(
@@ -180,10 +167,10 @@ class DecoderBlock(nn.Module):
         if "sliding" in rope:
             cos = jnp.where(is_sliding, rope["sliding"][0], cos)
             sin = jnp.where(is_sliding, rope["sliding"][1], sin)
-        mask = attention_mask(h.shape[0], is_sliding, cfg.sliding_window)
-
         attn_in = RMSNorm(**norm, name="input_norm")(h)
-        attn_out = Attention(cfg, self.policy, self.dtype, name="attn")(attn_in, cos, sin, mask)
+        attn_out = Attention(cfg, self.policy, self.dtype, self.attention_block, name="attn")(
+            attn_in, cos, sin, is_sliding
+        )
         if cfg.norm_placement is NormPlacement.SANDWICH:
             attn_out = RMSNorm(**norm, name="post_attn_norm")(attn_out)
         h = h + attn_out

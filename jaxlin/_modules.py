@@ -20,6 +20,8 @@ class Transformer(nn.Module):
     config: ModelConfig
     policy: FreezePolicy = FreezePolicy.DETACHED
     dtype: jnp.dtype = jnp.float32
+    # Query block size of the O(N)-memory attention (detached policy); None: dense.
+    attention_block: int | None = None
 
     def setup(self) -> None:
         cfg = self.config
@@ -33,7 +35,7 @@ class Transformer(nn.Module):
             in_axes=(0, nn.broadcast),
             length=cfg.num_layers,
         )
-        self.layers = scanned(cfg, self.policy, self.dtype)
+        self.layers = scanned(cfg, self.policy, self.dtype, self.attention_block)
         self.final_norm = RMSNorm(cfg.norm_eps, cfg.norm_weight_offset, self.policy, self.dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(

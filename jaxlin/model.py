@@ -19,8 +19,11 @@ def params_dtype(params: Params) -> jnp.dtype:
     return params["embedder"]["embedding"].dtype
 
 
-def module(config: ModelConfig, params: Params, policy: FreezePolicy = FreezePolicy.DETACHED) -> Transformer:
-    return Transformer(config, policy, params_dtype(params))
+def module(
+    config: ModelConfig, params: Params, policy: FreezePolicy = FreezePolicy.DETACHED,
+    attention_block: int | None = None,
+) -> Transformer:
+    return Transformer(config, policy, params_dtype(params), attention_block)
 
 
 def embed(config: ModelConfig, params: Params, token_ids: jax.Array) -> jax.Array:
@@ -32,10 +35,11 @@ def final_hidden(
     config: ModelConfig,
     params: Params,
     embeddings: jax.Array,
-    policy: FreezePolicy = FreezePolicy.DETACHED,
+    policy: FreezePolicy = FreezePolicy.DETACHED, attention_block: int | None = None,
 ) -> jax.Array:
-    """Final-normed hidden states (N, d). Values do not depend on the policy."""
-    return module(config, params, policy).apply({"params": params}, embeddings)
+    """Final-normed hidden states (N, d). Values do not depend on the policy (nor, up
+    to rounding, on the attention implementation)."""
+    return module(config, params, policy, attention_block).apply({"params": params}, embeddings)
 
 
 def logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:

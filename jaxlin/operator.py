@@ -21,13 +21,22 @@ from jaxlin._policy import FreezePolicy
 from jaxlin.model import Params, final_hidden
 
 
+# Query block of the O(N)-memory attention used by the detached operator. Inputs up to
+# this length use dense attention (the same numbers; the block only bounds memory).
+DEFAULT_ATTENTION_BLOCK = 256
+
+
 def target_function(
-    config: ModelConfig, params: Params, policy: FreezePolicy
+    config: ModelConfig, params: Params, policy: FreezePolicy,
+    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
 ) -> Callable[[jax.Array], jax.Array]:
     """X (N, d) → y (d,): the last token's final-normed hidden state."""
+    # Blockwise attention relies on frozen probabilities; the ordinary Jacobian (a
+    # comparison for short inputs) always uses dense attention.
+    block = attention_block if policy is FreezePolicy.DETACHED else None
 
     def target(embeddings: jax.Array) -> jax.Array:
-        return final_hidden(config, params, embeddings, policy)[-1]
+        return final_hidden(config, params, embeddings, policy, block)[-1]
 
     return target
 
@@ -47,8 +56,9 @@ def linearize_target(
     params: Params,
     inputs: jax.Array,
     policy: FreezePolicy = FreezePolicy.DETACHED,
+    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
 ) -> LinearizedTarget:
-    output, matvec = jax.linearize(target_function(config, params, policy), inputs)
+    output, matvec = jax.linearize(target_function(config, params, policy, attention_block), inputs)
     transpose = jax.linear_transpose(matvec, inputs)
     return LinearizedTarget(inputs, output, matvec, lambda u: transpose(u)[0])
 
@@ -57,20 +67,21 @@ def _chunk_size(total: int, chunk: int | None) -> int | None:
     return None if chunk is None or chunk >= total else chunk
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk"))
+@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk", "attention_block"))
 def contributions(
     params: Params,
     inputs: jax.Array,
     config: ModelConfig,
     policy: FreezePolicy = FreezePolicy.DETACHED,
     chunk: int | None = 64,
+    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
 ) -> tuple[jax.Array, jax.Array]:
     """(y, c) with c_t = J_t·x_t, shape (N, d). Under DETACHED, Σ_t c_t = y.
 
     Picks the cheaper side: N forward-mode products (one per token) when N ≤ d,
     otherwise d transposed products (one per output coordinate), each reduced against
     X on the fly so memory stays O(chunk · N · d)."""
-    op = linearize_target(config, params, inputs, policy)
+    op = linearize_target(config, params, inputs, policy, attention_block)
     n, d = inputs.shape
     if n <= d:
 
@@ -89,16 +100,17 @@ def contributions(
     return op.output, c
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk"))
+@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk", "attention_block"))
 def materialize(
     params: Params,
     inputs: jax.Array,
     config: ModelConfig,
     policy: FreezePolicy = FreezePolicy.DETACHED,
     chunk: int | None = 64,
+    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
 ) -> jax.Array:
     """The dense J, shape (d, N, d) with J[i, t, j] = ∂y_i/∂X_tj (small inputs only)."""
-    op = linearize_target(config, params, inputs, policy)
+    op = linearize_target(config, params, inputs, policy, attention_block)
     d = op.output.shape[0]
     basis = jnp.eye(d, dtype=op.output.dtype)
     return jax.lax.map(op.rmatvec, basis, batch_size=_chunk_size(d, chunk))

@@ -337,6 +337,22 @@ def test_mistral_named_llama_file_is_mistral_as_in_transformers(tmp_path: Path, 
     assert config_difference(path) == {}
 
 
+def test_gemma3_27b_attention_scale_as_llama_cpp(tmp_path: Path) -> None:
+    path = tmp_path / "gemma27b.gguf"
+    writer = gguf.GGUFWriter(path, "gemma3")
+    writer.add_block_count(62)  # how llama.cpp recognizes 27B
+    writer.add_embedding_length(5376)
+    writer.add_head_count(32)
+    writer.add_key_length(128)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    # HF's own Gemma 3 27B config says 168 = 5376 / 32; transformers' GGUF config keeps
+    # the class default 256 (right for every other size, as the real 270M file checks).
+    assert read_gguf_config(path).query_pre_attn_scalar == 168
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_tiny_tokenizers_match_transformers(tiny_gguf, torch: Any, arch: str) -> None:
     from transformers import AutoTokenizer
