@@ -20,7 +20,9 @@ from jaxlin._policy import FreezePolicy
 PRECISION = jax.lax.Precision.HIGHEST
 
 
-def _visible(query_pos: jax.Array, key_pos: jax.Array, is_sliding: jax.Array, window: int | None) -> jax.Array:
+def _visible(
+    query_pos: jax.Array, key_pos: jax.Array, is_sliding: jax.Array, window: int | None
+) -> jax.Array:
     """Causal, and within the window on sliding layers (HF: query − key < window)."""
     allowed = key_pos[None, :] <= query_pos[:, None]
     if window is not None:
@@ -28,8 +30,15 @@ def _visible(query_pos: jax.Array, key_pos: jax.Array, is_sliding: jax.Array, wi
     return allowed
 
 
-def _scores(q: jax.Array, k: jax.Array, query_pos: jax.Array, is_sliding: jax.Array,
-            window: int | None, scale: float, softcap: float | None) -> jax.Array:
+def _scores(
+    q: jax.Array,
+    k: jax.Array,
+    query_pos: jax.Array,
+    is_sliding: jax.Array,
+    window: int | None,
+    scale: float,
+    softcap: float | None,
+) -> jax.Array:
     """Masked scores (kv_heads, groups, Nq, Nk) in q's dtype. q: (Nq, K, G, h); k: (Nk, K, h)."""
     scores = jnp.einsum("qkgh,skh->kgqs", q, k, precision=PRECISION) * scale
     if softcap is not None:  # inside the frozen softmax: an ordinary function of q, k
@@ -39,17 +48,32 @@ def _scores(q: jax.Array, k: jax.Array, query_pos: jax.Array, is_sliding: jax.Ar
     return jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_sliding: jax.Array, window: int | None,
-                    scale: float, softcap: float | None, policy: FreezePolicy) -> jax.Array:
+def dense_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    is_sliding: jax.Array,
+    window: int | None,
+    scale: float,
+    softcap: float | None,
+    policy: FreezePolicy,
+) -> jax.Array:
     """q: (N, K, G, h) in the compute dtype; k: (N, K, h); v: (N, K, h). → (N, K, G, h)."""
     scores = _scores(q, k, jnp.arange(q.shape[0]), is_sliding, window, scale, softcap)
     probs = policy.freeze(jax.nn.softmax(scores, axis=-1))
     return jnp.einsum("kgqs,skh->qkgh", probs.astype(v.dtype), v, precision=PRECISION)
 
 
-def blockwise_frozen_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_sliding: jax.Array,
-                               window: int | None, scale: float, softcap: float | None,
-                               block: int) -> jax.Array:
+def blockwise_frozen_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    is_sliding: jax.Array,
+    window: int | None,
+    scale: float,
+    softcap: float | None,
+    block: int,
+) -> jax.Array:
     """Same values as `dense_attention` under the detached policy, O(block · N) memory
     in the linearization. q, k are frozen here (they only feed the probabilities)."""
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
@@ -70,7 +94,9 @@ def blockwise_frozen_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_slid
     lse = jax.lax.stop_gradient(jax.lax.map(block_lse, (q_blocks, starts)))
 
     @jax.checkpoint
-    def block_output(q_block: jax.Array, start: jax.Array, lse_block: jax.Array, values: jax.Array) -> jax.Array:
+    def block_output(
+        q_block: jax.Array, start: jax.Array, lse_block: jax.Array, values: jax.Array
+    ) -> jax.Array:
         probs = jnp.exp(block_scores(q_block, start) - lse_block[..., None])
         return jnp.einsum("kgqs,skh->qkgh", probs.astype(values.dtype), values, precision=PRECISION)
 

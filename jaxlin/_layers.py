@@ -135,8 +135,12 @@ class Attention(nn.Module):
         wide = compute_dtype(q.dtype)  # scores and softmax in at least float32
         q = apply_rope(q, cos, sin).reshape(n, cfg.num_kv_heads, groups, cfg.head_dim).astype(wide)
         k = apply_rope(k, cos, sin).astype(wide)
-        common = dict(is_sliding=is_sliding, window=cfg.sliding_window, scale=cfg.score_scale,
-                      softcap=cfg.attn_logit_softcap)
+        common = dict(
+            is_sliding=is_sliding,
+            window=cfg.sliding_window,
+            scale=cfg.score_scale,
+            softcap=cfg.attn_logit_softcap,
+        )
         if self.block is not None and n > self.block:
             if self.policy is not FreezePolicy.DETACHED:
                 raise ValueError("blockwise attention is exact only under the detached policy")

@@ -21,11 +21,23 @@ def _print_report(summary: dict) -> None:
     if summary["ordinary_jacobian_relative_error"] is not None:
         print(f"ordinary Jacobian reconstruction error: {summary['ordinary_jacobian_relative_error']:.3e}")
     spectrum = summary["spectrum"]
-    if spectrum.get("method") == "skipped":
-        print(f"spectrum   skipped: {spectrum['reason']}")
-    for entry in spectrum.get("left_vectors_top_tokens", []):
+    norms = summary["norms"]
+    print(
+        f"‖J‖_F      {norms['frobenius']:.4f} ({norms['frobenius_method']}); stable rank "
+        f"{norms['stable_rank']:.3f}"
+    )
+    depth = f", Krylov depth {spectrum['krylov_depth']}" if spectrum["krylov_depth"] else ""
+    print(f"top-{len(summary['singular_values'])} singular values of J ({spectrum['method']}{depth}):")
+    for entry, bound in zip(spectrum["left_vectors_top_tokens"], spectrum["residual_bounds"], strict=True):
         tokens = ", ".join(repr(t) for t in entry["tokens"])
-        print(f"  σ{entry['index']:<2} = {entry['sigma']:10.4f}   u → {tokens}")
+        print(f"  σ{entry['index']:<2} = {entry['sigma']:10.4f} ± {bound:.1e}   u → {tokens}")
+    per_token = summary["per_token"]
+    if per_token["method"] != "off":
+        loudest = max(per_token["top_left_vector"], key=lambda e: e["sigma"])
+        print(
+            f"per-token  top-{len(per_token['singular_values'][0])} of every J_t ({per_token['method']}); "
+            f"largest σ₁(J_t) = {loudest['sigma']:.3f} at token {loudest['token']!r}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxlin: error: {error}", file=sys.stderr)
         return 2
     _print_report(result.summary)
-    print(f"wrote      {out_dir}/summary.json, arrays.npz, reconstruction.png")
+    print(
+        f"wrote      {out_dir}/ (summary.json, arrays.npz, reconstruction.png, singular_values.png, "
+        "per_token.png)"
+    )
     return 0
 
 

@@ -20,7 +20,9 @@ def params_dtype(params: Params) -> jnp.dtype:
 
 
 def module(
-    config: ModelConfig, params: Params, policy: FreezePolicy = FreezePolicy.DETACHED,
+    config: ModelConfig,
+    params: Params,
+    policy: FreezePolicy = FreezePolicy.DETACHED,
     attention_block: int | None = None,
 ) -> Transformer:
     return Transformer(config, policy, params_dtype(params), attention_block)
@@ -35,7 +37,8 @@ def final_hidden(
     config: ModelConfig,
     params: Params,
     embeddings: jax.Array,
-    policy: FreezePolicy = FreezePolicy.DETACHED, attention_block: int | None = None,
+    policy: FreezePolicy = FreezePolicy.DETACHED,
+    attention_block: int | None = None,
 ) -> jax.Array:
     """Final-normed hidden states (N, d). Values do not depend on the policy (nor, up
     to rounding, on the attention implementation)."""

@@ -20,14 +20,15 @@ from jaxlin._config import ModelConfig
 from jaxlin._policy import FreezePolicy
 from jaxlin.model import Params, final_hidden
 
-
 # Query block of the O(N)-memory attention used by the detached operator. Inputs up to
 # this length use dense attention (the same numbers; the block only bounds memory).
 DEFAULT_ATTENTION_BLOCK = 256
 
 
 def target_function(
-    config: ModelConfig, params: Params, policy: FreezePolicy,
+    config: ModelConfig,
+    params: Params,
+    policy: FreezePolicy,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
 ) -> Callable[[jax.Array], jax.Array]:
     """X (N, d) → y (d,): the last token's final-normed hidden state."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,11 +20,19 @@ from jaxlin._policy import FreezePolicy
 from jaxlin.decoding import orient_to, top_tokens, unembedding_matrix
 from jaxlin.errors import JaxlinError
 from jaxlin.loading import LoadedModel, load_model
+from jaxlin.memory import linearization_bytes, product_bytes, require_memory
 from jaxlin.operator import certify, contributions, materialize
 from jaxlin.outputs import atomic_directory, write_json, write_npz
-from jaxlin.plots import reconstruction_scatter, singular_values
+from jaxlin.plots import per_token_spectra, reconstruction_scatter, singular_values
 from jaxlin.run_config import AnalysisSection, RunConfig
-from jaxlin.spectral import dense_top_k
+from jaxlin.spectral import (
+    check_request,
+    dense_top_k,
+    frobenius_estimate,
+    krylov_basis,
+    per_token_top_k,
+    top_k,
+)
 
 JACOBIAN_INPUT = (
     "raw embedding rows (before any embedding scale); y = final-normed hidden state of the last token"
@@ -65,62 +74,155 @@ class RunResult:
     arrays: dict[str, np.ndarray]
 
 
+def _decoded(
+    tokenizer: Any,
+    vectors: np.ndarray,
+    sigmas: np.ndarray,
+    config: Any,
+    params: Any,
+    y: np.ndarray,
+    count: int,
+) -> list[dict[str, Any]]:
+    """Top tokens of each left singular vector (k, d), oriented so that u·y ≥ 0."""
+    oriented = orient_to(vectors, y)
+    ids, scores = top_tokens(oriented, unembedding_matrix(config, params), count)
+    return [
+        {
+            "index": i + 1,
+            "sigma": float(sigmas[i]),
+            "tokens": token_text(tokenizer, ids[i]),
+            "token_ids": ids[i].tolist(),
+            "scores": scores[i].tolist(),
+        }
+        for i in range(len(vectors))
+    ]
+
+
+def _check_memory(config: Any, n: int, dtype: Any, options: AnalysisSection) -> None:
+    estimate = linearization_bytes(config, n, dtype, options.attention_block)
+    estimate += product_bytes(config, n, dtype, options.chunk, options.attention_block)
+    wide = jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
+    per_token_rank = {"exact": config.hidden_size, "projected": options.per_token.rank, "off": 0}
+    estimate += (options.top_k + per_token_rank[options.per_token.method]) * n * config.hidden_size * wide
+    require_memory(estimate, f"the analysis of {n} tokens")
+
+
 def analyse(
-    loaded: LoadedModel, text: str, options: AnalysisSection, add_bos: bool = True, timer: Timer | None = None
+    loaded: LoadedModel,
+    text: str,
+    options: AnalysisSection,
+    add_bos: bool = True,
+    timer: Timer | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> RunResult:
     timer = timer or Timer(verbose=False)
     model, tokenizer = loaded.model, loaded.tokenizer
     config, params = model.config, model.params
     ids = tokenize(tokenizer, text, add_bos)
     n, d = len(ids), config.hidden_size
+    check_request(options.top_k, options.tolerance, d)
+    if options.per_token.method != "off":
+        check_request(options.per_token.top_k, None, d)
+    if options.per_token.method == "projected" and not options.per_token.top_k <= options.per_token.rank <= d:
+        raise JaxlinError(
+            f"analysis.per_token.rank={options.per_token.rank} must lie between per_token.top_k and d={d}"
+        )
+    if options.method == "dense" and n > options.max_dense_tokens:
+        raise JaxlinError(
+            f"analysis.method=dense materializes J: {n} tokens > analysis.max_dense_tokens="
+            f"{options.max_dense_tokens}; use method=lanczos"
+        )
+    _check_memory(config, n, model.dtype, options)
+    block, chunk = options.attention_block, options.chunk
+    inputs = model_fns.embed(config, params, jnp.asarray(ids))
+    arrays: dict[str, np.ndarray] = {"token_ids": ids, "inputs": np.asarray(inputs, dtype=np.float32)}
 
     with timer.step(f"detached Jacobian contributions ({n} tokens)"):
-        inputs = model_fns.embed(config, params, jnp.asarray(ids))
-        y, c = contributions(params, inputs, config, FreezePolicy.DETACHED, options.chunk)
-        logits_of = lambda h: model_fns.logits(config, params, h)  # noqa: E731
-        certificate = certify(y, c, logits_of)
+        y, c = contributions(params, inputs, config, FreezePolicy.DETACHED, chunk, block)
+        certificate = certify(y, c, lambda h: model_fns.logits(config, params, h))
     y_np = np.asarray(y, dtype=np.float64)
     c_np = np.asarray(c, dtype=np.float64)
+    arrays.update(y=y_np, contributions=c_np)
 
     ordinary_error = None
-    c_ordinary = None
-    if options.ordinary_jacobian:
+    if options.ordinary_jacobian and n <= options.max_ordinary_tokens:
         with timer.step("ordinary Jacobian contributions"):
-            _, c_ord = contributions(params, inputs, config, FreezePolicy.ORDINARY, options.chunk)
-            c_ordinary = np.asarray(c_ord, dtype=np.float64)
-            ordinary_error = float(np.linalg.norm(c_ordinary.sum(0) - y_np) / np.linalg.norm(y_np))
+            _, c_ord = contributions(params, inputs, config, FreezePolicy.ORDINARY, chunk)
+            arrays["ordinary_contributions"] = np.asarray(c_ord, dtype=np.float64)
+            ordinary_error = float(
+                np.linalg.norm(arrays["ordinary_contributions"].sum(0) - y_np) / np.linalg.norm(y_np)
+            )
 
-    spectrum: dict[str, Any] = {}
-    arrays: dict[str, np.ndarray] = {}
-    if n <= options.max_dense_tokens:
-        k = min(options.top_k, d)
+    if options.method == "dense":
         with timer.step(f"dense SVD of J ({d} × {n}·{d})"):
-            triplets = dense_top_k(np.asarray(materialize(params, inputs, config, chunk=options.chunk)), k)
-        u = orient_to(triplets.U.T, y_np)
-        ids_top, scores_top = top_tokens(u, unembedding_matrix(config, params), options.decode_top_tokens)
-        spectrum = {
-            "method": "dense",
-            "singular_values": triplets.S.tolist(),
-            "frobenius_norm": None,
-            "left_vectors_top_tokens": [
-                {
-                    "index": i + 1,
-                    "sigma": float(triplets.S[i]),
-                    "tokens": token_text(tokenizer, ids_top[i]),
-                    "token_ids": ids_top[i].tolist(),
-                    "scores": scores_top[i].tolist(),
-                }
-                for i in range(k)
-            ],
-        }
-        arrays.update(U=u.T, S=triplets.S, V=triplets.V)
+            triplets = dense_top_k(
+                np.asarray(materialize(params, inputs, config, chunk=chunk)), options.top_k
+            )
     else:
-        spectrum = {
-            "method": "skipped",
-            "reason": f"N={n} > analysis.max_dense_tokens={options.max_dense_tokens}",
-        }
+        with timer.step(f"Lanczos top-{options.top_k} of J"):
+            triplets = top_k(
+                params,
+                inputs,
+                config,
+                options.top_k,
+                options.tolerance,
+                options.krylov_depth,
+                options.seed,
+                min(chunk, options.top_k),
+                block,
+                progress,
+            )
+    oriented_u = orient_to(triplets.U.T, y_np)
+    arrays.update(U=oriented_u.T, S=triplets.S, V=triplets.V.astype(np.float32), bounds=triplets.bounds)
 
-    token_importance = np.linalg.norm(c_np, axis=-1)
+    per_token: dict[str, Any] = {"method": options.per_token.method}
+    token_frobenius = None
+    if options.per_token.method != "off":
+        k_t = options.per_token.top_k
+        with timer.step(f"per-token top-{k_t} for all {n} tokens ({options.per_token.method})"):
+            if options.per_token.method == "exact":
+                basis = jnp.eye(d, dtype=jnp.promote_types(model.dtype, jnp.float32))
+            else:
+                basis = krylov_basis(params, inputs, config, options.per_token.rank, options.seed, block)
+            left, sigma, right, bounds, frob_sq = per_token_top_k(
+                params, inputs, basis, config, k_t, chunk, block
+            )
+        arrays.update(
+            per_token_U=np.asarray(left),
+            per_token_S=np.asarray(sigma),
+            per_token_V=np.asarray(right, dtype=np.float32),
+            per_token_bounds=np.asarray(bounds),
+        )
+        if options.per_token.method == "exact":
+            token_frobenius = np.sqrt(np.asarray(frob_sq, np.float64))
+        else:
+            arrays["per_token_captured_frobenius"] = np.sqrt(np.asarray(frob_sq, np.float64))
+        first = np.asarray(left)[:, 0, :]
+        per_token["top_left_vector"] = [
+            {"token": tok, **entry}
+            for tok, entry in zip(
+                token_text(tokenizer, ids),
+                _decoded(
+                    tokenizer, first, np.asarray(sigma)[:, 0], config, params, y_np, options.decode_top_tokens
+                ),
+                strict=True,
+            )
+        ]
+        per_token["singular_values"] = np.asarray(sigma).tolist()
+        per_token["max_relative_bound"] = float(
+            np.max(np.asarray(bounds) / np.maximum(np.asarray(sigma), 1e-300))
+        )
+    frobenius_method = "exact (per-token blocks)"
+    if token_frobenius is None:
+        with timer.step(f"Hutchinson estimate of ‖J_t‖_F ({options.frobenius_samples} samples)"):
+            estimate = frobenius_estimate(
+                params, inputs, jax.random.key(options.seed), config, options.frobenius_samples, chunk, block
+            )
+            token_frobenius = np.sqrt(np.maximum(np.asarray(estimate, np.float64), 0.0))
+        frobenius_method = f"Hutchinson estimate, {options.frobenius_samples} samples"
+    frobenius = float(np.sqrt(np.sum(token_frobenius**2)))
+    arrays.update(token_frobenius=token_frobenius, token_contribution_norms=np.linalg.norm(c_np, axis=-1))
+
     predicted = certificate.predicted_token_id
     summary = {
         "model": model.name,
@@ -135,14 +237,26 @@ def analyse(
         "reconstruction_relative_error": certificate.relative_error,
         "reconstruction_argmax_matches": certificate.argmax_matches,
         "ordinary_jacobian_relative_error": ordinary_error,
-        "singular_values": spectrum.get("singular_values"),
-        "spectrum": spectrum,
-        "token_contribution_norms": token_importance.tolist(),
+        "singular_values": triplets.S.tolist(),
+        "spectrum": {
+            "method": options.method,
+            "residual_bounds": triplets.bounds.tolist(),
+            "krylov_depth": triplets.depth,
+            "converged": triplets.converged,
+            "left_vectors_top_tokens": _decoded(
+                tokenizer, oriented_u, triplets.S, config, params, y_np, options.decode_top_tokens
+            ),
+        },
+        "norms": {
+            "frobenius": frobenius,
+            "frobenius_method": frobenius_method,
+            "stable_rank": frobenius**2 / float(triplets.S[0]) ** 2,
+            "token_frobenius": token_frobenius.tolist(),
+            "token_contribution_norms": arrays["token_contribution_norms"].tolist(),
+        },
+        "per_token": per_token,
         "timings_seconds": timer.seconds,
     }
-    arrays.update(y=y_np, contributions=c_np, token_ids=ids, inputs=np.asarray(inputs, dtype=np.float64))
-    if c_ordinary is not None:
-        arrays["ordinary_contributions"] = c_ordinary
     return RunResult(summary, arrays)
 
 
@@ -161,12 +275,20 @@ def write_run(result: RunResult, out_dir: Path) -> Path:
             s["ordinary_jacobian_relative_error"],
             f"{s['model']} · {s['n_tokens']} tokens · {s['dtype']}",
         )
-        if s["singular_values"]:
-            singular_values(
-                staging / "singular_values.png",
-                np.asarray(s["singular_values"]),
-                f"top-{len(s['singular_values'])} singular values of the detached Jacobian",
-            )
+        singular_values(
+            staging / "singular_values.png",
+            np.asarray(s["singular_values"]),
+            f"top-{len(s['singular_values'])} singular values of J ({s['spectrum']['method']})",
+            result.arrays.get("bounds"),
+        )
+        per_token_spectra(
+            staging / "per_token.png",
+            s["tokens"],
+            result.arrays["token_contribution_norms"],
+            result.arrays["token_frobenius"],
+            result.arrays.get("per_token_S"),
+            f"per-token view · {s['n_tokens']} tokens",
+        )
     return out_dir
 
 
@@ -180,7 +302,10 @@ def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
             use_cache=config.model.cache,
             progress=verbose,
         )
-    result = analyse(loaded, config.text, config.analysis, config.add_bos, timer)
+    progress = (
+        (lambda message: print(f"[jaxlin]   {message}", file=sys.stderr, flush=True)) if verbose else None
+    )
+    result = analyse(loaded, config.text, config.analysis, config.add_bos, timer, progress)
     result.summary["config"] = config.model_dump()
     result.summary["params_from_cache"] = loaded.from_cache
     return result, write_run(result, Path(config.output_dir))

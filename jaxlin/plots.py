@@ -55,3 +55,47 @@ def singular_values(path: Path, values: np.ndarray, title: str, bounds: np.ndarr
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _token_axis(ax: plt.Axes, tokens: list[str]) -> None:
+    """Token text on the x axis (every token when few, evenly thinned when many)."""
+    step = max(1, len(tokens) // 60)
+    ticks = np.arange(0, len(tokens), step)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([repr(tokens[i])[1:-1] or "␣" for i in ticks], rotation=90, fontsize=7)
+
+
+def per_token_spectra(
+    path: Path,
+    tokens: list[str],
+    contribution_norms: np.ndarray,
+    frobenius: np.ndarray,
+    sigmas: np.ndarray | None,
+    title: str,
+) -> None:
+    """Per-token importance (‖c_t‖, ‖J_t‖_F) and, if computed, each J_t's top singular values."""
+    rows = 2 if sigmas is not None else 1
+    width = min(24.0, max(8.0, 0.22 * len(tokens)))
+    fig, axes = plt.subplots(rows, 1, figsize=(width, 3.4 * rows + 1.0), squeeze=False, sharex=True)
+    positions = np.arange(len(tokens))
+    ax = axes[0][0]
+    ax.bar(positions - 0.2, contribution_norms, width=0.4, label="‖c_t‖ = ‖J_t·x_t‖", color="tab:blue")
+    twin = ax.twinx()
+    twin.bar(positions + 0.2, frobenius, width=0.4, label="‖J_t‖_F", color="tab:orange")
+    ax.set_ylabel("‖c_t‖")
+    twin.set_ylabel("‖J_t‖_F")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, ["‖c_t‖ = ‖J_t·x_t‖", "‖J_t‖_F"], loc="upper left")
+    ax.set_title(title)
+    if sigmas is not None:
+        ax = axes[1][0]
+        for i in range(sigmas.shape[1]):
+            ax.semilogy(positions, sigmas[:, i], marker=".", label=f"σ_{i + 1}(J_t)")
+        ax.set_ylabel("singular value of J_t")
+        ax.legend(loc="upper left", ncols=min(4, sigmas.shape[1]))
+        ax.grid(alpha=0.3, which="both")
+    _token_axis(axes[-1][0], tokens)
+    axes[-1][0].set_xlabel("input token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -29,14 +29,38 @@ class ModelSection(_Strict):
     cache: bool = Field(True, description="cache converted params (orbax) so later runs skip conversion")
 
 
+class PerTokenSection(_Strict):
+    method: Literal["exact", "projected", "off"] = Field(
+        "exact",
+        description="exact: every block J_t from d transposed products; projected: blocks projected on a "
+        "rank-`rank` Krylov basis of the whole J (cheaper, approximate); off: skip",
+    )
+    top_k: int = Field(4, ge=1, description="singular triplets per token")
+    rank: int = Field(64, ge=1, description="projection rank for method=projected")
+
+
 class AnalysisSection(_Strict):
+    method: Literal["lanczos", "dense"] = Field(
+        "lanczos", description="whole-J top-k: matrix-free Lanczos on J·Jᵀ, or a dense SVD (short inputs)"
+    )
     top_k: int = Field(8, ge=1, description="singular triplets of the whole J to report")
+    tolerance: float | None = Field(
+        None, gt=0, description="relative residual bound to reach (default: 1e-10 in float64, 1e-4 otherwise)"
+    )
+    krylov_depth: int | None = Field(None, ge=1, description="initial Lanczos depth (grown until converged)")
+    seed: int = Field(0, description="seed of the Lanczos start vector and stochastic estimates")
+    per_token: PerTokenSection = PerTokenSection()
+    frobenius_samples: int = Field(
+        64, ge=1, description="Hutchinson samples for ‖J_t‖_F when per-token spectra are not exact"
+    )
     decode_top_tokens: int = Field(5, ge=1, le=100, description="tokens shown per decoded singular vector")
     ordinary_jacobian: bool = Field(True, description="also reconstruct y with the ordinary Jacobian")
-    max_dense_tokens: int = Field(
-        48, ge=1, description="largest input for which J is materialized for a dense SVD"
+    max_ordinary_tokens: int = Field(
+        512, ge=1, description="longest input for the ordinary Jacobian (it needs dense attention)"
     )
+    max_dense_tokens: int = Field(48, ge=1, description="longest input for method=dense")
     chunk: int = Field(64, ge=1, description="vectors pushed through the operator at once")
+    attention_block: int = Field(256, ge=1, description="query block of the O(N)-memory attention")
 
 
 class RunConfig(_Strict):

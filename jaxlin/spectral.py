@@ -1,28 +1,243 @@
-"""Singular triplets of J. Dense for short inputs (the reference every matrix-free
-method is tested against)."""
+"""Singular triplets of the detached Jacobian J (d × N·d) without materializing it.
+
+Whole J — symmetric Lanczos (matfree `tridiag_sym`, full reorthogonalization) on the
+d-sized side J·Jᵀ. Each step is one Jᵀ·u and one J·v of the linearized network; the
+Krylov basis is depth × d (tiny), not depth × N·d as Golub–Kahan on J would need, which
+is what keeps long inputs in memory. Right vectors come from one batched transposed
+pass, V = JᵀU/σ, and each triplet gets a rigorous residual bound from one batched
+forward pass (see `_triplet_bounds`). matfree has no convergence test: `top_k` grows
+the Krylov depth until the bounds meet the tolerance.
+
+Every block J_t at once — one transposed pass of a batch of output-space vectors B
+(b × d) gives B·J_t for *all* tokens t together (the transpose separates tokens, the
+forward pass would mix them). With B = I (b = d) that is every block exactly; with B
+an orthonormal basis of the whole-J Krylov space (b < d) it is a projection that keeps
+each block's dominant directions at a fraction of the cost (`per_token_top_k`).
+
+Krylov vectors and reductions are kept in at least float32 (bf16 params included).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from matfree import decomp
+
+from jaxlin._config import ModelConfig
+from jaxlin.errors import JaxlinError
+from jaxlin.model import Params
+from jaxlin.operator import DEFAULT_ATTENTION_BLOCK, LinearizedTarget, linearize_target
+
+
+class SpectralError(JaxlinError):
+    pass
 
 
 @dataclasses.dataclass(frozen=True)
 class Triplets:
     """Top-k singular triplets of J (d × N·d): J ≈ U diag(S) Vᵀ.
-    U: (d, k); S: (k,); V: (k, N, d), each right vector shaped like the input X."""
+    U: (d, k); S: (k,); V: (k, N, d), each right vector shaped like the input X.
+    `bounds[i]` ≥ |σ_i − σ| for some singular value σ of J (residual bound)."""
 
     U: np.ndarray
     S: np.ndarray
     V: np.ndarray
+    bounds: np.ndarray | None = None
+    depth: int | None = None
+    converged: bool = True
+
+
+def default_tolerance(dtype: jnp.dtype) -> float:
+    """Relative residual-bound target: what the operator's own rounding allows."""
+    return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-4
+
+
+def check_request(k: int, tolerance: float | None, d: int) -> None:
+    if k < 1 or k > d:
+        raise SpectralError(f"top_k={k} must be between 1 and the rank bound min(d, N·d) = {d}")
+    if tolerance is not None and not tolerance > 0:
+        raise SpectralError(f"tolerance={tolerance} must be > 0")
 
 
 def dense_top_k(jacobian: np.ndarray, k: int) -> Triplets:
     """Top-k SVD of a materialized J of shape (d, N, d), computed in float64."""
     d, n, d_in = jacobian.shape
-    rank_bound = min(d, n * d_in)
-    if k > rank_bound:
-        raise ValueError(f"top_k={k} exceeds the rank bound min(d, N·d) = {rank_bound}")
+    check_request(k, None, min(d, n * d_in))
     u, s, vt = np.linalg.svd(np.asarray(jacobian, dtype=np.float64).reshape(d, n * d_in), full_matrices=False)
-    return Triplets(U=u[:, :k], S=s[:k], V=vt[:k].reshape(k, n, d_in))
+    return Triplets(U=u[:, :k], S=s[:k], V=vt[:k].reshape(k, n, d_in), bounds=np.zeros(k))
+
+
+def widened(op: LinearizedTarget) -> tuple[Callable, Callable, jnp.dtype]:
+    """J·v and Jᵀ·u taking and returning at-least-float32 vectors (a bf16 operator is
+    applied in its own dtype; the Krylov arithmetic around it is not)."""
+    wide = jnp.promote_types(op.output.dtype, jnp.float32)
+    inner = op.output.dtype
+
+    def matvec(v: jax.Array) -> jax.Array:
+        return op.matvec(v.astype(inner)).astype(wide)
+
+    def rmatvec(u: jax.Array) -> jax.Array:
+        return op.rmatvec(u.astype(inner)).astype(wide)
+
+    return matvec, rmatvec, wide
+
+
+def _triplet_bounds(matvec: Callable, rmatvec: Callable, left: jax.Array, chunk: int | None):
+    """From unit left vectors (k, d): σ = ‖Jᵀu‖, v = Jᵀu/σ, and the bound ‖Jv − σu‖/√2.
+
+    Why a bound: with s = Jᵀu − σv = 0 by construction, the unit vector [u; v]/√2 has
+    residual ‖Jv − σu‖/√2 for the symmetric matrix [[0, J], [Jᵀ, 0]], whose eigenvalues
+    are ±σ_i(J); so some singular value lies within that distance of σ."""
+    pulled = jax.lax.map(rmatvec, left, batch_size=chunk)  # (k, N, d): one batched Jᵀ pass
+    sigma = jnp.sqrt(jnp.sum(pulled**2, axis=(1, 2)))
+    right = pulled / sigma[:, None, None]
+    pushed = jax.lax.map(matvec, right, batch_size=chunk)  # (k, d): one batched J pass
+    bounds = jnp.linalg.norm(pushed - sigma[:, None] * left, axis=1) / math.sqrt(2.0)
+    return sigma, right, bounds
+
+
+@functools.partial(jax.jit, static_argnames=("config", "k", "depth", "chunk", "attention_block"))
+def lanczos_top_k(
+    params: Params,
+    inputs: jax.Array,
+    key: jax.Array,
+    config: ModelConfig,
+    k: int,
+    depth: int,
+    chunk: int | None = 16,
+    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+) -> tuple[jax.Array, ...]:
+    """One Lanczos run of `depth` steps on J·Jᵀ, linearized inside this jit.
+    Returns (U (k, d), S (k,), V (k, N, d), bounds (k,), lanczos_bounds (k,))."""
+    op = linearize_target(config, params, inputs, attention_block=attention_block)
+    matvec, rmatvec, wide = widened(op)
+    start = jax.random.normal(key, op.output.shape, wide)
+    gram = lambda u: matvec(rmatvec(u))  # noqa: E731  J·Jᵀ·u
+    basis, tridiagonal, residual, _ = decomp.tridiag_sym(depth, reortho="full", custom_vjp=False)(gram, start)
+    eigenvalues, eigenvectors = jnp.linalg.eigh(tridiagonal)
+    top = jnp.argsort(eigenvalues)[::-1][:k]
+    left = (eigenvectors[:, top].T @ basis).astype(wide)  # (k, d) Ritz vectors
+    left = left / jnp.linalg.norm(left, axis=1, keepdims=True)
+    # The classic Lanczos estimate for the eigenvalue λ = σ² of J·Jᵀ (cheap, not rigorous).
+    lanczos_bounds = jnp.linalg.norm(residual) * jnp.abs(eigenvectors[-1, top])
+    sigma, right, bounds = _triplet_bounds(matvec, rmatvec, left, chunk)
+    order = jnp.argsort(sigma)[::-1]
+    return left[order], sigma[order], right[order], bounds[order], lanczos_bounds[order]
+
+
+def top_k(
+    params: Params,
+    inputs: jax.Array,
+    config: ModelConfig,
+    k: int,
+    tolerance: float | None = None,
+    depth: int | None = None,
+    seed: int = 0,
+    chunk: int | None = 16,
+    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+    progress: Callable[[str], None] | None = None,
+) -> Triplets:
+    """Top-k singular triplets of the whole J with residual bounds ≤ tolerance·σ_i,
+    growing the Krylov depth (×2, up to d, where Lanczos is exact) until they are met.
+    Deterministic for a given seed."""
+    d = config.hidden_size
+    tolerance = default_tolerance(inputs.dtype) if tolerance is None else tolerance
+    check_request(k, tolerance, d)
+    depth = min(d, depth or max(2 * k + 16, 32))
+    key = jax.random.key(seed)
+    while True:
+        u, s, v, bounds, _ = lanczos_top_k(params, inputs, key, config, k, depth, chunk, attention_block)
+        s_np, bounds_np = np.asarray(s, np.float64), np.asarray(bounds, np.float64)
+        worst = float(np.max(bounds_np / np.maximum(s_np, np.finfo(np.float64).tiny)))
+        converged = worst <= tolerance
+        if progress is not None:
+            progress(
+                f"Lanczos depth {depth}: worst relative residual bound {worst:.2e} (target {tolerance:.0e})"
+            )
+        if converged or depth >= d:
+            return Triplets(np.asarray(u).T, s_np, np.asarray(v), bounds_np, depth, converged)
+        depth = min(d, 2 * depth)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "k", "chunk", "attention_block"))
+def per_token_top_k(
+    params: Params,
+    inputs: jax.Array,
+    basis: jax.Array,
+    config: ModelConfig,
+    k: int,
+    chunk: int | None = 64,
+    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+) -> tuple[jax.Array, ...]:
+    """Top-k triplets of every block B·J_t (t = 1..N) from one batched transposed pass.
+
+    `basis` (b, d) has orthonormal rows. With the identity (b = d) the blocks are the
+    exact J_t. Returns U (N, k, d) left vectors in output space, S (N, k), V (N, k, d),
+    bounds (N, k) (residual bounds w.r.t. the projected blocks B·J_t, see
+    `_triplet_bounds`), and the squared Frobenius norms ‖B·J_t‖² (N,)."""
+    op = linearize_target(config, params, inputs, attention_block=attention_block)
+    _, rmatvec, wide = widened(op)
+    basis = basis.astype(wide)
+    rows = jax.lax.map(rmatvec, basis, batch_size=chunk)  # (b, N, d): rows[i, t] = J_tᵀ b_i
+    blocks = jnp.moveaxis(rows, 1, 0)  # (N, b, d): B·J_t
+    gram = jnp.einsum("tid,tjd->tij", blocks, blocks, precision=jax.lax.Precision.HIGHEST)
+    eigenvalues, eigenvectors = jnp.linalg.eigh(gram)  # ascending, batched over tokens
+    w = eigenvectors[:, :, ::-1][:, :, :k]  # (N, b, k)
+    pulled = jnp.einsum("tbk,tbd->tkd", w, blocks)  # (B J_t)ᵀ w
+    sigma = jnp.linalg.norm(pulled, axis=-1)
+    right = pulled / jnp.where(sigma > 0, sigma, 1.0)[..., None]
+    pushed = jnp.einsum("tbd,tkd->tkb", blocks, right)
+    bounds = jnp.linalg.norm(pushed - sigma[..., None] * jnp.moveaxis(w, 1, 2), axis=-1) / math.sqrt(2.0)
+    left = jnp.einsum("tbk,bd->tkd", w, basis)
+    frobenius_sq = jnp.sum(blocks**2, axis=(1, 2))
+    return left, sigma, right, bounds, frobenius_sq
+
+
+@functools.partial(jax.jit, static_argnames=("config", "samples", "chunk", "attention_block"))
+def frobenius_estimate(
+    params: Params,
+    inputs: jax.Array,
+    key: jax.Array,
+    config: ModelConfig,
+    samples: int,
+    chunk: int | None = 64,
+    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+) -> jax.Array:
+    """Hutchinson estimate of ‖J_t‖_F² for every token at once (N,): with Rademacher ω in
+    output space, E‖J_tᵀω‖² = ‖J_t‖_F² (matfree's Monte-Carlo estimator, one batched
+    transposed pass of `samples` vectors)."""
+    from matfree import stochtrace
+
+    op = linearize_target(config, params, inputs, attention_block=attention_block)
+    _, rmatvec, wide = widened(op)
+
+    def per_token_energy(matvec: Callable, omega: jax.Array) -> jax.Array:
+        return jnp.sum(matvec(omega) ** 2, axis=-1)
+
+    sampler = stochtrace.sampler_signs(jnp.zeros(op.output.shape, wide), num=samples)
+    estimator = stochtrace.estimator_monte_carlo(per_token_energy, sampler=sampler)
+    del chunk  # the estimator vmaps all samples in one pass
+    return estimator(rmatvec, key)
+
+
+def krylov_basis(
+    params: Params,
+    inputs: jax.Array,
+    config: ModelConfig,
+    rank: int,
+    seed: int = 0,
+    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+) -> jax.Array:
+    """An orthonormal (rank, d) basis of J's dominant left subspace: the top Ritz vectors
+    of one Lanczos run (depth rank + 16, capped at d). Used to project every J_t."""
+    depth = min(config.hidden_size, rank + 16)
+    left, *_ = lanczos_top_k(params, inputs, jax.random.key(seed), config, rank, depth, 16, attention_block)
+    # Ritz vectors are orthonormal up to rounding; re-orthonormalize for a clean projector.
+    q, _ = jnp.linalg.qr(left.T)
+    return q.T

@@ -38,8 +38,14 @@ def test_blockwise_operator_equals_naive(variant, block, tiny_model_dir):
     def products(inputs, v, u):
         naive = linearize_target(model.config, model.params, inputs, attention_block=None)
         blockwise = linearize_target(model.config, model.params, inputs, attention_block=block)
-        return naive.output, blockwise.output, naive.matvec(v), blockwise.matvec(v), naive.rmatvec(u), \
-            blockwise.rmatvec(u)
+        return (
+            naive.output,
+            blockwise.output,
+            naive.matvec(v),
+            blockwise.matvec(v),
+            naive.rmatvec(u),
+            blockwise.rmatvec(u),
+        )
 
     y_n, y_b, jv_n, jv_b, jtu_n, jtu_b = products(inputs, v, u)
     assert relative(y_b, y_n) <= 1e-12
@@ -51,7 +57,9 @@ def test_blockwise_linearization_keeps_no_quadratic_residual(tiny_model_dir):
     model, inputs = setup(tiny_model_dir, "gemma3_sliding")
 
     def residual_shapes(block):
-        _, jvp = jax.linearize(target_function(model.config, model.params, FreezePolicy.DETACHED, block), inputs)
+        _, jvp = jax.linearize(
+            target_function(model.config, model.params, FreezePolicy.DETACHED, block), inputs
+        )
         return [leaf.shape for leaf in jax.tree_util.tree_leaves(jvp) if hasattr(leaf, "shape")]
 
     def has_n_by_n(shapes):

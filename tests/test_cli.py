@@ -29,14 +29,24 @@ def tiny_run_config(tmp_path: Path, model_dir: Path, **extra) -> dict:
 
 
 def test_run_writes_summary_arrays_and_plots(tmp_path, tiny_model_dir, capsys):
-    config = write_config(tmp_path / "run.yaml", **tiny_run_config(tmp_path, tiny_model_dir("gemma3_sliding")))
+    config = write_config(
+        tmp_path / "run.yaml", **tiny_run_config(tmp_path, tiny_model_dir("gemma3_sliding"))
+    )
     assert main(["run", str(config), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "predicted" in out and "certificate" in out
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("model", "text", "n_tokens", "dtype", "predicted_token", "predicted_token_id",
-                "reconstruction_relative_error", "singular_values"):
+    for key in (
+        "model",
+        "text",
+        "n_tokens",
+        "dtype",
+        "predicted_token",
+        "predicted_token_id",
+        "reconstruction_relative_error",
+        "singular_values",
+    ):
         assert key in summary, key
     assert summary["dtype"] == "float64"
     assert summary["reconstruction_relative_error"] <= 1e-12
@@ -45,15 +55,18 @@ def test_run_writes_summary_arrays_and_plots(tmp_path, tiny_model_dir, capsys):
     arrays = np.load(run / "arrays.npz")
     n, d = summary["n_tokens"], 64
     assert arrays["contributions"].shape == (n, d) and arrays["y"].shape == (d,)
-    np.testing.assert_allclose(arrays["contributions"].sum(0), arrays["y"], rtol=0, atol=1e-12 * np.abs(
-        arrays["y"]).max() * n)
+    np.testing.assert_allclose(
+        arrays["contributions"].sum(0), arrays["y"], rtol=0, atol=1e-12 * np.abs(arrays["y"]).max() * n
+    )
     assert arrays["token_ids"].shape == (n,)
     assert (run / "reconstruction.png").stat().st_size > 10_000
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # no staging left
 
 
 def test_text_and_out_flags_override_the_config(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path / "run.yaml", **tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied")))
+    config = write_config(
+        tmp_path / "run.yaml", **tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    )
     assert main(["run", str(config), "--quiet", "--text", "abc", "--out", str(tmp_path / "other")]) == 0
     summary = json.loads((tmp_path / "other" / "summary.json").read_text())
     assert summary["text"] == "abc" and summary["n_tokens"] == 4  # BOS + 3 characters
@@ -85,7 +98,9 @@ def test_bad_value_is_named(tmp_path, tiny_model_dir, capsys):
 
 
 def test_empty_text_is_refused(tmp_path, tiny_model_dir, capsys):
-    config = write_config(tmp_path / "run.yaml", **tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied")))
+    config = write_config(
+        tmp_path / "run.yaml", **tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    )
     expect_refusal(capsys, tmp_path, ["run", str(config), "--text", "   "], "text", "empty")
 
 
@@ -166,3 +181,41 @@ def test_run_in_lower_precisions(tmp_path, tiny_model_dir, dtype):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dtype"] == dtype
     assert summary["reconstruction_relative_error"] <= (1e-5 if dtype == "float32" else 0.1)
+
+
+def test_input_too_long_for_memory_is_refused_up_front(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import jaxlin.memory
+
+    monkeypatch.setattr(jaxlin.memory, "available_bytes", lambda: 2**20)
+    config = write_config(
+        tmp_path / "run.yaml", **tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    )
+    expect_refusal(capsys, tmp_path, ["run", str(config)], "needs about", "GiB", "available")
+
+
+def test_spectral_options_are_validated(tmp_path, tiny_model_dir, capsys):
+    data = tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    data["analysis"]["top_k"] = 65  # d = 64
+    config = write_config(tmp_path / "run.yaml", **data)
+    expect_refusal(capsys, tmp_path, ["run", str(config)], "top_k=65")
+    data["analysis"]["top_k"] = 4
+    data["analysis"]["tolerance"] = 0
+    config = write_config(tmp_path / "run.yaml", **data)
+    expect_refusal(capsys, tmp_path, ["run", str(config)], "analysis.tolerance")
+
+
+def test_projected_per_token_and_dense_methods(tmp_path, tiny_model_dir):
+    data = tiny_run_config(tmp_path, tiny_model_dir("gemma3_sliding"))
+    data["analysis"]["per_token"] = {"method": "projected", "rank": 16, "top_k": 2}
+    config = write_config(tmp_path / "run.yaml", **data)
+    assert main(["run", str(config), "--quiet"]) == 0
+    lanczos = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert lanczos["per_token"]["method"] == "projected"
+    assert "Hutchinson" in lanczos["norms"]["frobenius_method"]
+    data["analysis"]["method"] = "dense"
+    config = write_config(tmp_path / "run.yaml", **data)
+    assert main(["run", str(config), "--quiet"]) == 0
+    dense = json.loads((tmp_path / "run" / "summary.json").read_text())
+    np.testing.assert_allclose(lanczos["singular_values"], dense["singular_values"], rtol=1e-10)
+    arrays = np.load(tmp_path / "run" / "arrays.npz")
+    assert arrays["per_token_S"].shape == (dense["n_tokens"], 2)

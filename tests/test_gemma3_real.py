@@ -39,7 +39,9 @@ def hf_gemma(gemma_gguf_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        gemma_gguf_path.parent, gguf_file=gemma_gguf_path.name, dtype=torch.float32,
+        gemma_gguf_path.parent,
+        gguf_file=gemma_gguf_path.name,
+        dtype=torch.float32,
         attn_implementation="eager",
     )
     return model.eval()

@@ -1,0 +1,69 @@
+"""An up-front estimate of what an analysis needs, so an input too long for memory is
+refused with a number instead of dying mid-run."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxlin._config import ModelConfig
+from jaxlin.errors import JaxlinError
+
+
+class InsufficientMemoryError(JaxlinError):
+    pass
+
+
+def linearization_bytes(config: ModelConfig, n: int, dtype: jnp.dtype, attention_block: int | None) -> int:
+    """Residuals `jax.linearize` keeps for the detached map, per the blocks' frozen
+    coefficients: per layer the block input and norm inputs (≈4·N·d), frozen q/k in the
+    compute dtype (N·(H+K)·h), the MLP gate (N·I) and, without blockwise attention, the
+    (H × N × N) probabilities."""
+    item = jnp.dtype(dtype).itemsize
+    wide = jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
+    per_layer = 4 * n * config.hidden_size * item + n * config.intermediate_size * item
+    per_layer += n * (config.num_heads + config.num_kv_heads) * config.head_dim * wide
+    per_layer += (n * n if attention_block is None or n <= attention_block else 0) * config.num_heads * wide
+    return config.num_layers * per_layer
+
+
+def product_bytes(
+    config: ModelConfig, n: int, dtype: jnp.dtype, batch: int, attention_block: int | None
+) -> int:
+    """Transient memory of one batched J·v / Jᵀ·u: per vector a few (N × width)
+    activations of the widest layer, plus one block of recomputed probabilities."""
+    wide = jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
+    width = max(config.intermediate_size, config.num_heads * config.head_dim, config.hidden_size)
+    rows = min(n, attention_block or n)
+    probs = rows * n * config.num_heads * wide
+    return batch * (4 * n * width * wide + probs)
+
+
+def available_bytes() -> int | None:
+    """Free memory of the default device: the accelerator's own stats, else the host's."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def require_memory(estimate: int, what: str, fraction: float = 0.9) -> None:
+    free = available_bytes()
+    if free is not None and estimate > fraction * free:
+        raise InsufficientMemoryError(
+            f"{what} needs about {estimate / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is available; "
+            "use a shorter input, a smaller analysis.chunk, or a machine with more memory"
+        )

@@ -1,0 +1,141 @@
+"""The matrix-free spectral engine against dense SVDs of the materialized J."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import VARIANTS
+
+from converters.hf import load_hf_model
+from jaxlin import model as model_fns
+from jaxlin.operator import materialize
+from jaxlin.spectral import (
+    SpectralError,
+    dense_top_k,
+    frobenius_estimate,
+    krylov_basis,
+    lanczos_top_k,
+    per_token_top_k,
+    top_k,
+)
+
+N = 19  # longer than every sliding window of the tiny variants
+EPS64 = np.finfo(np.float64).eps
+
+
+@pytest.fixture(scope="module")
+def cases(tiny_model_dir):
+    built = {}
+
+    def get(variant: str, dtype=jnp.float64):
+        if (variant, dtype) not in built:
+            model = load_hf_model(tiny_model_dir(variant), dtype)
+            ids = np.random.default_rng(21).integers(0, 128, size=N)
+            inputs = model_fns.embed(model.config, model.params, jnp.asarray(ids))
+            dense = np.asarray(materialize(model.params, inputs, model.config), np.float64)
+            built[(variant, dtype)] = (model, inputs, dense)
+        return built[(variant, dtype)]
+
+    return get
+
+
+def subspace_gap(a: np.ndarray, b: np.ndarray) -> float:
+    """‖P_a − P_b‖₂ for column-orthonormal a, b: sine of the largest principal angle."""
+    return float(np.linalg.norm(a @ a.T - b @ b.T, 2))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_whole_jacobian_top_k_matches_dense_svd(variant, cases):
+    model, inputs, dense = cases(variant)
+    reference = dense_top_k(dense, 6)
+    found = top_k(model.params, inputs, model.config, 6)
+    assert found.converged
+    np.testing.assert_allclose(found.S, reference.S, rtol=1e-10)
+    assert subspace_gap(found.U, reference.U) <= 1e-7
+    d = model.config.hidden_size
+    assert subspace_gap(found.V.reshape(6, -1).T, reference.V.reshape(6, -1).T) <= 1e-7
+    # U diag(S) Vᵀ is the rank-6 truncation of J.
+    approx = np.einsum("ik,k,ktj->itj", found.U, found.S, found.V)
+    truncation = np.einsum("ik,k,ktj->itj", reference.U, reference.S, reference.V)
+    assert np.linalg.norm(approx - truncation) <= 1e-8 * np.linalg.norm(truncation)
+    assert found.V.shape == (6, N, d)
+
+
+@pytest.mark.parametrize("depth", [8, 12, 40])
+def test_residual_bounds_are_true_bounds(depth, cases):
+    """Each reported σ lies within its bound of a true singular value, converged or
+    not (shallow Krylov spaces give loose but still valid bounds)."""
+    model, inputs, dense = cases("gemma3_sliding")
+    everything = np.linalg.svd(dense.reshape(dense.shape[0], -1), compute_uv=False)
+    u, s, v, bounds, _ = lanczos_top_k(model.params, inputs, jax.random.key(3), model.config, 6, depth)
+    rounding = 100 * EPS64 * everything[0]
+    for sigma, bound in zip(np.asarray(s), np.asarray(bounds), strict=True):
+        assert np.min(np.abs(everything - sigma)) <= bound + rounding
+    if depth == 8:
+        assert np.max(np.asarray(bounds) / np.asarray(s)) > 1e-10  # this one is not converged
+
+
+def test_results_are_deterministic_for_a_seed(cases):
+    model, inputs, _ = cases("llama3_rope_tied")
+    first = top_k(model.params, inputs, model.config, 4, seed=5)
+    second = top_k(model.params, inputs, model.config, 4, seed=5)
+    np.testing.assert_array_equal(first.S, second.S)
+    np.testing.assert_array_equal(first.U, second.U)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_token_block_matches_dense_svd(variant, cases):
+    model, inputs, dense = cases(variant)
+    d = model.config.hidden_size
+    left, sigma, right, bounds, frob_sq = per_token_top_k(model.params, inputs, jnp.eye(d), model.config, 4)
+    for t in range(N):
+        u_ref, s_ref, vt_ref = np.linalg.svd(dense[:, t, :])
+        np.testing.assert_allclose(np.asarray(sigma[t]), s_ref[:4], rtol=1e-10)
+        assert subspace_gap(np.asarray(left[t]).T, u_ref[:, :4]) <= 1e-6
+        assert subspace_gap(np.asarray(right[t]).T, vt_ref[:4].T) <= 1e-6
+        assert np.all(np.asarray(bounds[t]) <= 1e-10 * s_ref[0])
+    np.testing.assert_allclose(np.asarray(frob_sq), np.sum(dense**2, axis=(0, 2)), rtol=1e-12)
+
+
+def test_projected_per_token_spectra_trade_accuracy_for_rank(cases):
+    model, inputs, dense = cases("qwen3_sliding")
+    d = model.config.hidden_size
+    exact = np.asarray(per_token_top_k(model.params, inputs, jnp.eye(d), model.config, 3)[1])
+    full = krylov_basis(model.params, inputs, model.config, d)
+    np.testing.assert_allclose(
+        np.asarray(per_token_top_k(model.params, inputs, full, model.config, 3)[1]), exact, rtol=1e-9
+    )
+    partial = krylov_basis(model.params, inputs, model.config, 24)
+    projected = np.asarray(per_token_top_k(model.params, inputs, partial, model.config, 3)[1])
+    # A projection can only shrink singular values (interlacing), and rank 24 of 64 keeps most.
+    assert np.all(projected <= exact * (1 + 1e-12))
+    assert np.median(projected[:, 0] / exact[:, 0]) > 0.5
+
+
+def test_hutchinson_frobenius_estimate(cases):
+    model, inputs, dense = cases("llama_gqa_untied")
+    estimate = np.asarray(frobenius_estimate(model.params, inputs, jax.random.key(0), model.config, 2000))
+    exact = np.sum(dense**2, axis=(0, 2))
+    assert abs(estimate.sum() / exact.sum() - 1) < 0.05
+    assert np.median(np.abs(estimate / exact - 1)) < 0.15
+
+
+def test_bfloat16_operator_keeps_krylov_in_float32(cases):
+    model, inputs, _ = cases("llama_gqa_untied", jnp.bfloat16)
+    found = top_k(model.params, inputs, model.config, 3, tolerance=1e-2)
+    assert found.U.dtype == np.float32 and np.all(np.isfinite(found.S))
+    reference = cases("llama_gqa_untied")[2]
+    s_ref = np.linalg.svd(reference.reshape(reference.shape[0], -1), compute_uv=False)[:3]
+    np.testing.assert_allclose(found.S, s_ref, rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    ("k", "tolerance", "match"),
+    [(65, None, "top_k=65"), (0, None, "top_k=0"), (3, 0.0, "tolerance"), (3, -1e-3, "tolerance")],
+)
+def test_bad_requests_are_refused(k, tolerance, match, cases):
+    model, inputs, _ = cases("llama_gqa_untied")
+    with pytest.raises(SpectralError, match=match):
+        top_k(model.params, inputs, model.config, k, tolerance)
