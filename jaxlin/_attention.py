@@ -12,6 +12,8 @@ exp(q·k − lse) block by block: memory O(block · N), the same values to round
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -34,17 +36,18 @@ def _scores(
     q: jax.Array,
     k: jax.Array,
     query_pos: jax.Array,
+    key_pos: jax.Array,
     is_sliding: jax.Array,
     window: int | None,
     scale: float,
     softcap: float | None,
 ) -> jax.Array:
-    """Masked scores (kv_heads, groups, Nq, Nk) in q's dtype. q: (Nq, K, G, h); k: (Nk, K, h)."""
+    """Masked scores (kv_heads, groups, Nq, Nk) in q's dtype. q: (Nq, K, G, h); k: (Nk, K, h).
+    Keys at negative positions (padding) are masked out."""
     scores = jnp.einsum("qkgh,skh->kgqs", q, k, precision=PRECISION) * scale
     if softcap is not None:  # inside the frozen softmax: an ordinary function of q, k
         scores = softcap * jnp.tanh(scores / softcap)
-    key_pos = jnp.arange(k.shape[0])
-    visible = _visible(query_pos, key_pos, is_sliding, window)
+    visible = _visible(query_pos, key_pos, is_sliding, window) & (key_pos[None, :] >= 0)
     return jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
 
 
@@ -59,7 +62,8 @@ def dense_attention(
     policy: FreezePolicy,
 ) -> jax.Array:
     """q: (N, K, G, h) in the compute dtype; k: (N, K, h); v: (N, K, h). → (N, K, G, h)."""
-    scores = _scores(q, k, jnp.arange(q.shape[0]), is_sliding, window, scale, softcap)
+    positions = jnp.arange(q.shape[0])
+    scores = _scores(q, k, positions, positions, is_sliding, window, scale, softcap)
     probs = policy.freeze(jax.nn.softmax(scores, axis=-1))
     return jnp.einsum("kgqs,skh->qkgh", probs.astype(v.dtype), v, precision=PRECISION)
 
@@ -84,12 +88,41 @@ def blockwise_frozen_attention(
     # fully masked; their outputs are dropped below.
     q_blocks = jnp.pad(q, ((0, padded - n),) + ((0, 0),) * 3).reshape(num_blocks, block, *q.shape[1:])
     starts = jnp.arange(num_blocks) * block
+    all_positions = jnp.arange(n)
+    # A sliding layer's query block [s, s+B) only sees keys [s−W+1, s+B): slice that span
+    # (front-padded with W−1 masked keys) instead of scoring all N keys. Which span a
+    # layer uses is data (`is_sliding` rides along the layer scan), hence `lax.cond`.
+    local = window is not None and window + block - 1 < n
+    pad_front = (window - 1) if local else 0
+    span = block + pad_front
 
-    def block_scores(q_block: jax.Array, start: jax.Array) -> jax.Array:
-        return _scores(q_block, k, start + jnp.arange(block), is_sliding, window, scale, softcap)
+    def local_slice(array: jax.Array, start: jax.Array) -> jax.Array:
+        padded_array = jnp.pad(array, ((pad_front, padded - n),) + ((0, 0),) * (array.ndim - 1))
+        return jax.lax.dynamic_slice_in_dim(padded_array, start, span, axis=0)
+
+    def global_terms(q_block: jax.Array, start: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        query_pos = start + jnp.arange(block)
+        return _scores(q_block, k, query_pos, all_positions, is_sliding, window, scale, softcap), values
+
+    def local_terms(q_block: jax.Array, start: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        query_pos = start + jnp.arange(block)
+        key_pos = start - pad_front + jnp.arange(span)
+        key_pos = jnp.where(key_pos < n, key_pos, -1)  # back padding is masked too
+        scores = _scores(
+            q_block, local_slice(k, start), query_pos, key_pos, is_sliding, window, scale, softcap
+        )
+        return scores, local_slice(values, start)
+
+    def per_span(reduce: Callable, *args: jax.Array) -> jax.Array:
+        """`reduce(scores, values)` on the key span of this layer kind (same output shape)."""
+        if not local:
+            return reduce(*global_terms(*args))
+        return jax.lax.cond(
+            is_sliding, lambda: reduce(*local_terms(*args)), lambda: reduce(*global_terms(*args))
+        )
 
     def block_lse(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-        return jax.nn.logsumexp(block_scores(*args), axis=-1)
+        return per_span(lambda scores, _: jax.nn.logsumexp(scores, axis=-1), *args, v)
 
     lse = jax.lax.stop_gradient(jax.lax.map(block_lse, (q_blocks, starts)))
 
@@ -97,8 +130,11 @@ def blockwise_frozen_attention(
     def block_output(
         q_block: jax.Array, start: jax.Array, lse_block: jax.Array, values: jax.Array
     ) -> jax.Array:
-        probs = jnp.exp(block_scores(q_block, start) - lse_block[..., None])
-        return jnp.einsum("kgqs,skh->qkgh", probs.astype(values.dtype), values, precision=PRECISION)
+        def weighted_sum(scores: jax.Array, vals: jax.Array) -> jax.Array:
+            probs = jnp.exp(scores - lse_block[..., None])
+            return jnp.einsum("kgqs,skh->qkgh", probs.astype(vals.dtype), vals, precision=PRECISION)
+
+        return per_span(weighted_sum, q_block, start, values)
 
     out = jax.lax.map(lambda args: block_output(*args, v), (q_blocks, starts, lse))
     return out.reshape(padded, *out.shape[2:])[:n]
