@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 from jaxlin._config import ModelConfig
 from jaxlin.errors import JaxlinError
 from jaxlin.families import Family
-from jaxlin.families._base import GLOBAL_TENSORS
 from jaxlin.model import Params, expected_param_shapes
 
 log = logging.getLogger(__name__)
@@ -53,50 +52,55 @@ def params_from_tensors(
     progress: bool = False,
 ) -> Params:
     """Build params from tensors named as in HF checkpoints. `read(name)` returns a
-    numpy array; each is cast to `dtype`, transposed where HF's layout is (out, in),
-    and layer tensors are stacked along a leading layer axis."""
+    numpy array; the family's table says which params it feeds and how (transpose,
+    slice of a fused tensor); each is cast to `dtype` and layer params are stacked along
+    a leading layer axis. Every expected param must be fed, with its exact shape."""
     expected = expected_param_shapes(config, dtype)
     available = set(names)
     params: dict = {}
-    layer_parts: dict[tuple[str, ...], list[np.ndarray | None]] = {}
+    layer_parts: dict[tuple[str, ...], list[jnp.ndarray | None]] = {}
 
-    wanted: list[tuple[str, tuple[str, ...], bool, int | None]] = []
-    for name, (path, transpose) in GLOBAL_TENSORS.items():
-        if path[0] == "lm_head" and config.tie_word_embeddings:
-            continue
-        wanted.append((name, path, transpose, None))
-    layer_params = expected["layers"]
-    for suffix, (path, transpose) in family.layer_tensors.items():
+    def feeds_expected(path: tuple[str, ...]) -> bool:
         try:
-            _get(layer_params, path)
+            _get(expected, path)
         except KeyError:
-            continue  # e.g. q_norm on a family without QK-norm
-        for layer in range(config.num_layers):
-            wanted.append((f"model.layers.{layer}.{suffix}", ("layers",) + path, transpose, layer))
+            return False  # e.g. q_norm on a family variant without QK-norm
+        return True
+
+    # (checkpoint name, [(param path, transform)], layer index or None)
+    wanted: list[tuple[str, list, int | None]] = []
+    for name, targets in family.global_tensors.items():
+        live = [(path, fn) for path, fn in targets if feeds_expected(path)]
+        if live:
+            wanted.append((name, live, None))
+    for suffix, targets in family.layer_tensors.items():
+        live = [(("layers", *path), fn) for path, fn in targets if feeds_expected(("layers", *path))]
+        if live:
+            for layer in range(config.num_layers):
+                wanted.append((family.layer_prefix.format(layer=layer) + suffix, live, layer))
 
     used: set[str] = set()
-    for name, path, transpose, layer in tqdm(
+    for name, targets, layer in tqdm(
         wanted, desc=f"converting {source}", disable=not progress, unit="tensor"
     ):
         if name not in available:
             raise CheckpointError(f"{source}: tensor {name!r} is missing from the checkpoint")
         array = np.asarray(read(name))
-        if transpose:
-            array = array.T
-        target = _get(expected, path)
-        want_shape = target.shape[1:] if layer is not None else target.shape
-        if array.shape != tuple(want_shape):
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {array.shape if not transpose else array.T.shape}, "
-                f"expected {tuple(want_shape)[::-1] if transpose else tuple(want_shape)}"
-            )
         used.add(name)
-        value = jnp.asarray(array, dtype=dtype)
-        if layer is None:
-            _set(params, path, value)
-        else:
-            parts = layer_parts.setdefault(path, [None] * config.num_layers)
-            parts[layer] = value
+        for path, transform in targets:
+            value = transform(array, config)
+            target = _get(expected, path)
+            want_shape = tuple(target.shape[1:] if layer is not None else target.shape)
+            if value.shape != want_shape:
+                raise CheckpointError(
+                    f"{source}: tensor {name!r} has shape {array.shape}, which does not give "
+                    f"{'/'.join(path)} of shape {want_shape}"
+                )
+            value = jnp.asarray(value, dtype=dtype)
+            if layer is None:
+                _set(params, path, value)
+            else:
+                layer_parts.setdefault(path, [None] * config.num_layers)[layer] = value
     for path, parts in layer_parts.items():
         _set(params, path, jnp.stack(parts))
 

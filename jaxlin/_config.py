@@ -15,15 +15,32 @@ import numpy as np
 
 
 class NormPlacement(enum.Enum):
-    """Where a block's RMSNorms sit relative to its residual branches."""
+    """Where a block's norms sit relative to its residual branches."""
 
-    PRE = "pre"  # Llama/Qwen/Mistral: x + f(norm(x))
+    PRE = "pre"  # Llama/Qwen/Mistral/Phi/GPT-2: x + f(norm(x))
     SANDWICH = "sandwich"  # Gemma 2/3: x + post_norm(f(pre_norm(x)))
+    POST = "post"  # OLMo 2: x + post_norm(f(x))
+
+
+class NormKind(enum.Enum):
+    RMS = "rms"  # x · rsqrt(mean(x²)+eps) · (offset + w)
+    LAYER = "layer"  # (x − mean x) · rsqrt(var x + eps) · w + b
 
 
 class Activation(enum.Enum):
     SILU = "silu"
     GELU_TANH = "gelu_tanh"
+    GELU = "gelu"  # exact (erf) GELU
+
+
+class MLPKind(enum.Enum):
+    GATED = "gated"  # down(act(gate(x)) ⊙ up(x))
+    PLAIN = "plain"  # down(act(up(x))), GPT-2
+
+
+class Positions(enum.Enum):
+    ROPE = "rope"
+    LEARNED = "learned"  # absolute position embeddings added to the input (GPT-2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +48,7 @@ class RopeConfig:
     """Rotary embedding of one layer type, as Hugging Face's `rope_parameters` define it."""
 
     theta: float
-    rope_type: str = "default"  # default | linear | llama3
+    rope_type: str = "default"  # default | linear | llama3 | yarn | longrope
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -85,6 +102,18 @@ class ModelConfig:
     # Gemma's RMSNorm multiplies by (1 + w): the offset is 1 there, 0 elsewhere.
     norm_weight_offset: float = 0.0
     qk_norm: bool = False
+    # QK-norm over each head (Qwen 3, Gemma 3) or over the whole projection (OLMo 2).
+    qk_norm_per_head: bool = True
+    norm_kind: NormKind = NormKind.RMS
+    mlp_kind: MLPKind = MLPKind.GATED
+    positions: Positions = Positions.ROPE
+    max_positions: int | None = None  # size of the learned position table
+    # Fraction of each head's dims that RoPE rotates (Phi-4-mini: 0.75); the rest pass.
+    rotary_fraction: float = 1.0
+    # Biases make the detached map affine; their contribution is reported separately.
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
     # Gemma multiplies the looked-up embedding rows by sqrt(d); None means no scale.
     embedding_scale: float | None = None
     # Scores are q·k * attention_scale (head_dim**-0.5 unless the family says otherwise).
@@ -115,6 +144,14 @@ class ModelConfig:
         return self.sliding_layers or (False,) * self.num_layers
 
     @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def has_biases(self) -> bool:
+        return self.qkv_bias or self.out_bias or self.mlp_bias or self.norm_kind is NormKind.LAYER
+
+    @property
     def score_scale(self) -> float:
         return self.attention_scale if self.attention_scale is not None else self.head_dim**-0.5
 
@@ -137,6 +174,9 @@ class ModelConfig:
         fields = dict(data)
         fields["activation"] = Activation(fields["activation"])
         fields["norm_placement"] = NormPlacement(fields["norm_placement"])
+        fields["norm_kind"] = NormKind(fields.get("norm_kind", "rms"))
+        fields["mlp_kind"] = MLPKind(fields.get("mlp_kind", "gated"))
+        fields["positions"] = Positions(fields.get("positions", "rope"))
         fields["rope"] = RopeConfig(**fields["rope"])
         if fields.get("rope_sliding") is not None:
             fields["rope_sliding"] = RopeConfig(**fields["rope_sliding"])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlin._attention import blockwise_frozen_attention, dense_attention
-from jaxlin._config import Activation, ModelConfig, NormPlacement
+from jaxlin._config import Activation, MLPKind, ModelConfig, NormKind, NormPlacement
 from jaxlin._policy import FreezePolicy
 
 # Exactness is the product: never let an accelerator's default (bf16/tf32) matmul
@@ -33,14 +33,21 @@ def rms_norm(
 
 
 def activation_gate(h: jax.Array, activation: Activation) -> jax.Array:
+    """act(h) for a gated MLP (the whole branch is the frozen coefficient)."""
     wide = h.astype(compute_dtype(h.dtype))
+    return (wide * activation_ratio(wide, activation)).astype(h.dtype)
+
+
+def activation_ratio(h: jax.Array, activation: Activation) -> jax.Array:
+    """φ(h) with act(h) = h·φ(h): the coefficient a plain (non-gated) MLP freezes, so
+    that h itself stays on the linear path (GPT-2's GELU)."""
     if activation is Activation.SILU:
-        gated = jax.nn.silu(wide)
-    elif activation is Activation.GELU_TANH:
-        gated = jax.nn.gelu(wide, approximate=True)
-    else:  # pragma: no cover - the enum is closed
-        raise ValueError(activation)
-    return gated.astype(h.dtype)
+        return jax.nn.sigmoid(h)
+    if activation is Activation.GELU_TANH:
+        return 0.5 * (1.0 + jnp.tanh(np.sqrt(2.0 / np.pi) * (h + 0.044715 * h**3)))
+    if activation is Activation.GELU:
+        return 0.5 * (1.0 + jax.lax.erf(h / np.sqrt(2.0)))
+    raise ValueError(activation)  # pragma: no cover - the enum is closed
 
 
 def softcap(z: jax.Array, cap: float | None, policy: FreezePolicy) -> jax.Array:
@@ -68,8 +75,12 @@ def rope_tables(inv_freq: np.ndarray, num_tokens: int, dtype: jnp.dtype) -> tupl
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: (N, heads, head_dim); cos/sin: (N, head_dim)."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    """x: (N, heads, head_dim); cos/sin: (N, rotary_dim). Dims past rotary_dim pass
+    unrotated (partial rotary, Phi-4-mini)."""
+    rotary_dim = cos.shape[-1]
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    rotated = rotated * cos[:, None, :] + rotate_half(rotated) * sin[:, None, :]
+    return jnp.concatenate([rotated, passed], axis=-1) if passed.shape[-1] else rotated
 
 
 def dense(features: int, name: str, dtype: jnp.dtype, use_bias: bool = False) -> nn.Dense:
@@ -90,6 +101,51 @@ class RMSNorm(nn.Module):
         return rms_norm(x, weight, self.eps, self.weight_offset, self.policy)
 
 
+def layer_norm(
+    x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float, policy: FreezePolicy
+) -> jax.Array:
+    """(x − mean x)·rsqrt(var x + eps)·w + b; centring is linear, the inverse std frozen."""
+    wide = x.astype(compute_dtype(x.dtype))
+    centred = wide - jnp.mean(wide, axis=-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    normed = centred * policy.freeze(inv_std) * weight.astype(wide.dtype) + bias.astype(wide.dtype)
+    return normed.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    eps: float
+    policy: FreezePolicy
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (x.shape[-1],), self.dtype)
+        return layer_norm(x, weight, bias, self.eps, self.policy)
+
+
+def make_norm(config: ModelConfig, policy: FreezePolicy, dtype: jnp.dtype, name: str) -> nn.Module:
+    if config.norm_kind is NormKind.LAYER:
+        return LayerNorm(config.norm_eps, policy, dtype, name=name)
+    return RMSNorm(config.norm_eps, config.norm_weight_offset, policy, dtype, name=name)
+
+
+class PlainMLP(nn.Module):
+    """down(act(up(x))) with act(h) = h·φ(h): φ(h) is the frozen coefficient (GPT-2)."""
+
+    config: ModelConfig
+    policy: FreezePolicy
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        h = dense(cfg.intermediate_size, "up_proj", self.dtype, cfg.mlp_bias)(x)
+        wide = h.astype(compute_dtype(h.dtype))
+        coefficient = self.policy.freeze(activation_ratio(wide, cfg.activation)).astype(h.dtype)
+        return dense(cfg.hidden_size, "down_proj", self.dtype, cfg.mlp_bias)(h * coefficient)
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) ⊙ up(x)); the whole act(gate(x)) branch is the frozen coefficient
     (freezing only a sigmoid inside it would leave a quadratic term)."""
@@ -101,10 +157,10 @@ class GatedMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        gate = dense(cfg.intermediate_size, "gate_proj", self.dtype)(x)
-        up = dense(cfg.intermediate_size, "up_proj", self.dtype)(x)
+        gate = dense(cfg.intermediate_size, "gate_proj", self.dtype, cfg.mlp_bias)(x)
+        up = dense(cfg.intermediate_size, "up_proj", self.dtype, cfg.mlp_bias)(x)
         coefficient = self.policy.freeze(activation_gate(gate, cfg.activation))
-        return dense(cfg.hidden_size, "down_proj", self.dtype)(coefficient * up)
+        return dense(cfg.hidden_size, "down_proj", self.dtype, cfg.mlp_bias)(coefficient * up)
 
 
 class Attention(nn.Module):
@@ -118,23 +174,29 @@ class Attention(nn.Module):
     block: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, is_sliding: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array | None, sin: jax.Array | None, is_sliding: jax.Array
+    ) -> jax.Array:
         cfg = self.config
         n = x.shape[0]
         groups = cfg.num_heads // cfg.num_kv_heads
-        q = dense(cfg.num_heads * cfg.head_dim, "q_proj", self.dtype)(x)
-        k = dense(cfg.num_kv_heads * cfg.head_dim, "k_proj", self.dtype)(x)
-        v = dense(cfg.num_kv_heads * cfg.head_dim, "v_proj", self.dtype)(x)
+        q = dense(cfg.num_heads * cfg.head_dim, "q_proj", self.dtype, cfg.qkv_bias)(x)
+        k = dense(cfg.num_kv_heads * cfg.head_dim, "k_proj", self.dtype, cfg.qkv_bias)(x)
+        v = dense(cfg.num_kv_heads * cfg.head_dim, "v_proj", self.dtype, cfg.qkv_bias)(x)
+        if cfg.qk_norm and not cfg.qk_norm_per_head:  # OLMo 2: over the whole projection
+            q = make_norm(cfg, self.policy, self.dtype, "q_norm")(q)
+            k = make_norm(cfg, self.policy, self.dtype, "k_norm")(k)
         q = q.reshape(n, cfg.num_heads, cfg.head_dim)
         k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            norm = dict(eps=cfg.norm_eps, weight_offset=cfg.norm_weight_offset, policy=self.policy)
-            q = RMSNorm(**norm, dtype=self.dtype, name="q_norm")(q)
-            k = RMSNorm(**norm, dtype=self.dtype, name="k_norm")(k)
+        if cfg.qk_norm and cfg.qk_norm_per_head:
+            q = make_norm(cfg, self.policy, self.dtype, "q_norm")(q)
+            k = make_norm(cfg, self.policy, self.dtype, "k_norm")(k)
         wide = compute_dtype(q.dtype)  # scores and softmax in at least float32
-        q = apply_rope(q, cos, sin).reshape(n, cfg.num_kv_heads, groups, cfg.head_dim).astype(wide)
-        k = apply_rope(k, cos, sin).astype(wide)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = q.reshape(n, cfg.num_kv_heads, groups, cfg.head_dim).astype(wide)
+        k = k.astype(wide)
         common = dict(
             is_sliding=is_sliding,
             window=cfg.sliding_window,
@@ -147,7 +209,8 @@ class Attention(nn.Module):
             out = blockwise_frozen_attention(q, k, v, **common, block=self.block)
         else:
             out = dense_attention(q, k, v, **common, policy=self.policy)
-        return dense(cfg.hidden_size, "o_proj", self.dtype)(out.reshape(n, cfg.num_heads * cfg.head_dim))
+        out = out.reshape(n, cfg.num_heads * cfg.head_dim)
+        return dense(cfg.hidden_size, "o_proj", self.dtype, cfg.out_bias)(out)
 
 
 class DecoderBlock(nn.Module):
@@ -164,23 +227,27 @@ class DecoderBlock(nn.Module):
         self, h: jax.Array, is_sliding: jax.Array, rope: dict[str, tuple[jax.Array, jax.Array]]
     ) -> tuple[jax.Array, None]:
         cfg = self.config
-        norm = dict(
-            eps=cfg.norm_eps, weight_offset=cfg.norm_weight_offset, policy=self.policy, dtype=self.dtype
-        )
-        cos, sin = rope["global"]
+        cos = sin = None
+        if "global" in rope:
+            cos, sin = rope["global"]
         if "sliding" in rope:
             cos = jnp.where(is_sliding, rope["sliding"][0], cos)
             sin = jnp.where(is_sliding, rope["sliding"][1], sin)
-        attn_in = RMSNorm(**norm, name="input_norm")(h)
+        placement = cfg.norm_placement
+        pre_norms = placement is not NormPlacement.POST
+        post_norms = placement is not NormPlacement.PRE
+
+        attn_in = make_norm(cfg, self.policy, self.dtype, "input_norm")(h) if pre_norms else h
         attn_out = Attention(cfg, self.policy, self.dtype, self.attention_block, name="attn")(
             attn_in, cos, sin, is_sliding
         )
-        if cfg.norm_placement is NormPlacement.SANDWICH:
-            attn_out = RMSNorm(**norm, name="post_attn_norm")(attn_out)
+        if post_norms:
+            attn_out = make_norm(cfg, self.policy, self.dtype, "post_attn_norm")(attn_out)
         h = h + attn_out
 
-        mlp_in = RMSNorm(**norm, name="pre_mlp_norm")(h)
-        mlp_out = GatedMLP(cfg, self.policy, self.dtype, name="mlp")(mlp_in)
-        if cfg.norm_placement is NormPlacement.SANDWICH:
-            mlp_out = RMSNorm(**norm, name="post_mlp_norm")(mlp_out)
+        mlp_in = make_norm(cfg, self.policy, self.dtype, "pre_mlp_norm")(h) if pre_norms else h
+        mlp = GatedMLP if cfg.mlp_kind is MLPKind.GATED else PlainMLP
+        mlp_out = mlp(cfg, self.policy, self.dtype, name="mlp")(mlp_in)
+        if post_norms:
+            mlp_out = make_norm(cfg, self.policy, self.dtype, "post_mlp_norm")(mlp_out)
         return h + mlp_out, None

@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlin._config import ModelConfig
-from jaxlin._layers import PRECISION, DecoderBlock, RMSNorm, rope_tables, softcap
+from jaxlin._config import ModelConfig, Positions
+from jaxlin._layers import PRECISION, DecoderBlock, make_norm, rope_tables, softcap
 from jaxlin._policy import FreezePolicy
 
 
@@ -36,7 +36,7 @@ class Transformer(nn.Module):
             length=cfg.num_layers,
         )
         self.layers = scanned(cfg, self.policy, self.dtype, self.attention_block)
-        self.final_norm = RMSNorm(cfg.norm_eps, cfg.norm_weight_offset, self.policy, self.dtype)
+        self.final_norm = make_norm(cfg, self.policy, self.dtype, "final_norm")
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(
                 cfg.vocab_size,
@@ -47,7 +47,13 @@ class Transformer(nn.Module):
             )
 
     def embed(self, token_ids: jax.Array) -> jax.Array:
-        return self.embedder(token_ids)
+        """The input X of the analysed map. With learned absolute positions (GPT-2) it is
+        token + position embedding, the sum the first block sees: J is taken w.r.t. that
+        sum, so Σ_t J_t·x_t (+ bias term) reconstructs y exactly."""
+        rows = self.embedder(token_ids)
+        if self.config.positions is Positions.LEARNED:
+            rows = rows + self.position_embedder(jnp.arange(token_ids.shape[0]))
+        return rows
 
     def __call__(self, embeddings: jax.Array) -> jax.Array:
         cfg = self.config
@@ -56,9 +62,12 @@ class Transformer(nn.Module):
             # Cast the scale to the param dtype first, as the reference does.
             h = h * jnp.asarray(cfg.embedding_scale, dtype=self.dtype)
         n = h.shape[0]
-        rope = {"global": rope_tables(cfg.rope.inverse_frequencies(cfg.head_dim), n, self.dtype)}
-        if cfg.rope_sliding is not None:
-            rope["sliding"] = rope_tables(cfg.rope_sliding.inverse_frequencies(cfg.head_dim), n, self.dtype)
+        rope = {}
+        if cfg.positions is Positions.ROPE:
+            rope["global"] = rope_tables(cfg.rope.inverse_frequencies(cfg.rotary_dim), n, self.dtype)
+            if cfg.rope_sliding is not None:
+                inv_freq = cfg.rope_sliding.inverse_frequencies(cfg.rotary_dim)
+                rope["sliding"] = rope_tables(inv_freq, n, self.dtype)
         is_sliding = jnp.asarray(cfg.layer_is_sliding)
         h, _ = self.layers(h, is_sliding, rope)
         return self.final_norm(h)

@@ -5,6 +5,10 @@ embeddings X (N, d), as a linear operator.
 by `jax.linear_transpose`, Jᵀ·u without recomputing it. Call it *inside* the jit that
 uses the products (all functions below do), so the linearization residuals are
 intermediate values of one program rather than baked-in constants.
+
+Biases make the detached map affine, y = Σ_t J_t·x_t + c_bias. With every bias scaled by
+a scalar β, the frozen network is jointly linear in (X, β), so linearizing in both at
+β = 1 gives J (the X part) and the bias contribution c_bias = ∂y/∂β exactly.
 """
 
 from __future__ import annotations
@@ -25,31 +29,45 @@ from jaxlin.model import Params, final_hidden
 DEFAULT_ATTENTION_BLOCK = 256
 
 
+def scale_biases(params: Params, beta: jax.Array) -> Params:
+    """Every bias leaf (dense and LayerNorm biases) multiplied by β."""
+
+    def scale(path: tuple, leaf: jax.Array) -> jax.Array:
+        name = getattr(path[-1], "key", None)
+        return leaf * beta.astype(leaf.dtype) if name == "bias" else leaf
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
 def target_function(
     config: ModelConfig,
     params: Params,
     policy: FreezePolicy,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
-) -> Callable[[jax.Array], jax.Array]:
-    """X (N, d) → y (d,): the last token's final-normed hidden state."""
+) -> Callable[..., jax.Array]:
+    """(X (N, d), β = 1) → y (d,): the last token's final-normed hidden state, with
+    every bias scaled by β."""
     # Blockwise attention relies on frozen probabilities; the ordinary Jacobian (a
     # comparison for short inputs) always uses dense attention.
     block = attention_block if policy is FreezePolicy.DETACHED else None
 
-    def target(embeddings: jax.Array) -> jax.Array:
-        return final_hidden(config, params, embeddings, policy, block)[-1]
+    def target(embeddings: jax.Array, beta: jax.Array | float = 1.0) -> jax.Array:
+        scaled = scale_biases(params, jnp.asarray(beta)) if config.has_biases else params
+        return final_hidden(config, scaled, embeddings, policy, block)[-1]
 
     return target
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearizedTarget:
-    """J at one input X*. `matvec`: (N, d) → (d,); `rmatvec`: (d,) → (N, d)."""
+    """J at one input X*. `matvec`: (N, d) → (d,); `rmatvec`: (d,) → (N, d);
+    `bias_contribution()`: the affine part c_bias (zero for bias-free models)."""
 
     inputs: jax.Array
     output: jax.Array
     matvec: Callable[[jax.Array], jax.Array]
     rmatvec: Callable[[jax.Array], jax.Array]
+    bias_contribution: Callable[[], jax.Array]
 
 
 def linearize_target(
@@ -59,9 +77,24 @@ def linearize_target(
     policy: FreezePolicy = FreezePolicy.DETACHED,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
 ) -> LinearizedTarget:
-    output, matvec = jax.linearize(target_function(config, params, policy, attention_block), inputs)
-    transpose = jax.linear_transpose(matvec, inputs)
-    return LinearizedTarget(inputs, output, matvec, lambda u: transpose(u)[0])
+    target = target_function(config, params, policy, attention_block)
+    if not config.has_biases:
+        output, matvec = jax.linearize(target, inputs)
+        transpose = jax.linear_transpose(matvec, inputs)
+        return LinearizedTarget(
+            inputs, output, matvec, lambda u: transpose(u)[0], lambda: jnp.zeros_like(output)
+        )
+    beta = jnp.ones((), inputs.dtype)
+    output, joint = jax.linearize(target, inputs, beta)
+    transpose = jax.linear_transpose(joint, inputs, beta)
+    no_beta = jnp.zeros((), inputs.dtype)
+    return LinearizedTarget(
+        inputs,
+        output,
+        lambda v: joint(v, no_beta),
+        lambda u: transpose(u)[0],
+        lambda: joint(jnp.zeros_like(inputs), jnp.ones((), inputs.dtype)),
+    )
 
 
 def _chunk_size(total: int, chunk: int | None) -> int | None:
@@ -76,8 +109,9 @@ def contributions(
     policy: FreezePolicy = FreezePolicy.DETACHED,
     chunk: int | None = 64,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
-) -> tuple[jax.Array, jax.Array]:
-    """(y, c) with c_t = J_t·x_t, shape (N, d). Under DETACHED, Σ_t c_t = y.
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(y, c, c_bias) with c_t = J_t·x_t, shape (N, d). Under DETACHED, Σ_t c_t + c_bias = y
+    (c_bias = 0 for bias-free models).
 
     Picks the cheaper side: N forward-mode products (one per token) when N ≤ d,
     otherwise d transposed products (one per output coordinate), each reduced against
@@ -98,7 +132,7 @@ def contributions(
             return jnp.sum(rows * inputs, axis=-1)  # (N,)
 
         c = jax.lax.map(one_row, jnp.arange(d), batch_size=_chunk_size(d, chunk)).T
-    return op.output, c
+    return op.output, c, op.bias_contribution()
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "chunk", "attention_block"))
@@ -127,10 +161,15 @@ class Certificate:
     reconstructed_token_id: int
 
 
-def certify(y: jax.Array, c: jax.Array, logits_of: Callable[[jax.Array], jax.Array]) -> Certificate:
+def certify(
+    y: jax.Array, c: jax.Array, logits_of: Callable[[jax.Array], jax.Array], c_bias: jax.Array | None = None
+) -> Certificate:
+    """Relative error of y ≈ Σ_t c_t (+ c_bias) and whether both give the same next token."""
     wide = jnp.promote_types(y.dtype, jnp.float32)
     y = y.astype(wide)
     total = jnp.sum(c.astype(wide), axis=0)
+    if c_bias is not None:
+        total = total + c_bias.astype(wide)
     error = jnp.linalg.norm(total - y) / jnp.linalg.norm(y)
     predicted = int(jnp.argmax(logits_of(y)))
     reconstructed = int(jnp.argmax(logits_of(total)))

@@ -138,20 +138,21 @@ def analyse(
     arrays: dict[str, np.ndarray] = {"token_ids": ids, "inputs": np.asarray(inputs, dtype=np.float32)}
 
     with timer.step(f"detached Jacobian contributions ({n} tokens)"):
-        y, c = contributions(params, inputs, config, FreezePolicy.DETACHED, chunk, block)
-        certificate = certify(y, c, lambda h: model_fns.logits(config, params, h))
+        y, c, c_bias = contributions(params, inputs, config, FreezePolicy.DETACHED, chunk, block)
+        certificate = certify(y, c, lambda h: model_fns.logits(config, params, h), c_bias)
     y_np = np.asarray(y, dtype=np.float64)
     c_np = np.asarray(c, dtype=np.float64)
-    arrays.update(y=y_np, contributions=c_np)
+    bias_np = np.asarray(c_bias, dtype=np.float64)
+    arrays.update(y=y_np, contributions=c_np, bias_contribution=bias_np)
 
     ordinary_error = None
     if options.ordinary_jacobian and n <= options.max_ordinary_tokens:
         with timer.step("ordinary Jacobian contributions"):
-            _, c_ord = contributions(params, inputs, config, FreezePolicy.ORDINARY, chunk)
+            _, c_ord, c_bias_ord = contributions(params, inputs, config, FreezePolicy.ORDINARY, chunk)
             arrays["ordinary_contributions"] = np.asarray(c_ord, dtype=np.float64)
-            ordinary_error = float(
-                np.linalg.norm(arrays["ordinary_contributions"].sum(0) - y_np) / np.linalg.norm(y_np)
-            )
+            arrays["ordinary_bias_contribution"] = np.asarray(c_bias_ord, dtype=np.float64)
+            ordinary_total = arrays["ordinary_contributions"].sum(0) + arrays["ordinary_bias_contribution"]
+            ordinary_error = float(np.linalg.norm(ordinary_total - y_np) / np.linalg.norm(y_np))
 
     if options.method == "dense":
         with timer.step(f"dense SVD of J ({d} × {n}·{d})"):
@@ -236,6 +237,8 @@ def analyse(
         "predicted_token_id": predicted,
         "reconstruction_relative_error": certificate.relative_error,
         "reconstruction_argmax_matches": certificate.argmax_matches,
+        "affine": config.has_biases,
+        "bias_contribution_norm": float(np.linalg.norm(bias_np)),
         "ordinary_jacobian_relative_error": ordinary_error,
         "singular_values": triplets.S.tolist(),
         "spectrum": {
@@ -265,12 +268,13 @@ def write_run(result: RunResult, out_dir: Path) -> Path:
     with atomic_directory(out_dir) as staging:
         write_json(staging / "summary.json", s)
         write_npz(staging / "arrays.npz", result.arrays)
-        ordinary = result.arrays.get("ordinary_contributions")
+        arrays = result.arrays
+        ordinary = arrays.get("ordinary_contributions")
         reconstruction_scatter(
             staging / "reconstruction.png",
-            result.arrays["y"],
-            result.arrays["contributions"].sum(0),
-            None if ordinary is None else ordinary.sum(0),
+            arrays["y"],
+            arrays["contributions"].sum(0) + arrays["bias_contribution"],
+            None if ordinary is None else ordinary.sum(0) + arrays["ordinary_bias_contribution"],
             s["reconstruction_relative_error"],
             s["ordinary_jacobian_relative_error"],
             f"{s['model']} · {s['n_tokens']} tokens · {s['dtype']}",

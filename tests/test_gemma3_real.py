@@ -79,7 +79,7 @@ def test_port_matches_hf_on_real_gemma(length, jax_gemma, hf_gemma, tokenizer):
 def test_real_gemma_reconstruction_float32(jax_gemma, tokenizer):
     config, params = jax_gemma.config, jax_gemma.params
     inputs = model_fns.embed(config, params, jnp.asarray(token_ids(tokenizer, SHORT)))
-    y, c = contributions(params, inputs, config)
+    y, c, _ = contributions(params, inputs, config)
     certificate = certify(y, c, lambda h: model_fns.logits(config, params, h))
     assert certificate.relative_error <= 1e-5
     assert certificate.argmax_matches

@@ -25,12 +25,12 @@ def loaded(tiny_model_dir, variant, dtype=jnp.float64):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_float64_reconstruction_is_exact_and_ordinary_is_not(variant, tiny_model_dir):
     model, inputs = loaded(tiny_model_dir, variant)
-    y, c = contributions(model.params, inputs, model.config)
+    y, c, _ = contributions(model.params, inputs, model.config)
     logits_of = lambda h: model_fns.logits(model.config, model.params, h)  # noqa: E731
     certificate = certify(y, c, logits_of)
     assert certificate.relative_error <= 1e-12
     assert certificate.argmax_matches
-    _, c_ordinary = contributions(model.params, inputs, model.config, FreezePolicy.ORDINARY)
+    _, c_ordinary, _ = contributions(model.params, inputs, model.config, FreezePolicy.ORDINARY)
     ordinary = certify(y, c_ordinary, logits_of)
     assert ordinary.relative_error > 1e-3  # the ordinary Jacobian does not reconstruct y
     np.testing.assert_array_equal(
@@ -40,7 +40,7 @@ def test_float64_reconstruction_is_exact_and_ordinary_is_not(variant, tiny_model
 
 def test_float32_reconstruction(tiny_model_dir):
     model, inputs = loaded(tiny_model_dir, "gemma3_sliding", jnp.float32)
-    y, c = contributions(model.params, inputs, model.config)
+    y, c, _ = contributions(model.params, inputs, model.config)
     assert c.dtype == jnp.float32
     error = float(jnp.linalg.norm(c.sum(0) - y) / jnp.linalg.norm(y))
     assert error <= 1e-5
@@ -49,7 +49,7 @@ def test_float32_reconstruction(tiny_model_dir):
 def test_bfloat16_params_run_and_roughly_reconstruct(tiny_model_dir):
     model, inputs = loaded(tiny_model_dir, "llama_gqa_untied", jnp.bfloat16)
     assert model.dtype == jnp.bfloat16
-    y, c = contributions(model.params, inputs, model.config)
+    y, c, _ = contributions(model.params, inputs, model.config)
     assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(c)))
     y32, c32 = np.asarray(y, np.float32), np.asarray(c, np.float32)
     # bf16 has ~3 significant digits; a sum of 19 rounded contributions stays within a few %.
@@ -89,12 +89,12 @@ def test_contributions_agree_across_token_and_row_strategies(tiny_model_dir):
     d = model.config.hidden_size
     long_tokens = np.random.default_rng(9).integers(0, 128, size=d + 6)
     inputs = model_fns.embed(model.config, model.params, jnp.asarray(long_tokens))
-    y, by_rows = contributions(model.params, inputs, model.config, chunk=32)  # N > d: rows
+    y, by_rows, _ = contributions(model.params, inputs, model.config, chunk=32)  # N > d: rows
     dense = np.asarray(materialize(model.params, inputs, model.config, chunk=32))
     expected = np.einsum("itj,tj->ti", dense, np.asarray(inputs))
     np.testing.assert_allclose(np.asarray(by_rows), expected, rtol=1e-10, atol=1e-12)
     short = inputs[:20]
-    _, by_tokens = contributions(model.params, short, model.config, chunk=8)  # N ≤ d: tokens
+    _, by_tokens, _ = contributions(model.params, short, model.config, chunk=8)  # N ≤ d: tokens
     dense_short = np.asarray(materialize(model.params, short, model.config))
     np.testing.assert_allclose(
         np.asarray(by_tokens), np.einsum("itj,tj->ti", dense_short, np.asarray(short)), rtol=1e-10, atol=1e-12

@@ -7,6 +7,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from jaxlin._config import Activation, ModelConfig, RopeConfig
 from jaxlin.errors import JaxlinError
 
@@ -19,38 +21,92 @@ class ConfigFieldError(JaxlinError):
     pass
 
 
-# HF tensor name (inside model.layers.{i}.) → (param path inside the stacked layers, transpose?)
-SHARED_LAYER_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "self_attn.q_proj.weight": (("attn", "q_proj", "kernel"), True),
-    "self_attn.k_proj.weight": (("attn", "k_proj", "kernel"), True),
-    "self_attn.v_proj.weight": (("attn", "v_proj", "kernel"), True),
-    "self_attn.o_proj.weight": (("attn", "o_proj", "kernel"), True),
-    "self_attn.q_norm.weight": (("attn", "q_norm", "scale"), False),
-    "self_attn.k_norm.weight": (("attn", "k_norm", "scale"), False),
-    "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), True),
-    "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), True),
-    "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), True),
+Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
+# One checkpoint tensor feeds one or more params (fused projections feed several).
+Targets = tuple[tuple[tuple[str, ...], Transform], ...]
+
+
+def linear(array: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """HF nn.Linear stores (out, in); Flax kernels are (in, out)."""
+    return array.T
+
+
+def as_is(array: np.ndarray, config: ModelConfig) -> np.ndarray:
+    return array
+
+
+def part(
+    index: int, sizes: Callable[[ModelConfig], tuple[int, ...]], axis: int, then: Transform
+) -> Transform:
+    """The index-th slice along `axis` of a fused tensor whose parts have `sizes(config)`."""
+
+    def transform(array: np.ndarray, config: ModelConfig) -> np.ndarray:
+        bounds = np.cumsum((0, *sizes(config)))
+        if bounds[-1] != array.shape[axis]:
+            return array  # let the shape check name the tensor and both shapes
+        sliced = np.take(array, np.arange(bounds[index], bounds[index + 1]), axis=axis)
+        return then(sliced, config)
+
+    return transform
+
+
+def qkv_sizes(config: ModelConfig) -> tuple[int, int, int]:
+    kv = config.num_kv_heads * config.head_dim
+    return (config.num_heads * config.head_dim, kv, kv)
+
+
+def linear_params(name: str, *path: str) -> dict[str, Targets]:
+    return {f"{name}.weight": (((*path, "kernel"), linear),)}
+
+
+SHARED_LAYER_TENSORS: dict[str, Targets] = {
+    **linear_params("self_attn.q_proj", "attn", "q_proj"),
+    **linear_params("self_attn.k_proj", "attn", "k_proj"),
+    **linear_params("self_attn.v_proj", "attn", "v_proj"),
+    **linear_params("self_attn.o_proj", "attn", "o_proj"),
+    "self_attn.q_norm.weight": ((("attn", "q_norm", "scale"), as_is),),
+    "self_attn.k_norm.weight": ((("attn", "k_norm", "scale"), as_is),),
+    **linear_params("mlp.gate_proj", "mlp", "gate_proj"),
+    **linear_params("mlp.up_proj", "mlp", "up_proj"),
+    **linear_params("mlp.down_proj", "mlp", "down_proj"),
+}
+
+QKV_BIASES: dict[str, Targets] = {
+    f"self_attn.{p}_proj.bias": ((("attn", f"{p}_proj", "bias"), as_is),) for p in "qkv"
 }
 
 # Llama-style blocks: HF's "post_attention_layernorm" is the norm *before* the MLP.
-PRE_NORM_LAYER_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "input_layernorm.weight": (("input_norm", "scale"), False),
-    "post_attention_layernorm.weight": (("pre_mlp_norm", "scale"), False),
+PRE_NORM_LAYER_TENSORS: dict[str, Targets] = {
+    "input_layernorm.weight": ((("input_norm", "scale"), as_is),),
+    "post_attention_layernorm.weight": ((("pre_mlp_norm", "scale"), as_is),),
 }
 
-GLOBAL_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "model.embed_tokens.weight": (("embedder", "embedding"), False),
-    "model.norm.weight": (("final_norm", "scale"), False),
-    "lm_head.weight": (("lm_head", "kernel"), True),
+# Gemma 2/3: four norms per layer.
+SANDWICH_NORM_LAYER_TENSORS: dict[str, Targets] = {
+    "input_layernorm.weight": ((("input_norm", "scale"), as_is),),
+    "post_attention_layernorm.weight": ((("post_attn_norm", "scale"), as_is),),
+    "pre_feedforward_layernorm.weight": ((("pre_mlp_norm", "scale"), as_is),),
+    "post_feedforward_layernorm.weight": ((("post_mlp_norm", "scale"), as_is),),
+}
+
+GLOBAL_TENSORS: dict[str, Targets] = {
+    "model.embed_tokens.weight": ((("embedder", "embedding"), as_is),),
+    "model.norm.weight": ((("final_norm", "scale"), as_is),),
+    "lm_head.weight": ((("lm_head", "kernel"), linear),),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
+    """A family: which HF model types it reads, how their config maps onto ModelConfig,
+    and which checkpoint tensors feed which params (names inside `layer_prefix`)."""
+
     name: str
     model_types: tuple[str, ...]
     config_from_hf: Callable[[Any], ModelConfig]
-    layer_tensors: Mapping[str, tuple[tuple[str, ...], bool]]
+    layer_tensors: Mapping[str, Targets]
+    global_tensors: Mapping[str, Targets] = dataclasses.field(default_factory=lambda: GLOBAL_TENSORS)
+    layer_prefix: str = "model.layers.{layer}."
 
 
 def family_for_hf_config(hf_config: Any) -> Family:

@@ -44,11 +44,5 @@ FAMILY = _base.Family(
     name="gemma3",
     model_types=("gemma3_text", "gemma3"),
     config_from_hf=config_from_hf,
-    layer_tensors={
-        **_base.SHARED_LAYER_TENSORS,
-        "input_layernorm.weight": (("input_norm", "scale"), False),
-        "post_attention_layernorm.weight": (("post_attn_norm", "scale"), False),
-        "pre_feedforward_layernorm.weight": (("pre_mlp_norm", "scale"), False),
-        "post_feedforward_layernorm.weight": (("post_mlp_norm", "scale"), False),
-    },
+    layer_tensors={**_base.SHARED_LAYER_TENSORS, **_base.SANDWICH_NORM_LAYER_TENSORS},
 )
