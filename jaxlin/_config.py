@@ -53,11 +53,19 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # cos and sin are multiplied by this (YaRN's mscale, LongRoPE's scaling).
+    attention_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
-    def inverse_frequencies(self, head_dim: int) -> np.ndarray:
+    def inverse_frequencies(self, rotary_dim: int, num_tokens: int) -> np.ndarray:
         """Inverse frequencies in float64, computed on the host so that every dtype
-        of the model sees the same (correctly rounded) rotation angles."""
-        exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+        of the model sees the same (correctly rounded) rotation angles. LongRoPE picks
+        its long factors only for inputs longer than the original context, as HF does."""
+        exponents = np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim
         inv_freq = 1.0 / (self.theta**exponents)
         if self.rope_type == "default":
             return inv_freq
@@ -65,7 +73,33 @@ class RopeConfig:
             return inv_freq / self.factor
         if self.rope_type == "llama3":
             return _llama3_scaled(inv_freq, self)
+        if self.rope_type == "yarn":
+            return _yarn_scaled(inv_freq, rotary_dim, self)
+        if self.rope_type == "longrope":
+            long = num_tokens > self.original_max_position_embeddings
+            return inv_freq / np.asarray(self.long_factor if long else self.short_factor, dtype=np.float64)
         raise ValueError(f"unsupported rope_type {self.rope_type!r}")
+
+
+def _yarn_scaled(inv_freq: np.ndarray, rotary_dim: int, rope: RopeConfig) -> np.ndarray:
+    """YaRN: interpolate (÷ factor) the low frequencies, keep the high ones, with a linear
+    ramp between the dims that complete beta_slow and beta_fast rotations over the
+    original context."""
+
+    def correction_dim(rotations: float) -> float:
+        return (rotary_dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+            2 * math.log(rope.theta)
+        )
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # as HF: avoid a zero-width ramp
+    ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return (inv_freq / rope.factor) * (1 - extrapolation) + inv_freq * extrapolation
 
 
 def _llama3_scaled(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
@@ -177,8 +211,15 @@ class ModelConfig:
         fields["norm_kind"] = NormKind(fields.get("norm_kind", "rms"))
         fields["mlp_kind"] = MLPKind(fields.get("mlp_kind", "gated"))
         fields["positions"] = Positions(fields.get("positions", "rope"))
-        fields["rope"] = RopeConfig(**fields["rope"])
+
+        def rope(data: dict) -> RopeConfig:
+            data = dict(data)
+            data["short_factor"] = tuple(data.get("short_factor", ()))
+            data["long_factor"] = tuple(data.get("long_factor", ()))
+            return RopeConfig(**data)
+
+        fields["rope"] = rope(fields["rope"])
         if fields.get("rope_sliding") is not None:
-            fields["rope_sliding"] = RopeConfig(**fields["rope_sliding"])
+            fields["rope_sliding"] = rope(fields["rope_sliding"])
         fields["sliding_layers"] = tuple(fields.get("sliding_layers", ()))
         return cls(**fields)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlin._attention import blockwise_frozen_attention, dense_attention
-from jaxlin._config import Activation, MLPKind, ModelConfig, NormKind, NormPlacement
+from jaxlin._config import Activation, MLPKind, ModelConfig, NormKind, NormPlacement, RopeConfig
 from jaxlin._policy import FreezePolicy
 
 # Exactness is the product: never let an accelerator's default (bf16/tf32) matmul
@@ -65,13 +65,18 @@ def rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-second, first], axis=-1)
 
 
-def rope_tables(inv_freq: np.ndarray, num_tokens: int, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of shape (N, head_dim), Hugging Face's half-split layout. Angles are formed
-    in the compute dtype (float32 for float32/bf16 models, as HF does; float64 in x64)."""
+def rope_tables(
+    rope: RopeConfig, rotary_dim: int, num_tokens: int, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape (N, rotary_dim), Hugging Face's half-split layout, scaled by the
+    RoPE variant's attention factor. Angles are formed in the compute dtype (float32 for
+    float32/bf16 models, as HF does; float64 in x64)."""
     wide = compute_dtype(dtype)
-    angles = jnp.arange(num_tokens, dtype=wide)[:, None] * jnp.asarray(inv_freq, dtype=wide)[None, :]
+    inv_freq = jnp.asarray(rope.inverse_frequencies(rotary_dim, num_tokens), dtype=wide)
+    angles = jnp.arange(num_tokens, dtype=wide)[:, None] * inv_freq[None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+    scale = rope.attention_factor
+    return (jnp.cos(angles) * scale).astype(dtype), (jnp.sin(angles) * scale).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -26,6 +26,10 @@ class Transformer(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         self.embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
+        if cfg.positions is Positions.LEARNED:
+            self.position_embedder = nn.Embed(
+                cfg.max_positions, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype
+            )
         # Stacked layer params and one scanned block: compile time and memory stay flat
         # in depth, and per-layer differences (sliding or not) ride along as data.
         scanned = nn.scan(
@@ -64,10 +68,9 @@ class Transformer(nn.Module):
         n = h.shape[0]
         rope = {}
         if cfg.positions is Positions.ROPE:
-            rope["global"] = rope_tables(cfg.rope.inverse_frequencies(cfg.rotary_dim), n, self.dtype)
+            rope["global"] = rope_tables(cfg.rope, cfg.rotary_dim, n, self.dtype)
             if cfg.rope_sliding is not None:
-                inv_freq = cfg.rope_sliding.inverse_frequencies(cfg.rotary_dim)
-                rope["sliding"] = rope_tables(inv_freq, n, self.dtype)
+                rope["sliding"] = rope_tables(cfg.rope_sliding, cfg.rotary_dim, n, self.dtype)
         is_sliding = jnp.asarray(cfg.layer_is_sliding)
         h, _ = self.layers(h, is_sliding, rope)
         return self.final_norm(h)

@@ -120,6 +120,8 @@ def analyse(
     config, params = model.config, model.params
     ids = tokenize(tokenizer, text, add_bos)
     n, d = len(ids), config.hidden_size
+    if config.max_positions is not None and n > config.max_positions:
+        raise JaxlinError(f"the text has {n} tokens; {model.name} has only {config.max_positions} positions")
     check_request(options.top_k, options.tolerance, d)
     if options.per_token.method != "off":
         check_request(options.per_token.top_k, None, d)

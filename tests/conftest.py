@@ -30,6 +30,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama3_rope_tied": ("llama3_rope", {"tie_word_embeddings": True}),
     "qwen3_mha_tied": ("qwen3", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
     "qwen3_sliding": ("qwen3", {"use_sliding_window": True, "sliding_window": 6}),
+    "llama_mqa": ("llama", {"num_key_value_heads": 1}),
+    "mistral_sliding": ("mistral", {}),
+    "qwen2_biases_untied": ("qwen2", {"tie_word_embeddings": False}),
+    "qwen2_yarn": ("qwen2_yarn", {}),
+    "gemma2_softcaps": ("gemma2", {}),
+    "olmo2_post_norm": ("olmo2", {}),
+    "phi3_fused": ("phi3", {}),
+    "phi3_partial_rotary": ("phi3_partial", {}),
+    "phi3_longrope": ("phi3_longrope", {}),
+    "gpt2_affine": ("gpt2", {}),
 }
 
 

@@ -4,6 +4,7 @@ name table of the llama-like block."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -156,28 +157,83 @@ def activation(hf_config: Any) -> Activation:
     return _ACTIVATIONS[name]
 
 
-def rope(parameters: Mapping[str, Any] | None, field_name: str = "rope_parameters") -> RopeConfig:
+def rope(
+    parameters: Mapping[str, Any] | None, field_name: str = "rope_parameters", hf_config: Any = None
+) -> RopeConfig:
     """One RopeConfig from HF's (standardized) rope parameters dict."""
     if not parameters or "rope_theta" not in parameters:
         raise ConfigFieldError(f"config field {field_name!r} has no rope_theta: {parameters!r}")
+    theta = float(parameters["rope_theta"])
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
-    if rope_type == "default":
-        return RopeConfig(theta=float(parameters["rope_theta"]))
-    if rope_type == "linear":
-        return RopeConfig(float(parameters["rope_theta"]), "linear", factor=float(parameters["factor"]))
-    if rope_type == "llama3":
-        return RopeConfig(
-            float(parameters["rope_theta"]),
-            "llama3",
-            factor=float(parameters["factor"]),
-            low_freq_factor=float(parameters["low_freq_factor"]),
-            high_freq_factor=float(parameters["high_freq_factor"]),
-            original_max_position_embeddings=int(parameters["original_max_position_embeddings"]),
-        )
+    try:
+        if rope_type == "default":
+            return RopeConfig(theta)
+        if rope_type == "linear":
+            return RopeConfig(theta, "linear", factor=float(parameters["factor"]))
+        if rope_type == "llama3":
+            return RopeConfig(
+                theta,
+                "llama3",
+                factor=float(parameters["factor"]),
+                low_freq_factor=float(parameters["low_freq_factor"]),
+                high_freq_factor=float(parameters["high_freq_factor"]),
+                original_max_position_embeddings=int(parameters["original_max_position_embeddings"]),
+            )
+        original = int(parameters["original_max_position_embeddings"])
+        factor = parameters.get("factor") or field(hf_config, "max_position_embeddings") / original
+        if rope_type == "yarn":
+            return RopeConfig(
+                theta,
+                "yarn",
+                factor=float(factor),
+                original_max_position_embeddings=original,
+                attention_factor=_yarn_attention_factor(parameters, float(factor)),
+                beta_fast=float(parameters.get("beta_fast") or 32),
+                beta_slow=float(parameters.get("beta_slow") or 1),
+                truncate=bool(parameters.get("truncate", True)),
+            )
+        if rope_type == "longrope":
+            attention_factor = parameters.get("attention_factor")
+            if attention_factor is None:
+                attention_factor = (
+                    1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+                )
+            return RopeConfig(
+                theta,
+                "longrope",
+                factor=float(factor),
+                original_max_position_embeddings=original,
+                attention_factor=float(attention_factor),
+                short_factor=tuple(float(x) for x in parameters["short_factor"]),
+                long_factor=tuple(float(x) for x in parameters["long_factor"]),
+            )
+    except KeyError as missing:
+        raise ConfigFieldError(f"config field {field_name!r} ({rope_type}) lacks {missing}") from None
     raise ConfigFieldError(
         f"config field {field_name!r}: rope_type {rope_type!r} is not supported "
-        "(supported: default, linear, llama3)"
+        "(supported: default, linear, llama3, yarn, longrope)"
     )
+
+
+def _yarn_attention_factor(parameters: Mapping[str, Any], factor: float) -> float:
+    """YaRN's mscale, as HF computes it when the config does not give it."""
+    if parameters.get("attention_factor") is not None:
+        return float(parameters["attention_factor"])
+
+    def mscale(scale: float, weight: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    if parameters.get("mscale") and parameters.get("mscale_all_dim"):
+        return mscale(factor, parameters["mscale"]) / mscale(factor, parameters["mscale_all_dim"])
+    return mscale(factor)
+
+
+def rotary_fraction(parameters: Mapping[str, Any] | None, hf_config: Any) -> float:
+    """Partial rotary: in rope_parameters (transformers 5) or on the config itself."""
+    value = (parameters or {}).get("partial_rotary_factor") or getattr(
+        hf_config, "partial_rotary_factor", None
+    )
+    return float(value or 1.0)
 
 
 def head_dim(hf_config: Any) -> int:

@@ -20,9 +20,9 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     return ModelConfig(
         family="gemma3",
         **_base.common_fields(hf_config),
-        rope=_base.rope(rope_parameters["full_attention"], "rope_parameters.full_attention"),
+        rope=_base.rope(rope_parameters["full_attention"], "rope_parameters.full_attention", hf_config),
         rope_sliding=(
-            _base.rope(rope_parameters["sliding_attention"], "rope_parameters.sliding_attention")
+            _base.rope(rope_parameters["sliding_attention"], "rope_parameters.sliding_attention", hf_config)
             if sliding
             else None
         ),

@@ -13,7 +13,7 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     return ModelConfig(
         family="llama",
         **_base.common_fields(hf_config),
-        rope=_base.rope(_base.field(hf_config, "rope_parameters")),
+        rope=_base.rope(_base.field(hf_config, "rope_parameters"), hf_config=hf_config),
     )
 
 

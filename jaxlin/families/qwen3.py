@@ -14,7 +14,7 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     return ModelConfig(
         family="qwen3",
         **_base.common_fields(hf_config),
-        rope=_base.rope(_base.field(hf_config, "rope_parameters")),
+        rope=_base.rope(_base.field(hf_config, "rope_parameters"), hf_config=hf_config),
         qk_norm=True,
         sliding_layers=sliding,
         sliding_window=int(hf_config.sliding_window) if sliding else None,

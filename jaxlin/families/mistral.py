@@ -1,0 +1,32 @@
+"""Mistral / Ministral: Llama's block with a sliding window — on every layer when
+`sliding_window` is set (Mistral), or per `layer_types` (Ministral)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxlin._config import ModelConfig
+from jaxlin.families import _base
+
+
+def config_from_hf(hf_config: Any) -> ModelConfig:
+    _base.reject_if_set(hf_config, "attention_bias", "mlp_bias")
+    window = getattr(hf_config, "sliding_window", None)
+    sliding = _base.sliding_layers(hf_config)
+    if window and not getattr(hf_config, "layer_types", None):
+        sliding = (True,) * hf_config.num_hidden_layers  # HF Mistral: every layer slides
+    return ModelConfig(
+        family="mistral",
+        **_base.common_fields(hf_config),
+        rope=_base.rope(_base.field(hf_config, "rope_parameters"), hf_config=hf_config),
+        sliding_layers=sliding,
+        sliding_window=int(window) if sliding else None,
+    )
+
+
+FAMILY = _base.Family(
+    name="mistral",
+    model_types=("mistral", "ministral"),
+    config_from_hf=config_from_hf,
+    layer_tensors={**_base.SHARED_LAYER_TENSORS, **_base.PRE_NORM_LAYER_TENSORS},
+)

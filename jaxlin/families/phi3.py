@@ -1,0 +1,52 @@
+"""Phi-3 / Phi-4 / Phi-4-mini: Llama's block with fused qkv_proj and gate_up_proj
+(split on conversion: gate is the first half, the frozen branch), partial rotary
+(Phi-4-mini) and LongRoPE scaling (short or long factors by input length, as HF)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxlin._config import ModelConfig
+from jaxlin.families import _base
+
+
+def config_from_hf(hf_config: Any) -> ModelConfig:
+    _base.reject_if_set(hf_config, "attention_bias")
+    parameters = _base.field(hf_config, "rope_parameters")
+    sliding = _base.sliding_layers(hf_config)
+    window = getattr(hf_config, "sliding_window", None)
+    return ModelConfig(
+        family="phi3",
+        **_base.common_fields(hf_config),
+        rope=_base.rope(parameters, hf_config=hf_config),
+        rotary_fraction=_base.rotary_fraction(parameters, hf_config),
+        sliding_layers=sliding,
+        sliding_window=int(window) if sliding else None,
+    )
+
+
+def _gate_up_sizes(config: ModelConfig) -> tuple[int, int]:
+    return (config.intermediate_size, config.intermediate_size)
+
+
+_QKV = "self_attn.qkv_proj.weight"
+_GATE_UP = "mlp.gate_up_proj.weight"
+
+FAMILY = _base.Family(
+    name="phi3",
+    model_types=("phi3",),
+    config_from_hf=config_from_hf,
+    layer_tensors={
+        _QKV: tuple(
+            (("attn", f"{name}_proj", "kernel"), _base.part(i, _base.qkv_sizes, 0, _base.linear))
+            for i, name in enumerate("qkv")
+        ),
+        **_base.linear_params("self_attn.o_proj", "attn", "o_proj"),
+        _GATE_UP: (
+            (("mlp", "gate_proj", "kernel"), _base.part(0, _gate_up_sizes, 0, _base.linear)),
+            (("mlp", "up_proj", "kernel"), _base.part(1, _gate_up_sizes, 0, _base.linear)),
+        ),
+        **_base.linear_params("mlp.down_proj", "mlp", "down_proj"),
+        **_base.PRE_NORM_LAYER_TENSORS,
+    },
+)

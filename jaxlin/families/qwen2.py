@@ -1,0 +1,29 @@
+"""Qwen 2 / 2.5 and the DeepSeek-R1-Distill-Qwen models: Llama's block with q/k/v
+biases (so the detached map is affine), optional sliding layers, YaRN where configured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxlin._config import ModelConfig
+from jaxlin.families import _base
+
+
+def config_from_hf(hf_config: Any) -> ModelConfig:
+    sliding = _base.sliding_layers(hf_config)
+    return ModelConfig(
+        family="qwen2",
+        **_base.common_fields(hf_config),
+        rope=_base.rope(_base.field(hf_config, "rope_parameters"), hf_config=hf_config),
+        qkv_bias=True,  # HF's Qwen2Attention always has q/k/v biases, never an o_proj bias
+        sliding_layers=sliding,
+        sliding_window=int(hf_config.sliding_window) if sliding else None,
+    )
+
+
+FAMILY = _base.Family(
+    name="qwen2",
+    model_types=("qwen2",),
+    config_from_hf=config_from_hf,
+    layer_tensors={**_base.SHARED_LAYER_TENSORS, **_base.QKV_BIASES, **_base.PRE_NORM_LAYER_TENSORS},
+)
