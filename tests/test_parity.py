@@ -68,3 +68,33 @@ def test_policies_agree_on_values(variant, tiny_model_dir):
     detached, _ = jax_forward(tiny_model_dir(variant), jnp.float64, FreezePolicy.DETACHED)
     ordinary, _ = jax_forward(tiny_model_dir(variant), jnp.float64, FreezePolicy.ORDINARY)
     np.testing.assert_array_equal(np.asarray(detached), np.asarray(ordinary))
+
+
+def test_longrope_short_factors_below_the_original_context(tiny_model_dir):
+    """LongRoPE switches to its long factors only past the original context (16 here):
+    a 12-token input must use the short ones, as HF does."""
+    directory = tiny_model_dir("phi3_longrope")
+    short = TOKENS[:12]
+    reference = hf_forward(directory, short, "exact_float64")
+    model = load_hf_model(directory, jnp.float64)
+    inputs = model_fns.embed(model.config, model.params, jnp.asarray(short))
+    hidden = model_fns.final_hidden(model.config, model.params, inputs)
+    assert relative(hidden, reference["last_hidden_state"]) <= 1e-10
+
+
+def test_learned_positions_refuse_inputs_longer_than_the_table(tiny_model_dir, tmp_path):
+    from jaxlin.errors import JaxlinError
+    from jaxlin.loading import LoadedModel
+    from jaxlin.pipeline import analyse
+    from jaxlin.run_config import AnalysisSection
+
+    model = load_hf_model(tiny_model_dir("gpt2_affine"), jnp.float64)
+
+    class Tokenizer:
+        bos_token_id = None
+
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            return [5] * len(text)
+
+    with pytest.raises(JaxlinError, match="positions"):
+        analyse(LoadedModel(model, Tokenizer(), False), "x" * 65, AnalysisSection())

@@ -92,6 +92,11 @@ def test_every_token_block_matches_dense_svd(variant, cases):
     left, sigma, right, bounds, frob_sq = per_token_top_k(model.params, inputs, jnp.eye(d), model.config, 4)
     for t in range(N):
         u_ref, s_ref, vt_ref = np.linalg.svd(dense[:, t, :])
+        if s_ref[0] == 0:
+            # Outside the last token's receptive field (every layer sliding): J_t = 0
+            # exactly, and its singular vectors are arbitrary.
+            assert np.all(np.asarray(sigma[t]) == 0)
+            continue
         np.testing.assert_allclose(np.asarray(sigma[t]), s_ref[:4], rtol=1e-10)
         assert subspace_gap(np.asarray(left[t]).T, u_ref[:, :4]) <= 1e-6
         assert subspace_gap(np.asarray(right[t]).T, vt_ref[:4].T) <= 1e-6
