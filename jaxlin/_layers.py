@@ -230,7 +230,7 @@ class DecoderBlock(nn.Module):
     @nn.compact
     def __call__(
         self, h: jax.Array, is_sliding: jax.Array, rope: dict[str, tuple[jax.Array, jax.Array]]
-    ) -> tuple[jax.Array, None]:
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.config
         cos = sin = None
         if "global" in rope:
@@ -255,4 +255,5 @@ class DecoderBlock(nn.Module):
         mlp_out = mlp(cfg, self.policy, self.dtype, name="mlp")(mlp_in)
         if post_norms:
             mlp_out = make_norm(cfg, self.policy, self.dtype, "post_mlp_norm")(mlp_out)
-        return h + mlp_out, None
+        # Per-layer outputs ride out of the layer scan as taps; jit drops them when unused.
+        return h + mlp_out, {"attention": attn_out, "mlp": mlp_out}

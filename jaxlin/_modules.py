@@ -60,11 +60,25 @@ class Transformer(nn.Module):
         return rows
 
     def __call__(self, embeddings: jax.Array) -> jax.Array:
-        cfg = self.config
+        h, _ = self.blocks(self.scale_embeddings(embeddings))
+        return self.final_norm(h)
+
+    def scale_embeddings(self, embeddings: jax.Array) -> jax.Array:
+        """X → the first block's input (Gemma's √d scale; a no-op elsewhere)."""
         h = embeddings.astype(self.dtype)
-        if cfg.embedding_scale is not None:
+        if self.config.embedding_scale is not None:
             # Cast the scale to the param dtype first, as the reference does.
-            h = h * jnp.asarray(cfg.embedding_scale, dtype=self.dtype)
+            h = h * jnp.asarray(self.config.embedding_scale, dtype=self.dtype)
+        return h
+
+    def normalize(self, h: jax.Array) -> jax.Array:
+        """The final norm alone (for logit-lens taps)."""
+        return self.final_norm(h)
+
+    def blocks(self, h: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Residual stream in → out through every layer of this (possibly truncated)
+        model, with the per-layer attention and MLP outputs stacked as taps."""
+        cfg = self.config
         n = h.shape[0]
         rope = {}
         if cfg.positions is Positions.ROPE:
@@ -72,8 +86,7 @@ class Transformer(nn.Module):
             if cfg.rope_sliding is not None:
                 rope["sliding"] = rope_tables(cfg.rope_sliding, cfg.rotary_dim, n, self.dtype)
         is_sliding = jnp.asarray(cfg.layer_is_sliding)
-        h, _ = self.layers(h, is_sliding, rope)
-        return self.final_norm(h)
+        return self.layers(h, is_sliding, rope)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Unembedding (outside the analysed map) with the final softcap if configured."""

@@ -61,10 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxlin: error: {error}", file=sys.stderr)
         return 2
     _print_report(result.summary)
-    print(
-        f"wrote      {out_dir}/ (summary.json, arrays.npz, reconstruction.png, singular_values.png, "
-        "per_token.png)"
-    )
+    print(f"wrote      {out_dir}/ (summary.json, arrays.npz, PNG figures)")
+    print(f"report     {out_dir / 'report.html'}")
     return 0
 
 

@@ -45,6 +45,81 @@ def final_hidden(
     return module(config, params, policy, attention_block).apply({"params": params}, embeddings)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """An intermediate quantity whose detached Jacobian can be taken: the residual
+    stream after layer `layer` (0-based), or that layer's attention or MLP output (after
+    its post-norm where the family has one). `final_norm` applies the final norm
+    (logit-lens style). `local` takes the Jacobian w.r.t. the layer's own input (the
+    residual stream before it) instead of the input embeddings."""
+
+    layer: int
+    kind: str = "residual"  # residual | attention | mlp
+    final_norm: bool = True
+    local: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("residual", "attention", "mlp"):
+            raise ValueError(f"tap kind {self.kind!r} is not one of residual, attention, mlp")
+
+    @property
+    def label(self) -> str:
+        scope = "local" if self.local else "cumulative"
+        norm = "+final norm" if self.final_norm else ""
+        return f"layer {self.layer} {self.kind}{norm} ({scope})"
+
+
+def layer_slice(config: ModelConfig, params: Params, start: int, stop: int) -> tuple[ModelConfig, Params]:
+    """The model restricted to layers [start, stop): same embedding and final norm."""
+    if not 0 <= start < stop <= config.num_layers:
+        raise ValueError(f"layers [{start}, {stop}) are outside 0..{config.num_layers}")
+    sliced = dataclasses.replace(
+        config,
+        num_layers=stop - start,
+        sliding_layers=config.sliding_layers[start:stop] if config.sliding_layers else (),
+    )
+    sub = dict(params)
+    sub["layers"] = jax.tree_util.tree_map(lambda leaf: leaf[start:stop], params["layers"])
+    return sliced, sub
+
+
+def tap_input(
+    config: ModelConfig, params: Params, embeddings: jax.Array, tap: Tap, attention_block: int | None = None
+) -> jax.Array:
+    """What the tap's Jacobian is taken w.r.t.: X for cumulative taps, the residual
+    stream entering layer `tap.layer` for local ones."""
+    if not tap.local:
+        return embeddings
+    transformer = module(config, params, attention_block=attention_block)
+    h = transformer.apply({"params": params}, embeddings, method=Transformer.scale_embeddings)
+    if tap.layer == 0:
+        return h
+    sub_config, sub_params = layer_slice(config, params, 0, tap.layer)
+    sub = module(sub_config, sub_params, attention_block=attention_block)
+    return sub.apply({"params": sub_params}, h, method=Transformer.blocks)[0]
+
+
+def tap_values(
+    config: ModelConfig,
+    params: Params,
+    inputs: jax.Array,
+    tap: Tap,
+    policy: FreezePolicy = FreezePolicy.DETACHED,
+    attention_block: int | None = None,
+) -> jax.Array:
+    """The tap (N, d) as a function of its input (see `tap_input`)."""
+    start = tap.layer if tap.local else 0
+    sub_config, sub_params = layer_slice(config, params, start, tap.layer + 1)
+    sub = module(sub_config, sub_params, policy, attention_block)
+    variables = {"params": sub_params}
+    h = inputs if tap.local else sub.apply(variables, inputs, method=Transformer.scale_embeddings)
+    residual, taps = sub.apply(variables, h, method=Transformer.blocks)
+    value = residual if tap.kind == "residual" else taps[tap.kind][-1]
+    if tap.final_norm:
+        value = sub.apply(variables, value, method=Transformer.normalize)
+    return value
+
+
 def logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     return module(config, params).apply({"params": params}, hidden, method=Transformer.logits)
 

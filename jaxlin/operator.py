@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxlin._config import ModelConfig
 from jaxlin._policy import FreezePolicy
-from jaxlin.model import Params, final_hidden
+from jaxlin.model import Params, Tap, final_hidden, tap_values
 
 # Query block of the O(N)-memory attention used by the detached operator. Inputs up to
 # this length use dense attention (the same numbers; the block only bounds memory).
@@ -44,15 +44,19 @@ def target_function(
     params: Params,
     policy: FreezePolicy,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+    tap: Tap | None = None,
 ) -> Callable[..., jax.Array]:
     """(X (N, d), β = 1) → y (d,): the last token's final-normed hidden state, with
-    every bias scaled by β."""
+    every bias scaled by β. With a `tap`, the tap's value at the last token instead, as a
+    function of the tap's input (X, or the residual stream entering a local tap's layer)."""
     # Blockwise attention relies on frozen probabilities; the ordinary Jacobian (a
     # comparison for short inputs) always uses dense attention.
     block = attention_block if policy is FreezePolicy.DETACHED else None
 
     def target(embeddings: jax.Array, beta: jax.Array | float = 1.0) -> jax.Array:
         scaled = scale_biases(params, jnp.asarray(beta)) if config.has_biases else params
+        if tap is not None:
+            return tap_values(config, scaled, embeddings, tap, policy, block)[-1]
         return final_hidden(config, scaled, embeddings, policy, block)[-1]
 
     return target
@@ -76,8 +80,9 @@ def linearize_target(
     inputs: jax.Array,
     policy: FreezePolicy = FreezePolicy.DETACHED,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+    tap: Tap | None = None,
 ) -> LinearizedTarget:
-    target = target_function(config, params, policy, attention_block)
+    target = target_function(config, params, policy, attention_block, tap)
     if not config.has_biases:
         output, matvec = jax.linearize(target, inputs)
         transpose = jax.linear_transpose(matvec, inputs)
@@ -101,7 +106,7 @@ def _chunk_size(total: int, chunk: int | None) -> int | None:
     return None if chunk is None or chunk >= total else chunk
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk", "attention_block"))
+@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk", "attention_block", "tap"))
 def contributions(
     params: Params,
     inputs: jax.Array,
@@ -109,6 +114,7 @@ def contributions(
     policy: FreezePolicy = FreezePolicy.DETACHED,
     chunk: int | None = 64,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+    tap: Tap | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(y, c, c_bias) with c_t = J_t·x_t, shape (N, d). Under DETACHED, Σ_t c_t + c_bias = y
     (c_bias = 0 for bias-free models).
@@ -116,7 +122,7 @@ def contributions(
     Picks the cheaper side: N forward-mode products (one per token) when N ≤ d,
     otherwise d transposed products (one per output coordinate), each reduced against
     X on the fly so memory stays O(chunk · N · d)."""
-    op = linearize_target(config, params, inputs, policy, attention_block)
+    op = linearize_target(config, params, inputs, policy, attention_block, tap)
     n, d = inputs.shape
     if n <= d:
 
@@ -135,7 +141,7 @@ def contributions(
     return op.output, c, op.bias_contribution()
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk", "attention_block"))
+@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk", "attention_block", "tap"))
 def materialize(
     params: Params,
     inputs: jax.Array,
@@ -143,9 +149,10 @@ def materialize(
     policy: FreezePolicy = FreezePolicy.DETACHED,
     chunk: int | None = 64,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+    tap: Tap | None = None,
 ) -> jax.Array:
     """The dense J, shape (d, N, d) with J[i, t, j] = ∂y_i/∂X_tj (small inputs only)."""
-    op = linearize_target(config, params, inputs, policy, attention_block)
+    op = linearize_target(config, params, inputs, policy, attention_block, tap)
     d = op.output.shape[0]
     basis = jnp.eye(d, dtype=op.output.dtype)
     return jax.lax.map(op.rmatvec, basis, batch_size=_chunk_size(d, chunk))

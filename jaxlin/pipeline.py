@@ -24,6 +24,7 @@ from jaxlin.memory import linearization_bytes, product_bytes, require_memory
 from jaxlin.operator import certify, contributions, materialize
 from jaxlin.outputs import atomic_directory, write_json, write_npz
 from jaxlin.plots import per_token_spectra, reconstruction_scatter, singular_values
+from jaxlin.report import render_report
 from jaxlin.run_config import AnalysisSection, RunConfig
 from jaxlin.spectral import (
     check_request,
@@ -295,6 +296,7 @@ def write_run(result: RunResult, out_dir: Path) -> Path:
             result.arrays.get("per_token_S"),
             f"per-token view · {s['n_tokens']} tokens",
         )
+        render_report(staging, s)
     return out_dir
 
 

@@ -31,7 +31,7 @@ from matfree import decomp
 
 from jaxlin._config import ModelConfig
 from jaxlin.errors import JaxlinError
-from jaxlin.model import Params
+from jaxlin.model import Params, Tap
 from jaxlin.operator import DEFAULT_ATTENTION_BLOCK, LinearizedTarget, linearize_target
 
 
@@ -102,7 +102,7 @@ def _triplet_bounds(matvec: Callable, rmatvec: Callable, left: jax.Array, chunk:
     return sigma, right, bounds
 
 
-@functools.partial(jax.jit, static_argnames=("config", "k", "depth", "chunk", "attention_block"))
+@functools.partial(jax.jit, static_argnames=("config", "k", "depth", "chunk", "attention_block", "tap"))
 def lanczos_top_k(
     params: Params,
     inputs: jax.Array,
@@ -112,10 +112,11 @@ def lanczos_top_k(
     depth: int,
     chunk: int | None = 16,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+    tap: Tap | None = None,
 ) -> tuple[jax.Array, ...]:
     """One Lanczos run of `depth` steps on J·Jᵀ, linearized inside this jit.
     Returns (U (k, d), S (k,), V (k, N, d), bounds (k,), lanczos_bounds (k,))."""
-    op = linearize_target(config, params, inputs, attention_block=attention_block)
+    op = linearize_target(config, params, inputs, attention_block=attention_block, tap=tap)
     matvec, rmatvec, wide = widened(op)
     start = jax.random.normal(key, op.output.shape, wide)
     gram = lambda u: matvec(rmatvec(u))  # noqa: E731  J·Jᵀ·u
@@ -142,6 +143,7 @@ def top_k(
     chunk: int | None = 16,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
     progress: Callable[[str], None] | None = None,
+    tap: Tap | None = None,
 ) -> Triplets:
     """Top-k singular triplets of the whole J with residual bounds ≤ tolerance·σ_i,
     growing the Krylov depth (×2, up to d, where Lanczos is exact) until they are met.
@@ -152,7 +154,7 @@ def top_k(
     depth = min(d, depth or max(2 * k + 16, 32))
     key = jax.random.key(seed)
     while True:
-        u, s, v, bounds, _ = lanczos_top_k(params, inputs, key, config, k, depth, chunk, attention_block)
+        u, s, v, bounds, _ = lanczos_top_k(params, inputs, key, config, k, depth, chunk, attention_block, tap)
         s_np, bounds_np = np.asarray(s, np.float64), np.asarray(bounds, np.float64)
         worst = float(np.max(bounds_np / np.maximum(s_np, np.finfo(np.float64).tiny)))
         converged = worst <= tolerance
@@ -165,7 +167,7 @@ def top_k(
         depth = min(d, 2 * depth)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "k", "chunk", "attention_block"))
+@functools.partial(jax.jit, static_argnames=("config", "k", "chunk", "attention_block", "tap"))
 def per_token_top_k(
     params: Params,
     inputs: jax.Array,
@@ -174,6 +176,7 @@ def per_token_top_k(
     k: int,
     chunk: int | None = 64,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+    tap: Tap | None = None,
 ) -> tuple[jax.Array, ...]:
     """Top-k triplets of every block B·J_t (t = 1..N) from one batched transposed pass.
 
@@ -181,7 +184,7 @@ def per_token_top_k(
     exact J_t. Returns U (N, k, d) left vectors in output space, S (N, k), V (N, k, d),
     bounds (N, k) (residual bounds w.r.t. the projected blocks B·J_t, see
     `_triplet_bounds`), and the squared Frobenius norms ‖B·J_t‖² (N,)."""
-    op = linearize_target(config, params, inputs, attention_block=attention_block)
+    op = linearize_target(config, params, inputs, attention_block=attention_block, tap=tap)
     _, rmatvec, wide = widened(op)
     basis = basis.astype(wide)
     rows = jax.lax.map(rmatvec, basis, batch_size=chunk)  # (b, N, d): rows[i, t] = J_tᵀ b_i
@@ -199,7 +202,7 @@ def per_token_top_k(
     return left, sigma, right, bounds, frobenius_sq
 
 
-@functools.partial(jax.jit, static_argnames=("config", "samples", "chunk", "attention_block"))
+@functools.partial(jax.jit, static_argnames=("config", "samples", "chunk", "attention_block", "tap"))
 def frobenius_estimate(
     params: Params,
     inputs: jax.Array,
@@ -208,13 +211,14 @@ def frobenius_estimate(
     samples: int,
     chunk: int | None = 64,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+    tap: Tap | None = None,
 ) -> jax.Array:
     """Hutchinson estimate of ‖J_t‖_F² for every token at once (N,): with Rademacher ω in
     output space, E‖J_tᵀω‖² = ‖J_t‖_F² (matfree's Monte-Carlo estimator, one batched
     transposed pass of `samples` vectors)."""
     from matfree import stochtrace
 
-    op = linearize_target(config, params, inputs, attention_block=attention_block)
+    op = linearize_target(config, params, inputs, attention_block=attention_block, tap=tap)
     _, rmatvec, wide = widened(op)
 
     def per_token_energy(matvec: Callable, omega: jax.Array) -> jax.Array:
@@ -233,11 +237,14 @@ def krylov_basis(
     rank: int,
     seed: int = 0,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+    tap: Tap | None = None,
 ) -> jax.Array:
     """An orthonormal (rank, d) basis of J's dominant left subspace: the top Ritz vectors
     of one Lanczos run (depth rank + 16, capped at d). Used to project every J_t."""
     depth = min(config.hidden_size, rank + 16)
-    left, *_ = lanczos_top_k(params, inputs, jax.random.key(seed), config, rank, depth, 16, attention_block)
+    left, *_ = lanczos_top_k(
+        params, inputs, jax.random.key(seed), config, rank, depth, 16, attention_block, tap
+    )
     # Ritz vectors are orthonormal up to rounding; re-orthonormalize for a clean projector.
     q, _ = jnp.linalg.qr(left.T)
     return q.T
