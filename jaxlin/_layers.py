@@ -256,4 +256,5 @@ class DecoderBlock(nn.Module):
         if post_norms:
             mlp_out = make_norm(cfg, self.policy, self.dtype, "post_mlp_norm")(mlp_out)
         # Per-layer outputs ride out of the layer scan as taps; jit drops them when unused.
-        return h + mlp_out, {"attention": attn_out, "mlp": mlp_out}
+        h = h + mlp_out
+        return h, {"residual": h, "attention": attn_out, "mlp": mlp_out}

@@ -75,9 +75,12 @@ class Transformer(nn.Module):
         """The final norm alone (for logit-lens taps)."""
         return self.final_norm(h)
 
-    def blocks(self, h: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def blocks(
+        self, h: jax.Array, is_sliding: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Residual stream in → out through every layer of this (possibly truncated)
-        model, with the per-layer attention and MLP outputs stacked as taps."""
+        model, with each layer's residual, attention and MLP outputs stacked as taps.
+        `is_sliding` overrides the config's per-layer flags (a layer picked at run time)."""
         cfg = self.config
         n = h.shape[0]
         rope = {}
@@ -85,7 +88,8 @@ class Transformer(nn.Module):
             rope["global"] = rope_tables(cfg.rope, cfg.rotary_dim, n, self.dtype)
             if cfg.rope_sliding is not None:
                 rope["sliding"] = rope_tables(cfg.rope_sliding, cfg.rotary_dim, n, self.dtype)
-        is_sliding = jnp.asarray(cfg.layer_is_sliding)
+        if is_sliding is None:
+            is_sliding = jnp.asarray(cfg.layer_is_sliding)
         return self.layers(h, is_sliding, rope)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -19,11 +19,18 @@ from jaxlin import model as model_fns
 from jaxlin._policy import FreezePolicy
 from jaxlin.decoding import orient_to, top_tokens, unembedding_matrix
 from jaxlin.errors import JaxlinError
+from jaxlin.layers import sweep
 from jaxlin.loading import LoadedModel, load_model
 from jaxlin.memory import linearization_bytes, product_bytes, require_memory
 from jaxlin.operator import certify, contributions, materialize
 from jaxlin.outputs import atomic_directory, write_json, write_npz
-from jaxlin.plots import per_token_spectra, reconstruction_scatter, singular_values
+from jaxlin.plots import (
+    layer_dynamics,
+    layer_paths,
+    per_token_spectra,
+    reconstruction_scatter,
+    singular_values,
+)
 from jaxlin.report import render_report
 from jaxlin.run_config import AnalysisSection, RunConfig
 from jaxlin.spectral import (
@@ -97,6 +104,96 @@ def _decoded(
         }
         for i in range(len(vectors))
     ]
+
+
+def _decode_right_vectors(
+    tokenizer: Any,
+    right: np.ndarray,
+    oriented_u: np.ndarray,
+    raw_u: np.ndarray,
+    config: Any,
+    params: Any,
+    ids: np.ndarray,
+    count: int,
+) -> list[dict[str, Any]]:
+    """Each right singular vector v_i (N, d) read at its dominant token: the input-embedding
+    rows nearest to v_i[t] by cosine (sign follows the left vector's orientation)."""
+    embedding = np.asarray(params["embedder"]["embedding"], np.float32)
+    norms = np.linalg.norm(embedding, axis=1) + 1e-30
+    rows = []
+    for i, v in enumerate(right):
+        sign = 1.0 if float(oriented_u[i] @ raw_u[i]) >= 0 else -1.0
+        t = int(np.argmax(np.linalg.norm(v, axis=1)))
+        direction = sign * np.asarray(v[t], np.float32)
+        cosine = embedding @ direction / (norms * (np.linalg.norm(direction) + 1e-30))
+        nearest = np.argsort(-cosine)[:count]
+        rows.append(
+            {
+                "index": i + 1,
+                "dominant_position": t,
+                "dominant_token": tokenizer.decode([int(ids[t])]),
+                "share_of_norm": float(np.linalg.norm(v[t]) ** 2 / max(np.sum(v**2), 1e-300)),
+                "nearest_tokens": token_text(tokenizer, nearest),
+                "cosines": cosine[nearest].tolist(),
+            }
+        )
+    return rows
+
+
+def _layer_dynamics(
+    config: Any,
+    params: Any,
+    inputs: Any,
+    tokenizer: Any,
+    options: AnalysisSection,
+    progress: Callable[[str], None] | None,
+) -> list[dict[str, Any]]:
+    """Per layer and tap: effective dimensionality, decoded top left vectors, and the
+    cosine of each with the final layer's (the 'path'), with the tap's certificate."""
+    section = options.layers
+    scopes = [False, True] if section.local else [False]
+    rows: list[dict[str, Any]] = []
+    for local in scopes:
+        spectra = sweep(
+            config,
+            params,
+            inputs,
+            tuple(section.kinds),
+            local,
+            section.final_norm,
+            section.top_k,
+            options.chunk,
+            options.attention_block,
+            progress,
+        )
+        final = {r.kind: r for r in spectra if r.layer == config.num_layers - 1}
+        for r in spectra:
+            decoded = _decoded(
+                tokenizer,
+                r.left_vectors,
+                r.singular_values[: section.top_k],
+                config,
+                params,
+                r.value,
+                options.decode_top_tokens,
+            )
+            rows.append(
+                {
+                    "layer": r.layer,
+                    "tap": r.kind,
+                    "scope": "local" if local else "cumulative",
+                    "stable_rank": r.stable_rank,
+                    "entropy_rank": r.entropy_rank,
+                    "sigma_1": float(r.singular_values[0]),
+                    "reconstruction_relative_error": r.reconstruction_error,
+                    "path_cosines": np.abs(
+                        np.sum(r.left_vectors * final[r.kind].left_vectors, axis=1)
+                    ).tolist(),
+                    "top_tokens": [entry["tokens"] for entry in decoded],
+                    "_sigma": r.singular_values,
+                }
+            )
+    return rows
 
 
 def _check_memory(config: Any, n: int, dtype: Any, options: AnalysisSection) -> None:
@@ -227,6 +324,15 @@ def analyse(
     frobenius = float(np.sqrt(np.sum(token_frobenius**2)))
     arrays.update(token_frobenius=token_frobenius, token_contribution_norms=np.linalg.norm(c_np, axis=-1))
 
+    right_tokens = _decode_right_vectors(
+        tokenizer, triplets.V, oriented_u, triplets.U.T, config, params, ids, options.decode_top_tokens
+    )
+    layers = None
+    if options.layers.enabled:
+        with timer.step(f"layer sweep ({len(options.layers.kinds)} taps × {config.num_layers} layers)"):
+            layers = _layer_dynamics(config, params, inputs, tokenizer, options, progress)
+            arrays["layer_singular_values"] = np.stack([r.pop("_sigma") for r in layers])
+
     predicted = certificate.predicted_token_id
     summary = {
         "model": model.name,
@@ -261,8 +367,11 @@ def analyse(
             "token_contribution_norms": arrays["token_contribution_norms"].tolist(),
         },
         "per_token": per_token,
+        "right_vectors_nearest_embeddings": right_tokens,
         "timings_seconds": timer.seconds,
     }
+    if layers is not None:
+        summary["layers"] = layers
     return RunResult(summary, arrays)
 
 
@@ -296,6 +405,9 @@ def write_run(result: RunResult, out_dir: Path) -> Path:
             result.arrays.get("per_token_S"),
             f"per-token view · {s['n_tokens']} tokens",
         )
+        if "layers" in s:
+            layer_dynamics(staging / "layers.png", s["layers"])
+            layer_paths(staging / "layers_path.png", s["layers"])
         render_report(staging, s)
     return out_dir
 

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: runs write PNGs, never open windows
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def reconstruction_scatter(
@@ -96,6 +97,63 @@ def per_token_spectra(
         ax.grid(alpha=0.3, which="both")
     _token_axis(axes[-1][0], tokens)
     axes[-1][0].set_xlabel("input token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def layer_dynamics(path: Path, rows: list[dict]) -> None:
+    """Effective dimensionality per layer (stable rank and entropy rank) for each tap."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    series: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        series.setdefault((row["tap"], row["scope"]), []).append(row)
+    for (tap, scope), entries in sorted(series.items()):
+        layers = [e["layer"] for e in entries]
+        style = "-" if scope == "cumulative" else "--"
+        axes[0].plot(layers, [e["stable_rank"] for e in entries], style, marker="o", label=f"{tap} ({scope})")
+        axes[1].plot(
+            layers, [e["entropy_rank"] for e in entries], style, marker="o", label=f"{tap} ({scope})"
+        )
+    axes[0].set_ylabel("stable rank ‖J‖_F² / σ₁²")
+    axes[1].set_ylabel("entropy effective rank exp H(σ²/Σσ²)")
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("effective dimensionality of the detached Jacobian per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def layer_paths(path: Path, rows: list[dict], tap: str = "residual") -> None:
+    """The 'path': |cos| of each layer's top left singular vectors with the final layer's,
+    each point labelled with the top decoded token of that layer's vector."""
+    entries = [r for r in rows if r["tap"] == tap and r["scope"] == "cumulative"] or [
+        r for r in rows if r["scope"] == "cumulative"
+    ]
+    if not entries:
+        return
+    fig, ax = plt.subplots(figsize=(12, 5))
+    count = len(entries[0]["path_cosines"])
+    for i in range(count):
+        layers = [e["layer"] for e in entries]
+        cosines = [e["path_cosines"][i] for e in entries]
+        ax.plot(layers, cosines, marker="o", label=f"u_{i + 1}")
+        for layer, cosine, entry in zip(layers, cosines, entries, strict=True):
+            label = repr(entry["top_tokens"][i][0])[1:-1] if entry["top_tokens"][i] else ""
+            ax.annotate(
+                label, (layer, cosine), fontsize=6, rotation=30, xytext=(2, 3), textcoords="offset points"
+            )
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("|cos(u_i at layer, u_i at final layer)|")
+    ax.set_ylim(-0.05, 1.1)
+    ax.set_title(f"path of the top left singular vectors ({entries[0]['tap']} taps, cumulative)")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -39,6 +39,16 @@ class PerTokenSection(_Strict):
     rank: int = Field(64, ge=1, description="projection rank for method=projected")
 
 
+class LayersSection(_Strict):
+    enabled: bool = Field(False, description="sweep every layer's taps (exact spectra from J·Jᵀ)")
+    kinds: list[Literal["residual", "attention", "mlp"]] = Field(
+        ["residual", "attention", "mlp"], min_length=1, description="taps to sweep"
+    )
+    local: bool = Field(False, description="layer-local Jacobians (w.r.t. each layer's input) as well")
+    final_norm: bool = Field(True, description="apply the final norm to each tap (logit-lens style)")
+    top_k: int = Field(3, ge=1, description="left singular vectors decoded and followed across layers")
+
+
 class AnalysisSection(_Strict):
     method: Literal["lanczos", "dense"] = Field(
         "lanczos", description="whole-J top-k: matrix-free Lanczos on J·Jᵀ, or a dense SVD (short inputs)"
@@ -50,6 +60,7 @@ class AnalysisSection(_Strict):
     krylov_depth: int | None = Field(None, ge=1, description="initial Lanczos depth (grown until converged)")
     seed: int = Field(0, description="seed of the Lanczos start vector and stochastic estimates")
     per_token: PerTokenSection = PerTokenSection()
+    layers: LayersSection = LayersSection()
     frobenius_samples: int = Field(
         64, ge=1, description="Hutchinson samples for ‖J_t‖_F when per-token spectra are not exact"
     )
