@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxlin: error: {error}", file=sys.stderr)
         return 2
     _print_report(result.summary)
+    if "steering" in result.summary:
+        steering = result.summary["steering"]
+        print(
+            f"steering   concept {steering['concept']!r} at layer {steering['layer']} ({steering['mode']}), "
+            f"prompt {steering['prompt']!r}"
+        )
+        for run in steering["runs"]:
+            print(f"  λ = {run['lambda']:<5g} → {run['text']!r}")
     print(f"wrote      {out_dir}/ (summary.json, arrays.npz, PNG figures)")
     print(f"report     {out_dir / 'report.html'}")
     return 0

@@ -32,7 +32,7 @@ from jaxlin.plots import (
     singular_values,
 )
 from jaxlin.report import render_report
-from jaxlin.run_config import AnalysisSection, RunConfig
+from jaxlin.run_config import AnalysisSection, RunConfig, SteeringSection
 from jaxlin.spectral import (
     check_request,
     dense_top_k,
@@ -41,6 +41,7 @@ from jaxlin.spectral import (
     per_token_top_k,
     top_k,
 )
+from jaxlin.steering import generate, prepare
 
 JACOBIAN_INPUT = (
     "raw embedding rows (before any embedding scale); y = final-normed hidden state of the last token"
@@ -375,6 +376,30 @@ def analyse(
     return RunResult(summary, arrays)
 
 
+def steer(loaded: LoadedModel, section: SteeringSection, add_bos: bool) -> dict[str, Any]:
+    """Baseline and steered greedy continuations, side by side."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    concept = tokenize(tokenizer, section.concept, add_bos)
+    prompt = tokenize(tokenizer, section.prompt, add_bos)
+    try:
+        setup = prepare(model.config, model.params, concept, section.layer, section.mode)
+    except ValueError as error:
+        raise JaxlinError(f"steering: {error}") from None
+    stop = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
+    runs = []
+    for strength in [0.0, *[x for x in section.lambdas if x != 0.0]]:
+        tokens = generate(model.config, model.params, prompt, section.max_new_tokens, strength, setup, stop)
+        runs.append({"lambda": strength, "text": tokenizer.decode(tokens), "token_ids": tokens})
+    return {
+        "concept": section.concept,
+        "prompt": section.prompt,
+        "layer": setup.layer,
+        "mode": section.mode,
+        "baseline": runs[0]["text"],
+        "runs": runs,
+    }
+
+
 def write_run(result: RunResult, out_dir: Path) -> Path:
     s = result.summary
     with atomic_directory(out_dir) as staging:
@@ -426,6 +451,9 @@ def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
         (lambda message: print(f"[jaxlin]   {message}", file=sys.stderr, flush=True)) if verbose else None
     )
     result = analyse(loaded, config.text, config.analysis, config.add_bos, timer, progress)
+    if config.steering.enabled:
+        with timer.step(f"steering ({len(config.steering.lambdas)} strengths)"):
+            result.summary["steering"] = steer(loaded, config.steering, config.add_bos)
     result.summary["config"] = config.model_dump()
     result.summary["params_from_cache"] = loaded.from_cache
     return result, write_run(result, Path(config.output_dir))

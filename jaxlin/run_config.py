@@ -38,6 +38,11 @@ class PerTokenSection(_Strict):
     top_k: int = Field(4, ge=1, description="singular triplets per token")
     rank: int = Field(64, ge=1, description="projection rank for method=projected")
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
 
 class LayersSection(_Strict):
     enabled: bool = Field(False, description="sweep every layer's taps (exact spectra from J·Jᵀ)")
@@ -74,11 +79,25 @@ class AnalysisSection(_Strict):
     attention_block: int = Field(256, ge=1, description="query block of the O(N)-memory attention")
 
 
+class SteeringSection(_Strict):
+    enabled: bool = False
+    concept: str = Field("The bridge out of Marin is the Golden", description="the concept prompt S")
+    prompt: str = Field("Here is a painting of the", description="the prompt to continue")
+    layer: int | None = Field(None, ge=0, description="0-based layer (default: round(2L/3) − 1)")
+    lambdas: list[float] = Field([0.0, 2.0, 4.0, 8.0], min_length=1, description="strengths λ")
+    max_new_tokens: int = Field(16, ge=1, le=512)
+    mode: Literal["jacobian", "singular"] = Field(
+        "jacobian",
+        description="jacobian: running sum of J_S·e_k (published rule); singular: J_S's top direction",
+    )
+
+
 class RunConfig(_Strict):
     model: ModelSection = ModelSection()
     text: str = Field(..., description="the input text; the CLI's --text overrides it")
     add_bos: bool = Field(True, description="prepend the tokenizer's BOS token")
     analysis: AnalysisSection = AnalysisSection()
+    steering: SteeringSection = SteeringSection()
     output_dir: str = "runs/default"
 
     @field_validator("text")

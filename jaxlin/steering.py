@@ -1,0 +1,138 @@
+"""Steering with the detached Jacobian of a concept prompt.
+
+J_S = ∂h_ℓ(last concept token)/∂X_S, the cumulative detached Jacobian of the residual
+stream after layer ℓ for the concept prompt S (T_S tokens, blocks J_S[:, k, :]). While
+greedily generating from a new prompt, the running sum s_i = Σ_{k≤i} J_S[:, k mod T_S, :]·e_k
+of the new sequence's embeddings e_k is added to its layer-ℓ hidden states, rescaled to
+λ/2·‖h_i‖ (the published rule). Variant "singular": add the concept Jacobian's top left
+singular direction instead, with the same scale. λ = 0 is plain greedy decoding.
+
+Generation runs on a fixed-length buffer (prompt + new tokens) so one compiled step
+serves every position and every λ; causality makes the unused tail irrelevant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlin._config import ModelConfig
+from jaxlin._modules import Transformer
+from jaxlin.model import Params, Tap, embed, layer_slice, module
+from jaxlin.operator import materialize
+
+
+def concept_jacobian(config: ModelConfig, params: Params, concept_ids: np.ndarray, layer: int) -> jax.Array:
+    """J_S as (T_S, d, d) blocks: block k maps concept token k's embedding to the
+    residual stream after `layer` at the last concept token."""
+    inputs = embed(config, params, jnp.asarray(concept_ids))
+    dense = materialize(params, inputs, config, tap=Tap(layer, "residual", final_norm=False))
+    return jnp.moveaxis(dense, 1, 0)
+
+
+def top_direction(blocks: jax.Array) -> jax.Array:
+    """The top left singular vector of the whole J_S (d × T_S·d)."""
+    d = blocks.shape[1]
+    flat = jnp.moveaxis(blocks, 0, 1).reshape(d, -1)
+    u, _, _ = jnp.linalg.svd(flat.astype(jnp.promote_types(flat.dtype, jnp.float32)), full_matrices=False)
+    return u[:, 0]
+
+
+def _steering_vectors(blocks: jax.Array, embeddings: jax.Array, mode: str, direction: jax.Array) -> jax.Array:
+    """Unit steering direction per position (N, d)."""
+    n = embeddings.shape[0]
+    if mode == "singular":
+        return jnp.broadcast_to(direction, (n, direction.shape[0]))
+    picked = blocks[jnp.arange(n) % blocks.shape[0]]  # (N, d, d): J_S[:, k mod T_S, :]
+    running = jnp.cumsum(jnp.einsum("kij,kj->ki", picked, embeddings), axis=0)
+    norms = jnp.linalg.norm(running, axis=-1, keepdims=True)
+    return running / jnp.maximum(norms, jnp.finfo(running.dtype).tiny)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layer", "mode"))
+def _next_token(
+    params: Params,
+    ids: jax.Array,
+    position: jax.Array,
+    strength: jax.Array,
+    blocks: jax.Array,
+    direction: jax.Array,
+    config: ModelConfig,
+    layer: int,
+    mode: str,
+) -> jax.Array:
+    """Greedy next token after `position` (the last filled slot of the buffer `ids`)."""
+    lower_config, lower = layer_slice(config, params, 0, layer + 1)
+    lower_module = module(lower_config, lower)
+    embeddings = lower_module.apply({"params": lower}, ids, method=Transformer.embed)
+    h = lower_module.apply({"params": lower}, embeddings, method=Transformer.scale_embeddings)
+    h, _ = lower_module.apply({"params": lower}, h, method=Transformer.blocks)
+    unit = _steering_vectors(blocks, embeddings, mode, direction).astype(h.dtype)
+    h = h + (strength / 2) * jnp.linalg.norm(h, axis=-1, keepdims=True) * unit
+    if layer + 1 < config.num_layers:
+        upper_config, upper = layer_slice(config, params, layer + 1, config.num_layers)
+        h, _ = module(upper_config, upper).apply({"params": upper}, h, method=Transformer.blocks)
+    top = module(config, params)
+    hidden = top.apply({"params": params}, h, method=Transformer.normalize)
+    last = jax.lax.dynamic_index_in_dim(hidden, position, keepdims=False)
+    return jnp.argmax(top.apply({"params": params}, last, method=Transformer.logits))
+
+
+@dataclasses.dataclass(frozen=True)
+class SteeringSetup:
+    layer: int
+    mode: str
+    blocks: jax.Array
+    direction: jax.Array
+
+
+def prepare(
+    config: ModelConfig, params: Params, concept_ids: np.ndarray, layer: int | None, mode: str
+) -> SteeringSetup:
+    if mode not in ("jacobian", "singular"):
+        raise ValueError(f"steering mode {mode!r} is not one of jacobian, singular")
+    layer = round(2 * config.num_layers / 3) - 1 if layer is None else layer
+    if not 0 <= layer < config.num_layers:
+        raise ValueError(f"steering layer {layer} is outside 0..{config.num_layers - 1}")
+    blocks = concept_jacobian(config, params, concept_ids, layer)
+    return SteeringSetup(layer, mode, blocks, top_direction(blocks))
+
+
+def generate(
+    config: ModelConfig,
+    params: Params,
+    prompt_ids: np.ndarray,
+    max_new_tokens: int,
+    strength: float,
+    setup: SteeringSetup,
+    stop_ids: tuple[int, ...] = (),
+) -> list[int]:
+    """Greedy continuation of `prompt_ids` with steering strength λ = `strength`."""
+    length = len(prompt_ids) + max_new_tokens
+    buffer = np.zeros(length, dtype=np.int32)
+    buffer[: len(prompt_ids)] = prompt_ids
+    generated: list[int] = []
+    dtype = params["embedder"]["embedding"].dtype
+    for position in range(len(prompt_ids) - 1, length - 1):
+        token = int(
+            _next_token(
+                params,
+                jnp.asarray(buffer),
+                jnp.asarray(position),
+                jnp.asarray(strength, dtype),
+                setup.blocks,
+                setup.direction,
+                config,
+                setup.layer,
+                setup.mode,
+            )
+        )
+        buffer[position + 1] = token
+        generated.append(token)
+        if token in stop_ids:
+            break
+    return generated
