@@ -181,3 +181,25 @@ def certify(
     predicted = int(jnp.argmax(logits_of(y)))
     reconstructed = int(jnp.argmax(logits_of(total)))
     return Certificate(float(error), predicted == reconstructed, predicted, reconstructed)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk", "attention_block"))
+def token_block(
+    params: Params,
+    inputs: jax.Array,
+    token: jax.Array,
+    config: ModelConfig,
+    policy: FreezePolicy = FreezePolicy.DETACHED,
+    chunk: int | None = 64,
+    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+) -> jax.Array:
+    """One block J_t (d × d) from d forward products whose tangent lives on token t."""
+    op = linearize_target(config, params, inputs, policy, attention_block)
+    n, d = inputs.shape
+    place = (jnp.arange(n) == token)[:, None].astype(inputs.dtype)
+
+    def column(unit: jax.Array) -> jax.Array:
+        return op.matvec(place * unit[None, :])
+
+    columns = jax.lax.map(column, jnp.eye(d, dtype=inputs.dtype), batch_size=_chunk_size(d, chunk))
+    return columns.T

@@ -22,9 +22,11 @@ from jaxlin.errors import JaxlinError
 from jaxlin.layers import sweep
 from jaxlin.loading import LoadedModel, load_model
 from jaxlin.memory import linearization_bytes, product_bytes, require_memory
-from jaxlin.operator import certify, contributions, materialize
+from jaxlin.operator import certify, contributions, materialize, token_block
 from jaxlin.outputs import atomic_directory, write_json, write_npz
 from jaxlin.plots import (
+    importance_strip,
+    jacobian_images,
     layer_dynamics,
     layer_paths,
     per_token_spectra,
@@ -325,6 +327,21 @@ def analyse(
     frobenius = float(np.sqrt(np.sum(token_frobenius**2)))
     arrays.update(token_frobenius=token_frobenius, token_contribution_norms=np.linalg.norm(c_np, axis=-1))
 
+    # The most important token's block J_t as an image, detached and ordinary.
+    # (Past a leading BOS, which often acts as an attention sink with a large ‖c_t‖.)
+    skip = 1 if add_bos and n > 1 and tokenizer.bos_token_id is not None else 0
+    focus = skip + int(np.argmax(np.linalg.norm(c_np[skip:], axis=-1)))
+    with timer.step(f"Jacobian block of token {focus}"):
+        arrays["focus_block"] = np.asarray(
+            token_block(params, inputs, jnp.asarray(focus), config, chunk=chunk, attention_block=block),
+            np.float32,
+        )
+        if "ordinary_contributions" in arrays:
+            arrays["focus_block_ordinary"] = np.asarray(
+                token_block(params, inputs, jnp.asarray(focus), config, FreezePolicy.ORDINARY, chunk),
+                np.float32,
+            )
+    arrays["focus_position"] = np.asarray(focus)
     right_tokens = _decode_right_vectors(
         tokenizer, triplets.V, oriented_u, triplets.U.T, config, params, ids, options.decode_top_tokens
     )
@@ -429,6 +446,20 @@ def write_run(result: RunResult, out_dir: Path) -> Path:
             result.arrays["token_frobenius"],
             result.arrays.get("per_token_S"),
             f"per-token view · {s['n_tokens']} tokens",
+        )
+        importance_strip(
+            staging / "importance.png",
+            s["tokens"],
+            arrays["token_contribution_norms"],
+            arrays["token_frobenius"],
+        )
+        focus = int(arrays["focus_position"])
+        jacobian_images(
+            staging / "jacobian_block.png",
+            arrays["focus_block"],
+            arrays.get("focus_block_ordinary"),
+            s["tokens"][focus],
+            focus,
         )
         if "layers" in s:
             layer_dynamics(staging / "layers.png", s["layers"])

@@ -157,3 +157,58 @@ def layer_paths(path: Path, rows: list[dict], tap: str = "residual") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def importance_strip(
+    path: Path, tokens: list[str], contribution_norms: np.ndarray, frobenius: np.ndarray
+) -> None:
+    """Per-token importance as heat strips over the input text: ‖c_t‖ and ‖J_t‖_F."""
+    count = len(tokens)
+    per_row = 24
+    rows = -(-count // per_row)
+    fig, axes = plt.subplots(
+        2 * rows, 1, figsize=(min(22, 0.9 * per_row), 1.1 * 2 * rows + 0.8), squeeze=False
+    )
+    for offset, (values, label, cmap) in enumerate(
+        [(contribution_norms, "‖c_t‖", "Blues"), (frobenius, "‖J_t‖_F", "Oranges")]
+    ):
+        top = float(np.max(values)) or 1.0
+        for row in range(rows):
+            ax = axes[2 * row + offset][0]
+            span = slice(row * per_row, min(count, (row + 1) * per_row))
+            chunk = values[span]
+            ax.imshow(chunk[None, :] / top, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+            ax.set_yticks([0])
+            ax.set_yticklabels([label])
+            ax.set_xticks(np.arange(len(chunk)))
+            ax.set_xticklabels(
+                [repr(t)[1:-1] or "␣" for t in tokens[span]], fontsize=8, rotation=45, ha="right"
+            )
+    fig.suptitle("per-token importance over the input (darker = larger, scaled to the maximum)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def jacobian_images(
+    path: Path, detached: np.ndarray, ordinary: np.ndarray | None, token: str, position: int
+) -> None:
+    """The block J_t of one token as an image (detached, and ordinary beside it), each
+    with its singular values inset."""
+    panels = [("detached", detached)] + ([("ordinary", ordinary)] if ordinary is not None else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.6), squeeze=False)
+    for ax, (label, block) in zip(axes[0], panels, strict=True):
+        limit = float(np.percentile(np.abs(block), 99.5)) or 1.0
+        image = ax.imshow(block, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        ax.set_title(f"{label} J_t for token {token!r} (position {position})")
+        ax.set_xlabel("input dimension j (embedding of token t)")
+        ax.set_ylabel("output dimension i (y)")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        inset = ax.inset_axes([0.58, 0.62, 0.38, 0.33])
+        sigma = np.linalg.svd(block, compute_uv=False)
+        inset.semilogy(np.arange(1, len(sigma) + 1), sigma, color="black", linewidth=1)
+        inset.set_title("singular values", fontsize=7)
+        inset.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
