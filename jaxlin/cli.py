@@ -9,7 +9,19 @@ import sys
 from jaxlin.errors import JaxlinError
 
 
+def _print_many(summary: dict) -> None:
+    print(f"model      {summary['model']} ({summary['family']}, {summary['dtype']})")
+    print(f"prompts    {summary['n_prompts']} ({summary['prompts_reused']} reused from an earlier run)")
+    for row in summary["prompts"]:
+        print(f"  [{row['index']}] {row['n_tokens']:>4} tokens → {row['predicted_token']!r}  certificate "
+              f"{row['reconstruction_relative_error']:.2e}  stable rank {row['stable_rank']:.2f}")
+    print(f"worst certificate {summary['max_reconstruction_relative_error']:.3e}")
+
+
 def _print_report(summary: dict) -> None:
+    if "n_prompts" in summary:
+        _print_many(summary)
+        return
     print(f"model      {summary['model']} ({summary['family']}, {summary['dtype']})")
     print(f"tokens     {summary['n_tokens']}")
     print(f"predicted  {summary['predicted_token']!r} (id {summary['predicted_token_id']})")
@@ -55,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         from jaxlin.pipeline import run
         from jaxlin.run_config import load_run_config
 
-        config = load_run_config(args.config, text=args.text, output_dir=args.out)
+        overrides = {"text": args.text, "texts": None, "texts_file": None} if args.text is not None else {}
+        config = load_run_config(args.config, output_dir=args.out, **overrides)
         result, out_dir = run(config, verbose=not args.quiet)
     except JaxlinError as error:
         print(f"jaxlin: error: {error}", file=sys.stderr)

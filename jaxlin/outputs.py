@@ -57,3 +57,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def write_npz(path: Path, arrays: dict[str, Any]) -> None:
     np.savez_compressed(path, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """A single JSON file replaced in one rename (never seen half-written)."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write_json(Path(temporary), data)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)

@@ -4,6 +4,9 @@ written to a run directory. Every step is timed and reported."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,13 +26,14 @@ from jaxlin.layers import sweep
 from jaxlin.loading import LoadedModel, load_model
 from jaxlin.memory import linearization_bytes, product_bytes, require_memory
 from jaxlin.operator import certify, contributions, materialize, token_block
-from jaxlin.outputs import atomic_directory, write_json, write_npz
+from jaxlin.outputs import atomic_directory, write_json, write_json_atomic, write_npz
 from jaxlin.plots import (
     importance_strip,
     jacobian_images,
     layer_dynamics,
     layer_paths,
     per_token_spectra,
+    prompt_overview,
     reconstruction_scatter,
     singular_values,
 )
@@ -470,6 +474,7 @@ def write_run(result: RunResult, out_dir: Path) -> Path:
 
 def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
     timer = Timer(verbose)
+    texts = config.input_texts()  # read (and checked) before any expensive step
     with timer.step("loading model"):
         loaded = load_model(
             config.model.source,
@@ -481,6 +486,8 @@ def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
     progress = (
         (lambda message: print(f"[jaxlin]   {message}", file=sys.stderr, flush=True)) if verbose else None
     )
+    if texts is not None:
+        return run_many(config, loaded, texts, timer, progress)
     result = analyse(loaded, config.text, config.analysis, config.add_bos, timer, progress)
     if config.steering.enabled:
         with timer.step(f"steering ({len(config.steering.lambdas)} strengths)"):
@@ -488,3 +495,123 @@ def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
     result.summary["config"] = config.model_dump()
     result.summary["params_from_cache"] = loaded.from_cache
     return result, write_run(result, Path(config.output_dir))
+
+
+def _analysis_fingerprint(config: RunConfig) -> dict[str, Any]:
+    """What must match for a completed prompt to be reused on resume."""
+    return {
+        "model": config.model.model_dump(),
+        "analysis": config.analysis.model_dump(),
+        "add_bos": config.add_bos,
+    }
+
+
+def run_many(
+    config: RunConfig,
+    loaded: LoadedModel,
+    texts: list[str],
+    timer: Timer,
+    progress: Callable[[str], None] | None,
+) -> tuple[RunResult, Path]:
+    """One run directory per prompt under OUT/prompts/NNN (each written atomically), then
+    aggregates in OUT. Resumable: a prompt whose directory is complete, for the same text
+    and analysis settings, is read back rather than recomputed."""
+    out = Path(config.output_dir)
+    fingerprint = _analysis_fingerprint(config)
+    summaries: list[dict[str, Any]] = []
+    reused = 0
+    for index, text in enumerate(texts):
+        prompt_dir = out / "prompts" / f"{index:04d}"
+        previous = _completed(prompt_dir, text, fingerprint)
+        if previous is not None:
+            summaries.append(previous)
+            reused += 1
+            continue
+        with timer.step(f"prompt {index + 1}/{len(texts)}"):
+            result = analyse(loaded, text, config.analysis, config.add_bos, Timer(False), progress)
+        result.summary["fingerprint"] = fingerprint
+        result.summary["config"] = config.model_dump()
+        write_run(result, prompt_dir)
+        summaries.append(result.summary)
+    if progress is not None and reused:
+        progress(f"resumed: {reused} of {len(texts)} prompts were already complete")
+    summary = _aggregate(summaries, loaded, config)
+    if config.steering.enabled:
+        with timer.step(f"steering ({len(config.steering.lambdas)} strengths)"):
+            summary["steering"] = steer(loaded, config.steering, config.add_bos)
+    summary["timings_seconds"] = timer.seconds
+    summary["prompts_reused"] = reused
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "summary.json", summary)
+    with atomic_directory(out / ".figures") as staging:
+        if "layers" in summary:
+            layer_dynamics(staging / "layers.png", summary["layers"])
+        prompt_overview(staging / "prompts.png", summary["prompts"])
+    for figure in (out / ".figures").iterdir():
+        os.replace(figure, out / figure.name)
+    shutil.rmtree(out / ".figures", ignore_errors=True)
+    render_report(out, summary)
+    return RunResult(summary, {}), out
+
+
+def _completed(prompt_dir: Path, text: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    path = prompt_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if previous.get("text") != text or previous.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        return None
+    return previous
+
+
+def _aggregate(summaries: list[dict[str, Any]], loaded: LoadedModel, config: RunConfig) -> dict[str, Any]:
+    """Per-prompt rows, and layer dynamics averaged over prompts."""
+    rows = [
+        {
+            "index": i,
+            "text": s["text"],
+            "n_tokens": s["n_tokens"],
+            "predicted_token": s["predicted_token"],
+            "reconstruction_relative_error": s["reconstruction_relative_error"],
+            "sigma_1": s["singular_values"][0],
+            "stable_rank": s["norms"]["stable_rank"],
+            "directory": f"prompts/{i:04d}",
+        }
+        for i, s in enumerate(summaries)
+    ]
+    first = summaries[0]
+    summary: dict[str, Any] = {
+        "model": first["model"],
+        "family": first["family"],
+        "dtype": first["dtype"],
+        "text": f"{len(summaries)} prompts",
+        "n_prompts": len(summaries),
+        "prompts": rows,
+        "max_reconstruction_relative_error": max(r["reconstruction_relative_error"] for r in rows),
+        "mean_stable_rank": float(np.mean([r["stable_rank"] for r in rows])),
+        "config": config.model_dump(),
+        "params_from_cache": loaded.from_cache,
+    }
+    if all("layers" in s for s in summaries):
+        grouped: dict[tuple, list[dict[str, Any]]] = {}
+        for s in summaries:
+            for row in s["layers"]:
+                grouped.setdefault((row["scope"], row["tap"], row["layer"]), []).append(row)
+        summary["layers"] = [
+            {
+                "layer": layer,
+                "tap": tap,
+                "scope": scope,
+                "prompts": len(group),
+                "stable_rank": float(np.mean([g["stable_rank"] for g in group])),
+                "stable_rank_std": float(np.std([g["stable_rank"] for g in group])),
+                "entropy_rank": float(np.mean([g["entropy_rank"] for g in group])),
+                "entropy_rank_std": float(np.std([g["entropy_rank"] for g in group])),
+                "max_reconstruction_relative_error": max(g["reconstruction_relative_error"] for g in group),
+            }
+            for (scope, tap, layer), group in sorted(grouped.items())
+        ]
+    return summary

@@ -212,3 +212,21 @@ def jacobian_images(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def prompt_overview(path: Path, rows: list[dict]) -> None:
+    """Across prompts: reconstruction error (the certificate) and stable rank of J."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    index = [r["index"] for r in rows]
+    axes[0].semilogy(index, [max(r["reconstruction_relative_error"], 1e-300) for r in rows], "o")
+    axes[0].set_ylabel("‖Σ_t J_t·x_t − y‖ / ‖y‖")
+    axes[1].plot(index, [r["stable_rank"] for r in rows], "o")
+    axes[1].set_ylabel("stable rank of J")
+    for ax in axes:
+        ax.set_xlabel("prompt index")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{len(rows)} prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

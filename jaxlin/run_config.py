@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jaxlin.errors import JaxlinError
 
@@ -94,7 +94,11 @@ class SteeringSection(_Strict):
 
 class RunConfig(_Strict):
     model: ModelSection = ModelSection()
-    text: str = Field(..., description="the input text; the CLI's --text overrides it")
+    text: str | None = Field(None, description="the input text; the CLI's --text overrides it")
+    texts: list[str] | None = Field(
+        None, min_length=1, description="many input texts (one run each, resumable)"
+    )
+    texts_file: str | None = Field(None, description="a UTF-8 file with one input text per non-empty line")
     add_bos: bool = Field(True, description="prepend the tokenizer's BOS token")
     analysis: AnalysisSection = AnalysisSection()
     steering: SteeringSection = SteeringSection()
@@ -102,10 +106,39 @@ class RunConfig(_Strict):
 
     @field_validator("text")
     @classmethod
-    def _text_not_empty(cls, text: str) -> str:
-        if not text.strip():
+    def _text_not_empty(cls, text: str | None) -> str | None:
+        if text is not None and not text.strip():
             raise ValueError("text is empty")
         return text
+
+    @field_validator("texts")
+    @classmethod
+    def _texts_not_empty(cls, texts: list[str] | None) -> list[str] | None:
+        for index, text in enumerate(texts or []):
+            if not text.strip():
+                raise ValueError(f"texts[{index}] is empty")
+        return texts
+
+    @model_validator(mode="after")
+    def _one_input(self) -> RunConfig:
+        given = [name for name in ("text", "texts", "texts_file") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, texts, texts_file (got {given or 'none'})")
+        return self
+
+    def input_texts(self) -> list[str] | None:
+        """The prompts of a multi-prompt run (None for a single `text`)."""
+        if self.texts is not None:
+            return list(self.texts)
+        if self.texts_file is not None:
+            path = Path(self.texts_file)
+            if not path.is_file():
+                raise ConfigError(f"texts_file: {path} does not exist")
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not lines:
+                raise ConfigError(f"texts_file: {path} has no non-empty line")
+            return lines
+        return None
 
 
 def _format(error: ValidationError, source: str) -> str:
@@ -121,7 +154,14 @@ def _format(error: ValidationError, source: str) -> str:
 def parse_run_config(data: object, source: str = "config", **overrides: object) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    # An override of None removes the key (e.g. --text replaces a config's texts).
+    merged = dict(data)
+    for key, value in overrides.items():
+        if value is None:
+            if key in ("texts", "texts_file"):
+                merged.pop(key, None)
+        else:
+            merged[key] = value
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as error:

@@ -219,3 +219,118 @@ def test_projected_per_token_and_dense_methods(tmp_path, tiny_model_dir):
     np.testing.assert_allclose(lanczos["singular_values"], dense["singular_values"], rtol=1e-10)
     arrays = np.load(tmp_path / "run" / "arrays.npz")
     assert arrays["per_token_S"].shape == (dense["n_tokens"], 2)
+
+
+class Interrupted(Exception):
+    """Stands for a kill (Ctrl-C, OOM, pre-emption) in the middle of a run."""
+
+
+def test_many_prompts_resume_after_an_interruption(tmp_path, tiny_model_dir, monkeypatch):
+    import jaxlin.pipeline
+
+    texts = ["The bridge.", "Golden Gate!", "A painting of the"]
+    data = tiny_run_config(tmp_path, tiny_model_dir("gemma3_sliding"))
+    del data["text"]
+    data["texts"] = texts
+    data["analysis"]["layers"] = {"enabled": True, "kinds": ["residual"], "top_k": 2}
+    config = write_config(tmp_path / "run.yaml", **data)
+    reference_out = tmp_path / "uninterrupted"
+    assert main(["run", str(config), "--quiet", "--out", str(reference_out)]) == 0
+
+    real_analyse = jaxlin.pipeline.analyse
+    calls = []
+
+    def failing_analyse(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise Interrupted  # the run dies while on the second prompt
+        return real_analyse(*args, **kwargs)
+
+    monkeypatch.setattr(jaxlin.pipeline, "analyse", failing_analyse)
+    with pytest.raises(Interrupted):
+        main(["run", str(config), "--quiet"])
+    run = tmp_path / "run"
+    assert (run / "prompts" / "0000" / "summary.json").is_file()
+    assert not (run / "prompts" / "0001").exists()  # no partial prompt directory
+    first_written = (run / "prompts" / "0000" / "summary.json").stat().st_mtime_ns
+
+    calls.clear()
+
+    def recording_analyse(*args, **kwargs):
+        calls.append(args[1])
+        return real_analyse(*args, **kwargs)
+
+    monkeypatch.setattr(jaxlin.pipeline, "analyse", recording_analyse)
+    assert main(["run", str(config), "--quiet"]) == 0
+    assert calls == texts[1:]  # the completed prompt is not recomputed
+    assert (run / "prompts" / "0000" / "summary.json").stat().st_mtime_ns == first_written
+    resumed = json.loads((run / "summary.json").read_text())
+    reference = json.loads((reference_out / "summary.json").read_text())
+    assert resumed["prompts_reused"] == 1
+    assert [r["predicted_token"] for r in resumed["prompts"]] == [
+        r["predicted_token"] for r in reference["prompts"]
+    ]
+    np.testing.assert_allclose(
+        [r["stable_rank"] for r in resumed["prompts"]],
+        [r["stable_rank"] for r in reference["prompts"]],
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+        [r["stable_rank"] for r in resumed["layers"]],
+        [r["stable_rank"] for r in reference["layers"]],
+        rtol=1e-12,
+    )
+    for i in range(3):
+        a = np.load(run / "prompts" / f"{i:04d}" / "arrays.npz")
+        b = np.load(reference_out / "prompts" / f"{i:04d}" / "arrays.npz")
+        np.testing.assert_allclose(a["contributions"], b["contributions"], rtol=1e-12, atol=1e-15)
+    assert (run / "report.html").is_file() and (run / "prompts" / "0002" / "report.html").is_file()
+
+
+def test_layers_and_steering_reach_summary_and_report(tmp_path, tiny_model_dir):
+    from html.parser import HTMLParser
+
+    data = tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    data["analysis"]["layers"] = {"enabled": True, "kinds": ["residual", "mlp"], "local": True}
+    data["steering"] = {
+        "enabled": True,
+        "concept": "Golden Gate",
+        "prompt": "A painting of",
+        "lambdas": [0, 4],
+        "max_new_tokens": 4,
+    }
+    config = write_config(tmp_path / "run.yaml", **data)
+    assert main(["run", str(config), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["layers"]) == 2 * 2 * 2  # kinds × scopes × layers
+    assert all(r["reconstruction_relative_error"] <= 1e-12 for r in summary["layers"])
+    assert [r["lambda"] for r in summary["steering"]["runs"]] == [0.0, 4.0]
+
+    class Sections(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ids: set[str] = set()
+            self.images = 0
+
+        def handle_starttag(self, tag, attrs):
+            attributes = dict(attrs)
+            if tag == "section":
+                self.ids.add(attributes.get("id", ""))
+            if tag == "img" and attributes.get("src", "").startswith("data:image/png;base64,"):
+                self.images += 1
+
+    parser = Sections()
+    parser.feed((tmp_path / "run" / "report.html").read_text())
+    for section in (
+        "overview",
+        "certificate",
+        "reconstruction",
+        "spectrum",
+        "per-token",
+        "layers",
+        "steering",
+        "config",
+        "timings",
+    ):
+        assert section in parser.ids, section
+    assert parser.images == len(list((tmp_path / "run").glob("*.png")))
