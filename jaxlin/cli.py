@@ -13,8 +13,10 @@ def _print_many(summary: dict) -> None:
     print(f"model      {summary['model']} ({summary['family']}, {summary['dtype']})")
     print(f"prompts    {summary['n_prompts']} ({summary['prompts_reused']} reused from an earlier run)")
     for row in summary["prompts"]:
-        print(f"  [{row['index']}] {row['n_tokens']:>4} tokens → {row['predicted_token']!r}  certificate "
-              f"{row['reconstruction_relative_error']:.2e}  stable rank {row['stable_rank']:.2f}")
+        print(
+            f"  [{row['index']}] {row['n_tokens']:>4} tokens → {row['predicted_token']!r}  certificate "
+            f"{row['reconstruction_relative_error']:.2e}  stable rank {row['stable_rank']:.2f}"
+        )
     print(f"worst certificate {summary['max_reconstruction_relative_error']:.3e}")
 
 

@@ -31,6 +31,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_mha_tied": ("qwen3", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
     "qwen3_sliding": ("qwen3", {"use_sliding_window": True, "sliding_window": 6}),
     "llama_mqa": ("llama", {"num_key_value_heads": 1}),
+    "llama_biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
     "mistral_sliding": ("mistral", {}),
     "qwen2_biases_untied": ("qwen2", {"tie_word_embeddings": False}),
     "qwen2_yarn": ("qwen2_yarn", {}),

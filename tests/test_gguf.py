@@ -242,10 +242,25 @@ def test_name_tables_agree_with_gguf_tensor_name_map() -> None:
     for arch, spec in _ARCHITECTURES.items():
         name_map = gguf.get_tensor_name_map(ARCH_IDS[arch], LAYERS)
         for leaf, hf_leaf in spec.layer_tensors.items():
-            assert name_map.get_name(f"model.layers.1.{hf_leaf}") == f"blk.1.{leaf}", (arch, leaf)
-        for gguf_name, hf_name in _GLOBAL_TENSORS.items():
+            hf_name = f"{spec.layer_prefix}.1.{hf_leaf}"
+            assert name_map.get_name(hf_name) == f"blk.1.{leaf}", (arch, leaf)
+        for gguf_name, hf_name in spec.global_tensors.items():
             assert name_map.get_name(hf_name) == gguf_name, (arch, hf_name)
-    assert set(SUPPORTED_GGUF_ARCHITECTURES) >= {"gemma3", "llama", "qwen3"}
+        assert set(spec.global_tensors) <= set(_GLOBAL_TENSORS) or arch == "gpt2"
+    # gemma2 has no output tensor in gguf's (and llama.cpp's) tensor list at all.
+    assert gguf.MODEL_TENSOR.OUTPUT not in gguf.MODEL_TENSORS[ARCH_IDS["gemma2"]]
+    assert set(SUPPORTED_GGUF_ARCHITECTURES) == {
+        "gemma2",
+        "gemma3",
+        "gpt2",
+        "llama",
+        "olmo2",
+        "phi3",
+        "qwen2",
+        "qwen3",
+    }
+    # No GGUF architecture "mistral": llama.cpp writes Mistral 7B as llama.
+    assert "mistral" not in ARCH_IDS
 
 
 def test_parser_agrees_with_gguf_reader(tmp_path: Path) -> None:
@@ -401,7 +416,7 @@ def test_runtime_needs_no_torch(tiny_gguf) -> None:
 def test_unsupported_architecture_lists_supported_ones(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "mamba.gguf", "mamba", {})
     for read in (read_gguf_config, read_gguf_state_dict, load_gguf_tokenizer):
-        with pytest.raises(GGUFError, match=r"'mamba'.*gemma3, llama, qwen3") as error:
+        with pytest.raises(GGUFError, match=r"'mamba'.*gemma2, gemma3, gpt2, llama, olmo2, phi3") as error:
             read(path)
         assert str(path) in str(error.value) and "\n" not in str(error.value)
 
@@ -573,3 +588,305 @@ def test_real_gemma_parser_agrees_with_gguf_reader(gemma_gguf_path: Path) -> Non
     assert [(t.name, t.tensor_type, t.shape) for t in ours.tensors] == [
         (t.name, t.tensor_type, tuple(reversed(t.shape.tolist()))) for t in theirs.tensors
     ]
+
+
+# --------------------------------------------------------------------------- the other architectures
+#
+# A tiny random HF model per architecture (transformers' PyTorch class), its tensors and
+# metadata written the way llama.cpp's convert_hf_to_gguf.py writes that architecture,
+# read back. Vocabulary: the byte-level one above, so the files also have a tokenizer.
+
+NEW_ARCHS = ["qwen2", "gemma2", "phi3", "olmo2", "gpt2"]
+BOS, EOS = VOCAB - 2, VOCAB - 1
+_COMMON = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+    pad_token_id=None,
+)
+HF_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2": {**_COMMON, "tie_word_embeddings": False, "rope_theta": 1e6},
+    # Gemma 2 always ties; llama.cpp scales attention by head_dim below 27B.
+    "gemma2": {
+        **_COMMON,
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "sliding_window": 8,
+        "attn_logit_softcapping": 20.0,
+        "final_logit_softcapping": 10.0,
+    },
+    # Phi-4-mini-like: partial RoPE and a sliding window; pad = eos as in Phi-3.
+    "phi3": {
+        **_COMMON,
+        "tie_word_embeddings": False,
+        "pad_token_id": EOS,
+        "sliding_window": 8,
+        "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 64,
+    },
+    "olmo2": {**_COMMON, "tie_word_embeddings": False, "rms_norm_eps": 1e-6},
+    "gpt2": dict(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=BOS, eos_token_id=EOS
+    ),
+}
+
+
+def tiny_hf_model(arch: str, torch: Any) -> tuple[Any, dict[str, np.ndarray]]:
+    """(an HF model with random weights, norms included, its state dict as float32 numpy)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, **HF_CONFIGS[arch], attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_()
+    return model, {name: tensor.numpy().copy() for name, tensor in model.state_dict().items()}
+
+
+def llama_cpp_convert(arch: str, config: Any, hf: dict[str, np.ndarray]) -> dict:
+    """GGUF tensors as llama.cpp's convert script writes them for `arch` (names from gguf's
+    own TensorNameMap). Layer 1's matrices F16, the rest F32."""
+    name_map = gguf.get_tensor_name_map(ARCH_IDS[arch], config.num_hidden_layers)
+    tensors = {}
+    for name, values in hf.items():
+        # A tied lm_head is not in an HF checkpoint; Gemma2Model skips lm_head regardless.
+        if name == "lm_head.weight" and (config.tie_word_embeddings or arch == "gemma2"):
+            continue
+        if arch == "gemma2" and name.endswith("norm.weight"):  # Gemma2Model.modify_tensors
+            values = values + 1
+        if arch == "gpt2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            values = values.T  # GPT2Model.modify_tensors: transpose(1, 0)
+        gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, name
+        qtype = F16 if values.ndim == 2 and ".1." in name else F32
+        tensors[gguf_name] = (np.ascontiguousarray(values, dtype=np.float32), qtype)
+    return tensors
+
+
+def write_llama_cpp_gguf(path: Path, arch: str, config: Any, tensors: dict) -> Path:
+    """The metadata llama.cpp's set_gguf_parameters writes for `arch`."""
+    writer = gguf.GGUFWriter(path, arch)
+    if arch == "gpt2":  # GPT2Model.set_gguf_parameters
+        writer.add_block_count(config.n_layer)
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_feed_forward_length(4 * config.n_embd)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    else:  # TextModel.set_gguf_parameters, and the architecture's additions
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        if arch != "gemma2":
+            writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    if arch == "gemma2":
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        writer.add_sliding_window(config.sliding_window)
+    if arch == "phi3":
+        writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+        factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
+        writer.add_rope_dimension_count(int(factor * config.hidden_size) // config.num_attention_heads)
+        writer.add_sliding_window(config.sliding_window or 0)
+        writer.add_pad_token_id(config.pad_token_id)
+    tokens, merges, token_types = byte_level_vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2" if arch == "gpt2" else "qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types(token_types)
+    writer.add_bos_token_id(BOS)
+    writer.add_eos_token_id(EOS)
+    for name, (values, qtype) in tensors.items():
+        writer.add_tensor(name, values.astype(np.float16) if qtype == F16 else values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_arch_gguf(tmp_path_factory: pytest.TempPathFactory, torch: Any) -> Callable[[str], tuple]:
+    """arch → (GGUF path, the HF model, the HF state dict a reader must recover), built once."""
+    built: dict[str, tuple] = {}
+
+    def build(arch: str) -> tuple:
+        if arch not in built:
+            model, hf = tiny_hf_model(arch, torch)
+            tensors = llama_cpp_convert(arch, model.config, hf)
+            path = write_llama_cpp_gguf(
+                tmp_path_factory.mktemp(arch) / f"{arch}.gguf", arch, model.config, tensors
+            )
+            # What survives the file: the F16 round trip; a tied lm_head is not returned.
+            hf = {
+                name: (
+                    values.astype(np.float16).astype(np.float32)
+                    if values.ndim == 2 and ".1." in name
+                    else values
+                )
+                for name, values in hf.items()
+                if not (name == "lm_head.weight" and (model.config.tie_word_embeddings or arch == "gemma2"))
+            }
+            built[arch] = (path, model, hf)
+        return built[arch]
+
+    return build
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_new_architectures_round_trip_to_the_hf_state_dict(tiny_arch_gguf, arch: str) -> None:
+    path, _, expected = tiny_arch_gguf(arch)
+    ours = read_gguf_state_dict(path)
+    assert sorted(ours) == sorted(expected)
+    for name, values in ours.items():
+        assert values.shape == expected[name].shape and values.flags.c_contiguous, name
+        if arch == "gemma2" and name.endswith("norm.weight"):  # (w + 1) - 1 in float32
+            np.testing.assert_allclose(values, expected[name], rtol=0, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(values, expected[name], err_msg=name)
+
+
+def test_gpt2_conv1d_layout_and_fused_names(tiny_arch_gguf) -> None:
+    path, _, _ = tiny_arch_gguf("gpt2")
+    raw = {t.name: t for t in _parse(path).tensors}
+    assert raw["blk.0.attn_qkv.weight"].shape == (3 * 64, 64)  # llama.cpp: nn.Linear (out, in)
+    ours = read_gguf_state_dict(path)
+    assert ours["transformer.h.0.attn.c_attn.weight"].shape == (64, 3 * 64)  # Conv1D (in, out)
+    assert ours["transformer.h.0.mlp.c_fc.weight"].shape == (64, 4 * 64)
+    assert ours["transformer.wpe.weight"].shape == (32, 64)
+    assert {"transformer.ln_f.bias", "transformer.h.1.attn.c_attn.bias"} <= set(ours)
+    phi3 = read_gguf_state_dict(tiny_arch_gguf("phi3")[0])
+    assert phi3["model.layers.0.self_attn.qkv_proj.weight"].shape == ((4 + 2 + 2) * 16, 64)
+    assert phi3["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * 96, 64)
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_new_architectures_config_rebuilds_the_same_model(tiny_arch_gguf, torch: Any, arch: str) -> None:
+    """Our config + our tensors give the original model's logits (so every field that
+    matters was read back): F16 weights loaded into both, eager attention, 24 tokens
+    (past the 8-token sliding windows)."""
+    from transformers import AutoModelForCausalLM
+
+    path, model, expected = tiny_arch_gguf(arch)
+    config = read_gguf_config(path)
+    assert config.model_type == arch
+    config._attn_implementation = "eager"
+    rebuilt = AutoModelForCausalLM.from_config(config).eval()
+    loaded = rebuilt.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in read_gguf_state_dict(path).items()}, strict=False
+    )
+    assert not loaded.unexpected_keys and set(loaded.missing_keys) <= {"lm_head.weight"}
+    assert ("lm_head.weight" in loaded.missing_keys) == config.tie_word_embeddings
+    rebuilt.tie_weights()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in expected.items()}, strict=False)
+    model.tie_weights()
+    ids = torch.arange(24)[None] * 7 % VOCAB
+    with torch.no_grad():
+        np.testing.assert_allclose(rebuilt(ids).logits.numpy(), model(ids).logits.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "phi3", "gpt2"])
+def test_new_architectures_state_dict_matches_transformers(tiny_arch_gguf, torch: Any, arch: str) -> None:
+    path, _, _ = tiny_arch_gguf(arch)
+    ours = read_gguf_state_dict(path)
+    theirs = transformers_state_dict(path, torch)
+    # transformers' gpt2 loader stores output.weight under lm_head itself; none here (tied).
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def test_new_architectures_configs_vs_transformers(tiny_arch_gguf, torch: Any) -> None:
+    """Equal but for the fields llama.cpp writes and transformers' mapping drops."""
+    assert config_difference(tiny_arch_gguf("qwen2")[0]) == {}
+    assert config_difference(tiny_arch_gguf("gemma2")[0]) == {
+        "attn_logit_softcapping": (20.0, 50.0),
+        "final_logit_softcapping": (10.0, 30.0),
+        "query_pre_attn_scalar": (32, 256),  # llama.cpp: head_dim below 27B
+    }
+    phi3 = config_difference(tiny_arch_gguf("phi3")[0])
+    assert phi3.pop("rope_parameters")[0]["partial_rotary_factor"] == 0.5
+    assert phi3 == {
+        "sliding_window": (8, None),
+        "original_max_position_embeddings": (64, 4096),  # Phi3Config's default
+        "partial_rotary_factor": (0.5, None),  # also kept as an attribute
+    }
+    gpt2 = config_difference(tiny_arch_gguf("gpt2")[0])
+    assert gpt2 == {"n_positions": (32, 1024)}
+
+
+def test_olmo2_has_no_transformers_mapping_ours_is_used(tiny_arch_gguf, torch: Any) -> None:
+    from transformers import AutoConfig
+
+    path, model, _ = tiny_arch_gguf("olmo2")
+    with pytest.raises(ValueError, match="olmo2"):
+        AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    ours, hf = read_gguf_config(path).to_dict(), model.config.to_dict()
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+    ):
+        assert ours[key] == pytest.approx(hf[key], rel=1e-7), key  # rms_norm_eps: float32 in the file
+
+
+def test_gemma2_27b_attention_scale_as_llama_cpp(tmp_path: Path) -> None:
+    path = tmp_path / "gemma2_27b.gguf"
+    writer = gguf.GGUFWriter(path, "gemma2")
+    writer.add_block_count(46)  # how llama.cpp recognizes Gemma 2 27B
+    writer.add_embedding_length(4608)
+    writer.add_head_count(32)
+    writer.add_key_length(128)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert read_gguf_config(path).query_pre_attn_scalar == 144  # HF's Gemma 2 27B config
+
+
+def test_phi3_longrope_factors_dropped_with_a_warning(tmp_path: Path) -> None:
+    path = write_gguf(
+        tmp_path / "phi3.gguf",
+        "phi3",
+        {
+            "rope_factors_long.weight": (np.ones(4, np.float32), F32),
+            "output_norm.weight": (np.ones(HIDDEN, np.float32), F32),
+        },
+    )
+    with pytest.warns(UserWarning, match="rope_factors_long.weight"):
+        read_gguf_config(path)
+    assert list(read_gguf_state_dict(path)) == ["model.norm.weight"]
+
+
+def test_gpt2_tokenizer_matches_transformers(tiny_arch_gguf, torch: Any) -> None:
+    from transformers import AutoTokenizer
+
+    path, _, _ = tiny_arch_gguf("gpt2")
+    ours, theirs = load_gguf_tokenizer(path), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert type(ours) is type(theirs) and ours.get_vocab() == theirs.get_vocab()
+    for text in TEXTS:
+        assert ours(text).input_ids == theirs(text).input_ids, text
+    assert load_gguf_tokenizer(tiny_arch_gguf("olmo2")[0])("the theme").input_ids

@@ -18,7 +18,7 @@ def plain_greedy(model, prompt: np.ndarray, count: int) -> list[int]:
         inputs = model_fns.embed(model.config, model.params, jnp.asarray(ids))
         hidden = model_fns.final_hidden(model.config, model.params, inputs)
         ids.append(int(jnp.argmax(model_fns.logits(model.config, model.params, hidden[-1]))))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "gemma3_sliding"])

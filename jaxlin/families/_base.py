@@ -76,6 +76,13 @@ QKV_BIASES: dict[str, Targets] = {
     f"self_attn.{p}_proj.bias": ((("attn", f"{p}_proj", "bias"), as_is),) for p in "qkv"
 }
 
+# Optional biases of the llama-like block (only read when the config enables them).
+LINEAR_BIASES: dict[str, Targets] = {
+    **QKV_BIASES,
+    "self_attn.o_proj.bias": ((("attn", "o_proj", "bias"), as_is),),
+    **{f"mlp.{p}_proj.bias": ((("mlp", f"{p}_proj", "bias"), as_is),) for p in ("gate", "up", "down")},
+}
+
 # Llama-style blocks: HF's "post_attention_layernorm" is the norm *before* the MLP.
 PRE_NORM_LAYER_TENSORS: dict[str, Targets] = {
     "input_layernorm.weight": ((("input_norm", "scale"), as_is),),

@@ -10,7 +10,6 @@ from jaxlin.families import _base
 
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
-    _base.reject_if_set(hf_config, "attention_bias", "mlp_bias")
     window = getattr(hf_config, "sliding_window", None)
     sliding = _base.sliding_layers(hf_config)
     if window and not getattr(hf_config, "layer_types", None):
@@ -18,6 +17,10 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     return ModelConfig(
         family="mistral",
         **_base.common_fields(hf_config),
+        # Some Llama-architecture checkpoints carry biases: attention_bias on q/k/v/o.
+        qkv_bias=bool(getattr(hf_config, "attention_bias", False)),
+        out_bias=bool(getattr(hf_config, "attention_bias", False)),
+        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
         rope=_base.rope(_base.field(hf_config, "rope_parameters"), hf_config=hf_config),
         sliding_layers=sliding,
         sliding_window=int(window) if sliding else None,
@@ -28,5 +31,5 @@ FAMILY = _base.Family(
     name="mistral",
     model_types=("mistral", "ministral"),
     config_from_hf=config_from_hf,
-    layer_tensors={**_base.SHARED_LAYER_TENSORS, **_base.PRE_NORM_LAYER_TENSORS},
+    layer_tensors={**_base.SHARED_LAYER_TENSORS, **_base.LINEAR_BIASES, **_base.PRE_NORM_LAYER_TENSORS},
 )

@@ -1,0 +1,72 @@
+"""Decoding vectors to tokens, on constructed cases whose answer is known."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlin.decoding import orient_to, top_tokens, unembedding_matrix
+
+
+def test_top_tokens_of_a_known_direction():
+    rng = np.random.default_rng(0)
+    d, vocab = 16, 50
+    unembedding = rng.normal(size=(vocab, d)) * 0.1
+    # Token 7 is exactly the direction e_3 scaled up; token 21 is −e_3.
+    unembedding[7] = 5.0 * np.eye(d)[3]
+    unembedding[21] = -5.0 * np.eye(d)[3]
+    ids, scores = top_tokens(np.eye(d)[3][None, :], jnp.asarray(unembedding), 3)
+    assert ids[0][0] == 7 and scores[0][0] == 5.0
+    ids, _ = top_tokens(-np.eye(d)[3][None, :], jnp.asarray(unembedding), 1)
+    assert ids[0][0] == 21
+
+
+def test_orientation_makes_vectors_point_along_the_reference():
+    vectors = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    reference = np.array([-2.0, 1.0])
+    oriented = orient_to(vectors, reference)
+    assert np.all(oriented @ reference >= 0)
+    np.testing.assert_array_equal(np.abs(oriented), np.abs(vectors))
+
+
+def test_singular_vector_of_a_planted_jacobian_decodes_to_the_planted_token():
+    """A rank-one J = σ·u vᵀ with u = W_U[token]/‖W_U[token]‖: its top left singular
+    vector, oriented to y = J·x, decodes to that token first."""
+    rng = np.random.default_rng(1)
+    d, vocab, token = 12, 40, 17
+    unembedding = rng.normal(size=(vocab, d))
+    unembedding[token] *= 4.0  # make it the unique best match for its own direction
+    u = unembedding[token] / np.linalg.norm(unembedding[token])
+    v = rng.normal(size=d)
+    v /= np.linalg.norm(v)
+    jacobian = 3.0 * np.outer(u, v)
+    x = v * 2.0
+    y = jacobian @ x
+    left, _, _ = np.linalg.svd(jacobian)
+    oriented = orient_to(-left[:, :1].T, y)  # start from the wrong sign on purpose
+    ids, _ = top_tokens(oriented, jnp.asarray(unembedding), 1)
+    assert ids[0][0] == token
+
+
+def test_unembedding_matrix_tied_and_untied():
+    from jaxlin._config import Activation, ModelConfig, RopeConfig
+
+    base = dict(
+        family="t",
+        vocab_size=5,
+        hidden_size=3,
+        num_layers=1,
+        num_heads=1,
+        num_kv_heads=1,
+        head_dim=3,
+        intermediate_size=4,
+        norm_eps=1e-6,
+        activation=Activation.SILU,
+        rope=RopeConfig(1e4),
+    )
+    embedding = np.arange(15.0).reshape(5, 3)
+    kernel = np.arange(15.0).reshape(3, 5) * 2
+    params = {"embedder": {"embedding": embedding}, "lm_head": {"kernel": kernel}}
+    np.testing.assert_array_equal(unembedding_matrix(ModelConfig(**base), params), embedding)
+    untied = ModelConfig(**base, tie_word_embeddings=False)
+    np.testing.assert_array_equal(unembedding_matrix(untied, params), kernel.T)
