@@ -2,8 +2,12 @@
 
 The rest of jaxlin only knows HF safetensors checkpoints, so this module hides every
 llama.cpp convention: tensor names (`blk.0.attn_q.weight`), Gemma's `1 + w` norm weights,
-and the q/k row permutation llama.cpp's converter applies to Llama for its interleaved
-RoPE. Nothing is unpickled and torch is never needed: the flat GGUF header is read with
+the q/k row permutation llama.cpp's converter applies to Llama for its interleaved
+RoPE, and the transposes of GPT-2's Conv1D weights. Architectures: gemma2, gemma3, gpt2,
+llama, olmo2, phi3, qwen2, qwen3. Mistral has no GGUF architecture of its own (gguf 0.19
+knows only "mistral3"/"mistral4"): llama.cpp writes Mistral 7B as "llama", read as such.
+
+Nothing is unpickled and torch is never needed: the flat GGUF header is read with
 `struct` (see "reading" below for why not gguf.GGUFReader), while ggml types, block sizes
 and dequantization (`gguf.quants.dequantize`) are the `gguf` package's, the library
 llama.cpp writes these files with.
@@ -19,6 +23,9 @@ What cannot be undone, and is therefore only documented:
   then says `tie_word_embeddings=True`, exactly like an HF checkpoint of a tied model.
 - Gemma 3: llama.cpp cuts the embedding to the tokenizer's length (262208 → 262144 rows
   for the 1B+ models); the config's `vocab_size` is that length, so both agree.
+- Gemma 2: llama.cpp never writes `lm_head.weight` (Gemma 2 always ties it).
+- Phi-3 long-context models: llama.cpp turns longrope `rope_scaling` into
+  `rope_factors_long/short` tensors; transformers' mapping ignores them (warned, dropped).
 - Llama 3.x: llama.cpp turns `rope_scaling` (rope_type "llama3") into a `rope_freqs`
   tensor and writes no metadata for it; transformers' mapping ignores both, so the
   config has plain RoPE. `read_gguf_config` warns, the tensor is not returned.
@@ -63,27 +70,7 @@ class GGUFFileNotFoundError(GGUFError, FileNotFoundError):
     """The path does not exist: catchable as FileNotFoundError as well as GGUFError."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _ArchSpec:
-    """Everything llama.cpp's converter does differently from HF for one architecture."""
-
-    # GGUF per-layer leaf name (between `blk.{i}.` and `.weight`/`.bias`) → HF name
-    # (between `model.layers.{i}.` and the same suffix).
-    layer_tensors: Mapping[str, str]
-    # llama.cpp stores every `*norm.weight` as `w + norm_offset` (Gemma's RMSNorm scales
-    # by `1 + w`; llama.cpp's kernel scales by the stored value).
-    norm_offset: float = 0.0
-    # llama.cpp's LlamaModel.permute reorders q/k rows per head from HF's rotate-half
-    # pairing (i, i + d/2) to its interleaved pairing (2i, 2i + 1).
-    unpermute_qk: bool = False
-    # Tensors llama.cpp generates that have no HF parameter: GGUF name → why dropped.
-    dropped_tensors: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    # Metadata keys (after `{arch}.`) transformers' GGUF_CONFIG_MAPPING misses although
-    # the HF config has the field. Applied on top of transformers' mapping.
-    extra_config_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-
-# Names outside the layers; the same for every supported architecture.
+# Names outside the layers of the llama-style architectures (all but gpt2).
 _GLOBAL_TENSORS: dict[str, str] = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -91,7 +78,36 @@ _GLOBAL_TENSORS: dict[str, str] = {
     "output": "lm_head",
 }
 
-# The llama-style block every supported architecture starts from.
+
+@dataclasses.dataclass(frozen=True)
+class _ArchSpec:
+    """Everything llama.cpp's converter does differently from HF for one architecture."""
+
+    # GGUF per-layer leaf name (between `blk.{i}.` and `.weight`/`.bias`) → HF name
+    # (between `{layer_prefix}.{i}.` and the same suffix).
+    layer_tensors: Mapping[str, str]
+    # GGUF name outside the layers (before `.weight`/`.bias`) → HF name.
+    global_tensors: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(_GLOBAL_TENSORS))
+    layer_prefix: str = "model.layers"
+    # llama.cpp stores every `*norm.weight` as `w + norm_offset` (Gemma's RMSNorm scales
+    # by `1 + w`; llama.cpp's kernel scales by the stored value).
+    norm_offset: float = 0.0
+    # llama.cpp's LlamaModel.permute reorders q/k rows per head from HF's rotate-half
+    # pairing (i, i + d/2) to its interleaved pairing (2i, 2i + 1).
+    unpermute_qk: bool = False
+    # GGUF leaves whose `.weight` llama.cpp stores transposed: GPT-2's Conv1D keeps
+    # (in, out), llama.cpp writes every matrix as nn.Linear's (out, in).
+    transposed: frozenset[str] = frozenset()
+    # Tensors llama.cpp generates that have no HF parameter: GGUF name → why dropped.
+    dropped_tensors: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Metadata keys (after `{arch}.`) transformers' GGUF_CONFIG_MAPPING misses although
+    # the HF config has the field. Applied on top of transformers' mapping.
+    extra_config_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Our own metadata mapping, for an architecture transformers' GGUF_CONFIG_MAPPING lacks.
+    config_mapping: Mapping[str, str | None] | None = None
+
+
+# The llama-style block every supported architecture but gpt2 starts from.
 _DECODER_LAYER_TENSORS: dict[str, str] = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -106,14 +122,43 @@ _QK_NORM_TENSORS: dict[str, str] = {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
+# Gemma's sandwich norms: four per layer. llama.cpp's ffn_norm is HF's
+# pre_feedforward_layernorm here, not post_attention_layernorm as for Llama.
+_GEMMA_NORM_TENSORS: dict[str, str] = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 
-# Checked against gguf's own HF→GGUF TensorNameMap in tests/test_gguf.py.
+# transformers has no GGUF config mapping for olmo2 (it cannot load such a file at all).
+# What llama.cpp's Olmo2Model writes (TextModel.set_gguf_parameters) → Olmo2Config fields.
+_OLMO2_CONFIG_MAPPING: dict[str, str | None] = {
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size",
+    "embedding_length": "hidden_size",
+    "rope.dimension_count": None,
+    "rope.freq_base": "rope_theta",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size",
+}
+
+# Checked against gguf's own HF→GGUF TensorNameMap in tests/test_gguf.py. Conventions
+# are those of llama.cpp's convert_hf_to_gguf.py (conversion/*.py): only LlamaModel
+# (and Olmo 1, not supported) permutes q/k; every other architecture here uses
+# NEOX-style RoPE in llama.cpp, i.e. HF's rotate-half layout, stored unchanged.
 _ARCHITECTURES: dict[str, _ArchSpec] = {
     "llama": _ArchSpec(
         # Llama's post_attention_layernorm is the norm *before* the MLP: llama.cpp's ffn_norm.
         layer_tensors={**_DECODER_LAYER_TENSORS, "ffn_norm": "post_attention_layernorm"},
         unpermute_qk=True,
         dropped_tensors={"rope_freqs.weight": "llama3 RoPE frequency factors generated by llama.cpp"},
+    ),
+    # Qwen2: Llama's names plus q/k/v biases (the `.bias` suffix carries over unchanged).
+    "qwen2": _ArchSpec(
+        layer_tensors={**_DECODER_LAYER_TENSORS, "ffn_norm": "post_attention_layernorm"},
     ),
     "qwen3": _ArchSpec(
         layer_tensors={
@@ -126,17 +171,73 @@ _ARCHITECTURES: dict[str, _ArchSpec] = {
         # Qwen3Config's default 128, right for every released Qwen3 but no other file.
         extra_config_keys={"attention.key_length": "head_dim"},
     ),
+    "gemma2": _ArchSpec(
+        layer_tensors={**_DECODER_LAYER_TENSORS, **_GEMMA_NORM_TENSORS},
+        # llama.cpp's Gemma2Model skips lm_head.weight: the output is always the embedding.
+        global_tensors={k: v for k, v in _GLOBAL_TENSORS.items() if k != "output"},
+        norm_offset=1.0,
+        # Written by llama.cpp's Gemma2Model, used by its graph; transformers' gemma2
+        # mapping drops them and keeps Gemma2Config's defaults (50, 30).
+        extra_config_keys={
+            "attn_logit_softcapping": "attn_logit_softcapping",
+            "final_logit_softcapping": "final_logit_softcapping",
+        },
+    ),
     "gemma3": _ArchSpec(
-        # Gemma's sandwich norms: four per layer. llama.cpp's ffn_norm is HF's
-        # pre_feedforward_layernorm here, not post_attention_layernorm as for Llama.
+        layer_tensors={**_DECODER_LAYER_TENSORS, **_QK_NORM_TENSORS, **_GEMMA_NORM_TENSORS},
+        norm_offset=1.0,
+    ),
+    # Phi-3 keeps HF's fused tensors: qkv_proj (rows q, k, v) as attn_qkv and
+    # gate_up_proj (rows gate, up) as ffn_up; llama.cpp splits both at run time in the
+    # same order, so nothing moves.
+    "phi3": _ArchSpec(
         layer_tensors={
-            **_DECODER_LAYER_TENSORS,
+            "attn_norm": "input_layernorm",
+            "attn_qkv": "self_attn.qkv_proj",
+            "attn_output": "self_attn.o_proj",
+            "ffn_norm": "post_attention_layernorm",
+            "ffn_up": "mlp.gate_up_proj",
+            "ffn_down": "mlp.down_proj",
+        },
+        dropped_tensors={
+            "rope_factors_long.weight": "longrope RoPE factors generated by llama.cpp",
+            "rope_factors_short.weight": "longrope RoPE factors generated by llama.cpp",
+        },
+        # Both written by llama.cpp's Phi3MiniModel (sliding_window 0 = none, for Phi-4),
+        # both Phi3Config fields, both dropped by transformers' phi3 mapping.
+        extra_config_keys={
+            "attention.sliding_window": "sliding_window",
+            "rope.scaling.original_context_length": "original_max_position_embeddings",
+        },
+    ),
+    "olmo2": _ArchSpec(
+        layer_tensors={
+            **{k: v for k, v in _DECODER_LAYER_TENSORS.items() if k != "attn_norm"},
             **_QK_NORM_TENSORS,
+            # OLMo 2 normalizes after attention and MLP only (no pre-norms).
             "post_attention_norm": "post_attention_layernorm",
-            "ffn_norm": "pre_feedforward_layernorm",
             "post_ffw_norm": "post_feedforward_layernorm",
         },
-        norm_offset=1.0,
+        config_mapping=_OLMO2_CONFIG_MAPPING,
+    ),
+    "gpt2": _ArchSpec(
+        layer_prefix="transformer.h",
+        layer_tensors={
+            "attn_norm": "ln_1",
+            "attn_qkv": "attn.c_attn",
+            "attn_output": "attn.c_proj",
+            "ffn_norm": "ln_2",
+            "ffn_up": "mlp.c_fc",
+            "ffn_down": "mlp.c_proj",
+        },
+        global_tensors={
+            "token_embd": "transformer.wte",
+            "position_embd": "transformer.wpe",
+            "output_norm": "transformer.ln_f",
+            "output": "lm_head",
+        },
+        # llama.cpp's GPT2Model transposes the c_attn, c_proj and c_fc weights (Conv1D).
+        transposed=frozenset({"attn_qkv", "attn_output", "ffn_up", "ffn_down"}),
     ),
 }
 
@@ -150,6 +251,8 @@ _SEMANTIC_KEYS_HF_IGNORES: tuple[str, ...] = (
     "rope.scaling.original_context_length",
     "attn_logit_softcapping",
     "final_logit_softcapping",
+    # OLMo 3 files are "olmo2" with sliding-window layers.
+    "attention.sliding_window",
 )
 
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
@@ -339,6 +442,10 @@ def _config_value(value: Any) -> Any:
     return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
+# Layer count by which llama.cpp recognizes the 27B model (and its attention scale).
+_GEMMA_27B_LAYERS: dict[str, int] = {"gemma2": 46, "gemma3": 62}
+
+
 def _config_dict(file: _GGUFFile) -> dict[str, Any]:
     """The dict transformers' legacy `load_gguf_checkpoint(..., return_tensors=False)`
     returns as "config", for the supported architectures, without torch."""
@@ -360,7 +467,7 @@ def _config_dict(file: _GGUFFile) -> dict[str, Any]:
     mapping: dict[str, Mapping[str, Any]] = {
         "general": GGUF_CONFIG_MAPPING["general"],
         "tokenizer": GGUF_CONFIG_MAPPING["tokenizer"],
-        architecture: {**GGUF_CONFIG_MAPPING[hf_architecture], **spec.extra_config_keys},
+        architecture: _architecture_config_mapping(hf_architecture, spec),
     }
     for key, value in file.metadata.items():
         prefix, _, rest = key.partition(".")
@@ -370,26 +477,52 @@ def _config_dict(file: _GGUFFile) -> dict[str, Any]:
             continue
         config[hf_key] = hf_architecture if key == "general.architecture" else _config_value(value)
 
+    # Gemma 2/3 27B scale attention by hidden/heads (their HF configs: query_pre_attn_scalar
+    # 144 and 168), the others by head_dim (256 for every released size, transformers'
+    # default). The file does not say; llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA2/3)
+    # recognizes 27B by its layer count (46, 62) and uses head_dim otherwise. So do we.
+    if (model_type := config.get("model_type")) in _GEMMA_27B_LAYERS:
+        if config.get("num_hidden_layers") == _GEMMA_27B_LAYERS[model_type]:
+            config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
+        elif "head_dim" in config:
+            config["query_pre_attn_scalar"] = config["head_dim"]
+    # transformers maps gpt2's context_length to `n_ctx`, an attribute GPT2Config keeps
+    # but does not use; the position table's length (wpe rows) is n_positions.
+    if config.get("model_type") == "gpt2" and "n_ctx" in config:
+        config["n_positions"] = config["n_ctx"]
     # GGUF's gemma3 is the text model only: HF's text-only config class.
     if config.get("model_type") == "gemma3":
         config["model_type"] = "gemma3_text"
-        # Gemma 3 27B scales attention by hidden/heads (its HF config: query_pre_attn_scalar
-        # 168), the others by head_dim (256, transformers' default). The file does not say;
-        # llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3) recognizes 27B by its 62 layers.
-        if config.get("num_hidden_layers") == 62:
-            config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
+    if config.get("model_type") == "phi3":
+        # llama.cpp writes sliding_window 0 for "none" (Phi-4); HF says None.
+        if config.get("sliding_window") == 0:
+            config["sliding_window"] = None
+        # llama.cpp writes int(partial_rotary_factor * hidden) // heads as the RoPE
+        # dimension count (Phi-4-mini: 0.75); transformers' phi3 mapping drops it.
+        rope_dims = file.metadata.get("phi3.rope.dimension_count")
+        if isinstance(rope_dims, int) and "hidden_size" in config and "num_attention_heads" in config:
+            head_dim = config["hidden_size"] // config["num_attention_heads"]
+            if rope_dims != head_dim:
+                config["partial_rotary_factor"] = rope_dims / head_dim
     if "vocab_size" not in config and "tokenizer.ggml.tokens" in file.metadata:
         config["vocab_size"] = len(file.metadata["tokenizer.ggml.tokens"])
     return config
 
 
-def _warn_about_what_the_config_drops(file: _GGUFFile) -> None:
-    """One warning naming what in the file changes the model but not its HF config."""
+def _architecture_config_mapping(hf_architecture: str, spec: _ArchSpec) -> dict[str, Any]:
+    """`{arch}.` metadata key → HF config field: transformers' mapping (or ours where it
+    has none) plus the keys it misses."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
+    base = spec.config_mapping if spec.config_mapping is not None else GGUF_CONFIG_MAPPING[hf_architecture]
+    return {**base, **spec.extra_config_keys}
+
+
+def _warn_about_what_the_config_drops(file: _GGUFFile) -> None:
+    """One warning naming what in the file changes the model but not its HF config."""
     architecture = _architecture(file)
     spec = _ARCHITECTURES[architecture]
-    mapped = {**GGUF_CONFIG_MAPPING.get(architecture, {}), **spec.extra_config_keys}
+    mapped = _architecture_config_mapping(architecture, spec)
     keys = [
         f"{key} = {file.metadata[key]!r}"
         for rest in _SEMANTIC_KEYS_HF_IGNORES
@@ -421,8 +554,12 @@ def read_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
     Raises GGUFError naming the architecture found and the supported ones when
     general.architecture is not in SUPPORTED_GGUF_ARCHITECTURES. Warns when the file holds
     settings that mapping drops (RoPE scaling, logit soft-capping, llama3 rope_freqs).
-    Deliberate differences: a qwen3 file's attention.key_length sets head_dim, and Gemma 3
-    27B gets its query_pre_attn_scalar (hidden/heads) as llama.cpp computes it.
+    Deliberate differences from transformers, each a field llama.cpp writes (or infers)
+    and transformers drops: qwen3's attention.key_length sets head_dim; Gemma 2/3 get
+    query_pre_attn_scalar as llama.cpp computes it (hidden/heads for 27B, else head_dim);
+    gemma2's logit soft-capping values; phi3's sliding_window (0 → None),
+    original_max_position_embeddings and partial_rotary_factor (from rope.dimension_count);
+    gpt2's context_length sets n_positions. olmo2 has no transformers mapping: ours.
     """
     file = _parse(path)
     config = _config(file)
@@ -433,16 +570,18 @@ def read_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
 # --------------------------------------------------------------------------- tensors
 
 
-def _hf_name(spec: _ArchSpec, gguf_name: str, path: str) -> str | None:
-    """HF name of a GGUF tensor; None for one llama.cpp generated (no HF parameter)."""
+def _hf_name(spec: _ArchSpec, gguf_name: str, path: str) -> tuple[str, bool] | None:
+    """(HF name of a GGUF tensor, whether llama.cpp stored it transposed); None for one
+    llama.cpp generated (no HF parameter)."""
     if gguf_name in spec.dropped_tensors:
         return None
     if match := _LAYER_TENSOR.match(gguf_name):
         layer, leaf, suffix = match.groups()
         if leaf in spec.layer_tensors:
-            return f"model.layers.{int(layer)}.{spec.layer_tensors[leaf]}.{suffix}"
-    elif (match := _GLOBAL_TENSOR.match(gguf_name)) and match.group(1) in _GLOBAL_TENSORS:
-        return f"{_GLOBAL_TENSORS[match.group(1)]}.{match.group(2)}"
+            hf_name = f"{spec.layer_prefix}.{int(layer)}.{spec.layer_tensors[leaf]}.{suffix}"
+            return hf_name, suffix == "weight" and leaf in spec.transposed
+    elif (match := _GLOBAL_TENSOR.match(gguf_name)) and match.group(1) in spec.global_tensors:
+        return f"{spec.global_tensors[match.group(1)]}.{match.group(2)}", False
     raise GGUFError(f"{path}: tensor {gguf_name!r} has no known Hugging Face name")
 
 
@@ -476,11 +615,15 @@ def read_gguf_state_dict(
 ) -> dict[str, np.ndarray]:
     """All tensors of a GGUF file, dequantized to `dtype`, under HF names and in HF layouts.
 
-    Names: 'model.embed_tokens.weight', 'model.layers.{i}.self_attn.q_proj.weight', ...,
-    'model.norm.weight', and 'lm_head.weight' only if the file has `output.weight`.
-    Layouts: as HF (nn.Linear weight = (out, in)); GGUF's row-major data already is.
-    llama.cpp's conventions are undone: Gemma 3 norm weights (stored as 1 + w) and
-    Llama's q/k row permutation. Llama 3's generated `rope_freqs.weight` is dropped.
+    Names: exactly the HF model class's: 'model.embed_tokens.weight',
+    'model.layers.{i}.self_attn.q_proj.weight' (.bias for Qwen2), ..., 'model.norm.weight';
+    Phi-3's fused 'self_attn.qkv_proj' and 'mlp.gate_up_proj'; GPT-2's 'transformer.wte',
+    'transformer.wpe', 'transformer.h.{i}.attn.c_attn', ..., 'transformer.ln_f'. And
+    'lm_head.weight' only if the file has `output.weight`.
+    Layouts: as HF (nn.Linear weight = (out, in), GPT-2's Conv1D weight = (in, out)).
+    llama.cpp's conventions are undone: Gemma 2/3 norm weights (stored as 1 + w), Llama's
+    q/k row permutation, GPT-2's Conv1D transposes. Generated tensors without HF
+    parameter (Llama 3's `rope_freqs`, Phi-3's `rope_factors_long/short`) are dropped.
 
     Raises GGUFError for an unknown tensor name or a type gguf cannot dequantize, before
     dequantizing anything. `progress=True` shows a tqdm bar over tensors.
@@ -506,8 +649,8 @@ def read_gguf_state_dict(
 
     plan = [(tensor, _hf_name(spec, tensor.name, file.path)) for tensor in file.tensors]
     first_of_type: dict[gguf.GGMLQuantizationType, _Tensor] = {}
-    for tensor, hf_name in plan:
-        if hf_name is not None:
+    for tensor, target in plan:
+        if target is not None:
             first_of_type.setdefault(tensor.tensor_type, tensor)
     for tensor in first_of_type.values():
         _check_dequantizable(tensor, file.path)
@@ -517,9 +660,10 @@ def read_gguf_state_dict(
         from tqdm.auto import tqdm
 
         plan = tqdm(plan, desc=f"Reading {Path(file.path).name}", unit="tensor")
-    for tensor, hf_name in plan:
-        if hf_name is None:
+    for tensor, target in plan:
+        if target is None:
             continue
+        hf_name, transposed = target
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         # F32 comes back as a read-only view of the memory map: copy it out of the file.
         if np.may_share_memory(values, tensor.data):
@@ -533,6 +677,8 @@ def read_gguf_state_dict(
             values = _unpermute_rows(values, n_head, tensor.name, file.path)
         elif spec.unpermute_qk and ".self_attn.k_proj." in hf_name:
             values = _unpermute_rows(values, n_head_kv, tensor.name, file.path)
+        if transposed:
+            values = np.ascontiguousarray(values.T)
         state_dict[hf_name] = values.astype(dtype, copy=False)
     return state_dict
 

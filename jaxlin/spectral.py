@@ -146,12 +146,14 @@ def top_k(
     tap: Tap | None = None,
 ) -> Triplets:
     """Top-k singular triplets of the whole J with residual bounds ≤ tolerance·σ_i,
-    growing the Krylov depth (×2, up to d, where Lanczos is exact) until they are met.
+    growing the Krylov depth (×1.5, up to d, where Lanczos is exact) until they are met.
     Deterministic for a given seed."""
     d = config.hidden_size
     tolerance = default_tolerance(inputs.dtype) if tolerance is None else tolerance
     check_request(k, tolerance, d)
-    depth = min(d, depth or max(2 * k + 16, 32))
+    # Start deep enough that typical top-k converge in one run (each restart recomputes
+    # from scratch: matfree's Lanczos cannot be continued), then grow by half.
+    depth = min(d, depth or max(3 * k + 24, 48))
     key = jax.random.key(seed)
     while True:
         u, s, v, bounds, _ = lanczos_top_k(params, inputs, key, config, k, depth, chunk, attention_block, tap)
@@ -164,7 +166,7 @@ def top_k(
             )
         if converged or depth >= d:
             return Triplets(np.asarray(u).T, s_np, np.asarray(v), bounds_np, depth, converged)
-        depth = min(d, 2 * depth)
+        depth = min(d, depth + max(depth // 2, 1))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "k", "chunk", "attention_block", "tap"))
