@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "olmo2_post_norm": ("olmo2", {}),
     "phi3_fused": ("phi3", {}),
     "phi3_partial_rotary": ("phi3_partial", {}),
+    "phi3_sliding": ("phi3", {"sliding_window": 6}),
     "phi3_longrope": ("phi3_longrope", {}),
     "gpt2_affine": ("gpt2", {}),
 }

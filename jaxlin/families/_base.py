@@ -268,9 +268,13 @@ def common_fields(hf_config: Any) -> dict[str, Any]:
     )
 
 
-def sliding_layers(hf_config: Any) -> tuple[bool, ...]:
-    """Per-layer sliding flags from HF's `layer_types` (absent or all global → ())."""
+def sliding_layers(hf_config: Any, every_layer_if_windowed: bool = False) -> tuple[bool, ...]:
+    """Per-layer sliding flags from HF's `layer_types` (absent or all global → ()).
+    Mistral and Phi-3 configs without `layer_types` slide on every layer when
+    `sliding_window` is set (`every_layer_if_windowed`), as HF does."""
     layer_types = getattr(hf_config, "layer_types", None) or ()
+    if not layer_types and every_layer_if_windowed and getattr(hf_config, "sliding_window", None):
+        return (True,) * int(field(hf_config, "num_hidden_layers"))
     unknown = set(layer_types) - {"sliding_attention", "full_attention"}
     if unknown:
         raise ConfigFieldError(f"config field 'layer_types' has unsupported entries {sorted(unknown)}")

@@ -11,9 +11,7 @@ from jaxlin.families import _base
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
     window = getattr(hf_config, "sliding_window", None)
-    sliding = _base.sliding_layers(hf_config)
-    if window and not getattr(hf_config, "layer_types", None):
-        sliding = (True,) * hf_config.num_hidden_layers  # HF Mistral: every layer slides
+    sliding = _base.sliding_layers(hf_config, every_layer_if_windowed=True)
     return ModelConfig(
         family="mistral",
         **_base.common_fields(hf_config),

@@ -13,7 +13,7 @@ from jaxlin.families import _base
 def config_from_hf(hf_config: Any) -> ModelConfig:
     _base.reject_if_set(hf_config, "attention_bias")
     parameters = _base.field(hf_config, "rope_parameters")
-    sliding = _base.sliding_layers(hf_config)
+    sliding = _base.sliding_layers(hf_config, every_layer_if_windowed=True)
     window = getattr(hf_config, "sliding_window", None)
     return ModelConfig(
         family="phi3",
