@@ -533,6 +533,9 @@ def run_many(
         result.summary["config"] = config.model_dump()
         write_run(result, prompt_dir)
         summaries.append(result.summary)
+        # Each prompt length compiles its own programs; every live CPU executable holds
+        # memory mappings, and thousands of them exhaust the process's map limit.
+        jax.clear_caches()
     if progress is not None and reused:
         progress(f"resumed: {reused} of {len(texts)} prompts were already complete")
     summary = _aggregate(summaries, loaded, config)

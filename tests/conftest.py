@@ -60,6 +60,19 @@ def save_char_tokenizer(directory: Path) -> None:
     ).save_pretrained(directory)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drop compiled programs after each test module. One process compiles ~1000 XLA
+    programs over the suite; each CPU executable holds its own code mappings, and
+    keeping all of them alive exhausted the process's memory maps (a segfault inside
+    XLA's compiler late in the run)."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """variant name → a saved HF directory (config, safetensors, tokenizer), built once."""
