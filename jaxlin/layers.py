@@ -22,7 +22,7 @@ from jaxlin._config import ModelConfig
 from jaxlin._modules import Transformer
 from jaxlin._policy import FreezePolicy
 from jaxlin.model import Params, module
-from jaxlin.operator import DEFAULT_ATTENTION_BLOCK, scale_biases
+from jaxlin.operator import DEFAULT_ATTENTION_BLOCK, on_token, scale_biases
 
 TAP_KINDS = ("residual", "attention", "mlp")
 
@@ -103,8 +103,7 @@ def layer_gram(
     n = inputs.shape[0]
 
     def token_contribution(t: jax.Array) -> jax.Array:
-        keep = (jnp.arange(n) == t)[:, None].astype(inputs.dtype)
-        return joint(inputs * keep, zero).astype(wide)
+        return joint(on_token(inputs, t), zero).astype(wide)
 
     contributions = jax.lax.map(token_contribution, jnp.arange(n), batch_size=min(chunk, n))
     reconstruction = jnp.sum(contributions, axis=0)

@@ -102,6 +102,12 @@ def linearize_target(
     )
 
 
+def on_token(vectors: jax.Array, token: jax.Array) -> jax.Array:
+    """`vectors` (N, d) with every row but `token`'s zeroed: J applied to it is J_t·v_t."""
+    keep = (jnp.arange(vectors.shape[0]) == token)[:, None]
+    return vectors * keep.astype(vectors.dtype)
+
+
 def _chunk_size(total: int, chunk: int | None) -> int | None:
     return None if chunk is None or chunk >= total else chunk
 
@@ -127,8 +133,7 @@ def contributions(
     if n <= d:
 
         def one_token(t: jax.Array) -> jax.Array:
-            keep = (jnp.arange(n) == t)[:, None].astype(inputs.dtype)
-            return op.matvec(inputs * keep)
+            return op.matvec(on_token(inputs, t))
 
         c = jax.lax.map(one_token, jnp.arange(n), batch_size=_chunk_size(n, chunk))
     else:
@@ -195,11 +200,10 @@ def token_block(
 ) -> jax.Array:
     """One block J_t (d × d) from d forward products whose tangent lives on token t."""
     op = linearize_target(config, params, inputs, policy, attention_block)
-    n, d = inputs.shape
-    place = (jnp.arange(n) == token)[:, None].astype(inputs.dtype)
+    d = inputs.shape[1]
 
     def column(unit: jax.Array) -> jax.Array:
-        return op.matvec(place * unit[None, :])
+        return op.matvec(on_token(jnp.broadcast_to(unit, inputs.shape), token))
 
     columns = jax.lax.map(column, jnp.eye(d, dtype=inputs.dtype), batch_size=_chunk_size(d, chunk))
     return columns.T
