@@ -468,7 +468,7 @@ def write_run(result: RunResult, out_dir: Path) -> Path:
         if "layers" in s:
             layer_dynamics(staging / "layers.png", s["layers"])
             layer_paths(staging / "layers_path.png", s["layers"])
-        render_report(staging, s)
+        render_report(staging, s, name=out_dir.name)
     return out_dir
 
 

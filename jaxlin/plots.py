@@ -7,6 +7,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: runs write PNGs, never open windows
+import warnings  # noqa: E402
+
+# Decoded tokens span every script; a glyph the font lacks is drawn as a box, which is
+# fine in a figure and not worth a warning per token.
+warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402

@@ -361,7 +361,7 @@ def timings(s: dict[str, Any]) -> str:
 # --- the report -------------------------------------------------------------------------
 
 
-def _build(run_dir: Path, s: dict[str, Any]) -> str:
+def _build(run_dir: Path, s: dict[str, Any], name: str | None = None) -> str:
     pngs = {p.name: p for p in sorted(run_dir.glob("*.png")) if p.is_file()}
     shown: set[str] = set()
 
@@ -400,7 +400,7 @@ def _build(run_dir: Path, s: dict[str, Any]) -> str:
 
     nav = " ".join(f'<a href="#{esc(i)}">{esc(t)}</a>' for i, t, _ in sections)
     body = "\n".join(section(i, t, b) for i, t, b in sections)
-    title = f"jaxlin · {s.get('model', '?')} · {run_dir.name}"
+    title = f"jaxlin · {s.get('model', '?')} · {name or run_dir.name}"
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -426,13 +426,15 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def render_report(run_dir: Path, summary: dict | None = None) -> Path:
-    """Write run_dir/report.html (self-contained) and return its path."""
+def render_report(run_dir: Path, summary: dict | None = None, name: str | None = None) -> Path:
+    """Write run_dir/report.html (self-contained) and return its path. `name` is the run's
+    name in the title (default: the directory's; a run rendered in its staging
+    directory passes its final name)."""
     run_dir = Path(run_dir)
     if summary is None:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     path = run_dir / REPORT_NAME
-    _write_atomic(path, _build(run_dir, summary))
+    _write_atomic(path, _build(run_dir, summary, name))
     return path
 
 
