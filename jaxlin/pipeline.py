@@ -113,6 +113,17 @@ def _decoded(
     ]
 
 
+def nearest_embedding_tokens(tokenizer: Any, vectors: np.ndarray, params: Any, count: int) -> list[list[str]]:
+    """For each row of `vectors` (k, d): the tokens whose input-embedding rows are nearest
+    by cosine similarity."""
+    embedding = np.asarray(params["embedder"]["embedding"], np.float32)
+    unit_rows = embedding / (np.linalg.norm(embedding, axis=1, keepdims=True) + 1e-30)
+    unit = np.asarray(vectors, np.float32)
+    unit = unit / (np.linalg.norm(unit, axis=1, keepdims=True) + 1e-30)
+    nearest = np.argsort(-(unit @ unit_rows.T), axis=1)[:, :count]
+    return [token_text(tokenizer, row) for row in nearest]
+
+
 def _decode_right_vectors(
     tokenizer: Any,
     right: np.ndarray,
@@ -316,6 +327,16 @@ def analyse(
                 strict=True,
             )
         ]
+        # Each J_t's first right vector, read as the input-embedding rows nearest to it
+        # (its sign follows the left vector's orientation u·y ≥ 0).
+        signs = np.where(first @ y_np < 0, -1.0, 1.0)
+        right_first = np.asarray(right)[:, 0, :] * signs[:, None]
+        for entry, nearest in zip(
+            per_token["top_left_vector"],
+            nearest_embedding_tokens(tokenizer, right_first, params, options.decode_top_tokens),
+            strict=True,
+        ):
+            entry["right_vector_nearest_tokens"] = nearest
         per_token["singular_values"] = np.asarray(sigma).tolist()
         per_token["max_relative_bound"] = float(
             np.max(np.asarray(bounds) / np.maximum(np.asarray(sigma), 1e-300))

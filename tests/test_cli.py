@@ -52,6 +52,8 @@ def test_run_writes_summary_arrays_and_plots(tmp_path, tiny_model_dir, capsys):
     assert summary["reconstruction_relative_error"] <= 1e-12
     assert summary["ordinary_jacobian_relative_error"] > 1e-3
     assert len(summary["singular_values"]) == 4
+    first_token = summary["per_token"]["top_left_vector"][0]
+    assert len(first_token["right_vector_nearest_tokens"]) == 3 and len(first_token["tokens"]) == 3
     arrays = np.load(run / "arrays.npz")
     n, d = summary["n_tokens"], 64
     assert arrays["contributions"].shape == (n, d) and arrays["y"].shape == (d,)

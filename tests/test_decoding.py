@@ -70,3 +70,18 @@ def test_unembedding_matrix_tied_and_untied():
     np.testing.assert_array_equal(unembedding_matrix(ModelConfig(**base), params), embedding)
     untied = ModelConfig(**base, tie_word_embeddings=False)
     np.testing.assert_array_equal(unembedding_matrix(untied, params), kernel.T)
+
+
+def test_nearest_embedding_rows_by_cosine():
+    from jaxlin.pipeline import nearest_embedding_tokens
+
+    class Tokenizer:
+        def decode(self, ids: list[int]) -> str:
+            return f"t{ids[0]}"
+
+    rng = np.random.default_rng(3)
+    embedding = rng.normal(size=(30, 8))
+    # Scaled copies of rows 5 and 11: cosine ignores the scale.
+    vectors = np.stack([7.0 * embedding[5], 0.01 * embedding[11]])
+    nearest = nearest_embedding_tokens(Tokenizer(), vectors, {"embedder": {"embedding": embedding}}, 2)
+    assert nearest[0][0] == "t5" and nearest[1][0] == "t11"
