@@ -113,14 +113,22 @@ def _decoded(
     ]
 
 
-def nearest_embedding_tokens(tokenizer: Any, vectors: np.ndarray, params: Any, count: int) -> list[list[str]]:
-    """For each row of `vectors` (k, d): the tokens whose input-embedding rows are nearest
-    by cosine similarity."""
+def _nearest_embeddings(vectors: np.ndarray, params: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of `vectors` (k, d): ids and cosines of the `count` input-embedding
+    rows nearest by cosine similarity."""
     embedding = np.asarray(params["embedder"]["embedding"], np.float32)
     unit_rows = embedding / (np.linalg.norm(embedding, axis=1, keepdims=True) + 1e-30)
     unit = np.asarray(vectors, np.float32)
     unit = unit / (np.linalg.norm(unit, axis=1, keepdims=True) + 1e-30)
-    nearest = np.argsort(-(unit @ unit_rows.T), axis=1)[:, :count]
+    cosines = unit @ unit_rows.T
+    nearest = np.argsort(-cosines, axis=1)[:, :count]
+    return nearest, np.take_along_axis(cosines, nearest, axis=1)
+
+
+def nearest_embedding_tokens(tokenizer: Any, vectors: np.ndarray, params: Any, count: int) -> list[list[str]]:
+    """For each row of `vectors` (k, d): the tokens whose input-embedding rows are nearest
+    by cosine similarity."""
+    nearest, _ = _nearest_embeddings(vectors, params, count)
     return [token_text(tokenizer, row) for row in nearest]
 
 
@@ -129,33 +137,27 @@ def _decode_right_vectors(
     right: np.ndarray,
     oriented_u: np.ndarray,
     raw_u: np.ndarray,
-    config: Any,
     params: Any,
     ids: np.ndarray,
     count: int,
 ) -> list[dict[str, Any]]:
     """Each right singular vector v_i (N, d) read at its dominant token: the input-embedding
     rows nearest to v_i[t] by cosine (sign follows the left vector's orientation)."""
-    embedding = np.asarray(params["embedder"]["embedding"], np.float32)
-    norms = np.linalg.norm(embedding, axis=1) + 1e-30
-    rows = []
-    for i, v in enumerate(right):
-        sign = 1.0 if float(oriented_u[i] @ raw_u[i]) >= 0 else -1.0
-        t = int(np.argmax(np.linalg.norm(v, axis=1)))
-        direction = sign * np.asarray(v[t], np.float32)
-        cosine = embedding @ direction / (norms * (np.linalg.norm(direction) + 1e-30))
-        nearest = np.argsort(-cosine)[:count]
-        rows.append(
-            {
-                "index": i + 1,
-                "dominant_position": t,
-                "dominant_token": tokenizer.decode([int(ids[t])]),
-                "share_of_norm": float(np.linalg.norm(v[t]) ** 2 / max(np.sum(v**2), 1e-300)),
-                "nearest_tokens": token_text(tokenizer, nearest),
-                "cosines": cosine[nearest].tolist(),
-            }
-        )
-    return rows
+    dominant = np.argmax(np.linalg.norm(right, axis=2), axis=1)  # (k,)
+    signs = np.where(np.sum(oriented_u * raw_u, axis=1) >= 0, 1.0, -1.0)
+    directions = right[np.arange(len(right)), dominant] * signs[:, None]
+    nearest, cosines = _nearest_embeddings(directions, params, count)
+    return [
+        {
+            "index": i + 1,
+            "dominant_position": int(t),
+            "dominant_token": tokenizer.decode([int(ids[t])]),
+            "share_of_norm": float(np.linalg.norm(v[t]) ** 2 / max(np.sum(v**2), 1e-300)),
+            "nearest_tokens": token_text(tokenizer, nearest[i]),
+            "cosines": cosines[i].tolist(),
+        }
+        for i, (v, t) in enumerate(zip(right, dominant, strict=True))
+    ]
 
 
 def _layer_dynamics(
@@ -368,7 +370,7 @@ def analyse(
             )
     arrays["focus_position"] = np.asarray(focus)
     right_tokens = _decode_right_vectors(
-        tokenizer, triplets.V, oriented_u, triplets.U.T, config, params, ids, options.decode_top_tokens
+        tokenizer, triplets.V, oriented_u, triplets.U.T, params, ids, options.decode_top_tokens
     )
     layers = None
     if options.layers.enabled:

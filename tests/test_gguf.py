@@ -474,16 +474,21 @@ def test_unsupported_quantization_type_simulated(tiny_gguf, monkeypatch: pytest.
         read_gguf_state_dict(tiny_gguf("llama")[0])
 
 
-def test_llama3_rope_freqs_dropped_with_a_warning(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arch", "generated"), [("llama", "rope_freqs.weight"), ("phi3", "rope_factors_long.weight")]
+)
+def test_generated_rope_tensors_dropped_with_a_warning(tmp_path: Path, arch: str, generated: str) -> None:
+    """Llama 3's rope_freqs and Phi-3's LongRoPE factors are llama.cpp inventions with no
+    HF tensor: dropped, with a warning."""
     path = write_gguf(
-        tmp_path / "l3.gguf",
-        "llama",
+        tmp_path / f"{arch}.gguf",
+        arch,
         {
-            "rope_freqs.weight": (np.ones(4, np.float32), F32),
+            generated: (np.ones(4, np.float32), F32),
             "output_norm.weight": (np.ones(HIDDEN, np.float32), F32),
         },
     )
-    with pytest.warns(UserWarning, match="rope_freqs.weight"):
+    with pytest.warns(UserWarning, match=generated):
         read_gguf_config(path)
     assert list(read_gguf_state_dict(path)) == ["model.norm.weight"]
 
@@ -865,20 +870,6 @@ def test_gemma2_27b_attention_scale_as_llama_cpp(tmp_path: Path) -> None:
     writer.write_tensors_to_file()
     writer.close()
     assert read_gguf_config(path).query_pre_attn_scalar == 144  # HF's Gemma 2 27B config
-
-
-def test_phi3_longrope_factors_dropped_with_a_warning(tmp_path: Path) -> None:
-    path = write_gguf(
-        tmp_path / "phi3.gguf",
-        "phi3",
-        {
-            "rope_factors_long.weight": (np.ones(4, np.float32), F32),
-            "output_norm.weight": (np.ones(HIDDEN, np.float32), F32),
-        },
-    )
-    with pytest.warns(UserWarning, match="rope_factors_long.weight"):
-        read_gguf_config(path)
-    assert list(read_gguf_state_dict(path)) == ["model.norm.weight"]
 
 
 def test_gpt2_tokenizer_matches_transformers(tiny_arch_gguf, torch: Any) -> None:
