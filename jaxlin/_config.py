@@ -45,13 +45,18 @@ class Positions(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding of one layer type, as Hugging Face's `rope_parameters` define it."""
+    """Rotary embedding of one layer type, as Hugging Face's `rope_parameters` define it,
+    plus "frequency_factors": llama.cpp's explicit per-frequency divisors (its `rope_freqs`
+    tensor, how a Llama 3.1/3.2 GGUF stores the llama3 scaling), a type HF does not have."""
 
     theta: float
-    rope_type: str = "default"  # default | linear | llama3 | yarn | longrope
+    # default | linear | llama3 | dynamic | yarn | longrope | frequency_factors
+    rope_type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    # The pretraining context. For "dynamic" it is HF's max_position_embeddings, the
+    # length past which dynamic NTK starts growing the base.
     original_max_position_embeddings: int = 8192
     # cos and sin are multiplied by this (YaRN's mscale, LongRoPE's scaling).
     attention_factor: float = 1.0
@@ -60,12 +65,17 @@ class RopeConfig:
     truncate: bool = True
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
+    # One divisor per inverse frequency (rotary_dim / 2 of them), for "frequency_factors".
+    frequency_factors: tuple[float, ...] = ()
 
     def inverse_frequencies(self, rotary_dim: int, num_tokens: int) -> np.ndarray:
         """Inverse frequencies in float64, computed on the host so that every dtype
-        of the model sees the same (correctly rounded) rotation angles. LongRoPE picks
-        its long factors only for inputs longer than the original context, as HF does."""
+        of the model sees the same (correctly rounded) rotation angles. Two variants
+        depend on the input's length, as in HF: LongRoPE picks its long factors only for
+        inputs longer than the original context, dynamic NTK grows its base with it."""
         exponents = np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim
+        if self.rope_type == "dynamic":
+            return 1.0 / (_dynamic_ntk_base(rotary_dim, num_tokens, self) ** exponents)
         inv_freq = 1.0 / (self.theta**exponents)
         if self.rope_type == "default":
             return inv_freq
@@ -78,7 +88,33 @@ class RopeConfig:
         if self.rope_type == "longrope":
             long = num_tokens > self.original_max_position_embeddings
             return inv_freq / np.asarray(self.long_factor if long else self.short_factor, dtype=np.float64)
+        if self.rope_type == "frequency_factors":
+            if len(self.frequency_factors) != len(inv_freq):
+                raise ValueError(
+                    f"{len(self.frequency_factors)} RoPE frequency factors for {len(inv_freq)} "
+                    f"frequencies (rotary dim {rotary_dim})"
+                )
+            return inv_freq / np.asarray(self.frequency_factors, dtype=np.float64)
         raise ValueError(f"unsupported rope_type {self.rope_type!r}")
+
+
+def _dynamic_ntk_base(rotary_dim: int, num_tokens: int, rope: RopeConfig) -> float:
+    """Dynamic NTK's base for an input of `num_tokens` tokens at positions 0..N-1, as HF
+    computes it (`_compute_dynamic_ntk_parameters`, called by `dynamic_rope_update` with
+    seq_len = max(position_ids) + 1 = N): the sequence length is clamped from below to
+    max_position_embeddings, so inputs that fit keep the base (the scale below is then 1)
+    and longer ones scale it by (factor·N/max − (factor − 1))^(d/(d−2)). The same
+    operations in the same order as HF, so float64 agrees with it to rounding.
+
+    HF's rotary module is stateful: it keeps the grown frequencies until an input
+    *shorter than max_position_embeddings* resets them, so an HF model that has already
+    seen a longer input uses that input's base for one of intermediate length. jaxlin is
+    stateless and always gives what a freshly loaded HF model gives."""
+    context = rope.original_max_position_embeddings
+    seq_len = max(num_tokens, context)
+    return rope.theta * ((rope.factor * seq_len / context) - (rope.factor - 1)) ** (
+        rotary_dim / (rotary_dim - 2)
+    )
 
 
 def _yarn_scaled(inv_freq: np.ndarray, rotary_dim: int, rope: RopeConfig) -> np.ndarray:
@@ -216,6 +252,7 @@ class ModelConfig:
             data = dict(data)
             data["short_factor"] = tuple(data.get("short_factor", ()))
             data["long_factor"] = tuple(data.get("long_factor", ()))
+            data["frequency_factors"] = tuple(data.get("frequency_factors", ()))
             return RopeConfig(**data)
 
         fields["rope"] = rope(fields["rope"])

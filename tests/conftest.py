@@ -32,9 +32,47 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_sliding": ("qwen3", {"use_sliding_window": True, "sliding_window": 6}),
     "llama_mqa": ("llama", {"num_key_value_heads": 1}),
     "llama_biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    # Dynamic NTK: the test inputs (19-21 tokens) are longer than the 16-token context,
+    # so the base is regrown from their length.
+    "llama_dynamic_rope": (
+        "llama",
+        {
+            "max_position_embeddings": 16,
+            "rope_parameters": {"rope_type": "dynamic", "rope_theta": 100.0, "factor": 4.0},
+        },
+    ),
     "mistral_sliding": ("mistral", {}),
     "qwen2_biases_untied": ("qwen2", {"tie_word_embeddings": False}),
     "qwen2_yarn": ("qwen2_yarn", {}),
+    # deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B's config.json with only the sizes shrunk
+    # (hidden 1536 → 96, 28 → 4 layers, 21 → 3 window layers, intermediate 8960 → 560,
+    # head_dim 128 → 8, context 131072 → 256, window 4096 → 6): 12 query / 2 KV heads,
+    # rope_theta 10000, untied, rms_norm_eps 1e-6, bos = eos, no pad, and a sliding window
+    # (and max_window_layers) set but switched off by use_sliding_window: no layer slides.
+    # The window is shorter than the test inputs, so a port that slid would fail parity.
+    # head_dim is spelled out only because the tiny defaults set 16; 96 / 12 = 8 anyway.
+    "qwen2_r1_distill": (
+        "qwen2",
+        {
+            "hidden_size": 96,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "intermediate_size": 560,
+            "num_hidden_layers": 4,
+            "max_window_layers": 3,
+            "max_position_embeddings": 256,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "use_sliding_window": False,
+            "sliding_window": 6,
+            "use_mrope": False,
+            "tie_word_embeddings": False,
+            "rms_norm_eps": 1e-6,
+            "bos_token_id": 1,
+            "eos_token_id": 1,
+            "pad_token_id": None,
+        },
+    ),
     "gemma2_softcaps": ("gemma2", {}),
     "olmo2_post_norm": ("olmo2", {}),
     "phi3_fused": ("phi3", {}),

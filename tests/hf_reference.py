@@ -40,7 +40,9 @@ spelled the same way: the RMSNorms (``Mistral``/``Qwen2``/``Olmo2``/``Phi3``:
 mixed into float64 q/k), ``Gemma2TextScaledWordEmbedding.embed_scale``, and in
 ``modeling_rope_utils``: yarn's ``torch.arange(..., dtype=torch.float32)`` ramp
 and ``.to(dtype=torch.float)``, longrope's ``torch.tensor(factors,
-dtype=torch.float32)`` and ``.float()``.  Longrope builds its long-factor
+dtype=torch.float32)`` and ``.float()``, and dynamic NTK's ``.to(dtype=torch.float)``
+(its base, regrown in the forward from the input length, is a tensor of the default
+dtype, float64 inside the mode).  Longrope builds its long-factor
 ``inv_freq`` lazily in the first *forward* with a sequence longer than
 ``original_max_position_embeddings`` (a plain attribute, not a buffer), which is
 why the model must also run inside the mode.  GPT-2's default eager path has no

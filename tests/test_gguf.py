@@ -1,16 +1,19 @@
 """converters.gguf: GGUF files → HF names, layouts, config and tokenizer.
 
 Three kinds of evidence: tiny GGUF files written here the way llama.cpp's converter
-writes them (its q/k permutation copied verbatim), transformers' own GGUF loader on the
-same files (needs torch: the reference only), and the real Gemma 3 270M Q4_K_M file.
+writes them (its q/k permutation and its generated RoPE tensors copied verbatim),
+transformers' own GGUF loader on the same files (needs torch: the reference only), and
+the real Gemma 3 270M Q4_K_M file.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -474,23 +477,56 @@ def test_unsupported_quantization_type_simulated(tiny_gguf, monkeypatch: pytest.
         read_gguf_state_dict(tiny_gguf("llama")[0])
 
 
-@pytest.mark.parametrize(
-    ("arch", "generated"), [("llama", "rope_freqs.weight"), ("phi3", "rope_factors_long.weight")]
-)
-def test_generated_rope_tensors_dropped_with_a_warning(tmp_path: Path, arch: str, generated: str) -> None:
-    """Llama 3's rope_freqs and Phi-3's LongRoPE factors are llama.cpp inventions with no
-    HF tensor: dropped, with a warning."""
-    path = write_gguf(
-        tmp_path / f"{arch}.gguf",
-        arch,
-        {
-            generated: (np.ones(4, np.float32), F32),
-            "output_norm.weight": (np.ones(HIDDEN, np.float32), F32),
-        },
-    )
-    with pytest.warns(UserWarning, match=generated):
-        read_gguf_config(path)
+def gguf_tensor_name(tensor: gguf.MODEL_TENSOR) -> str:
+    return f"{gguf.TENSOR_NAMES[tensor]}.weight"
+
+
+ROPE_FREQS = gguf_tensor_name(gguf.MODEL_TENSOR.ROPE_FREQS)
+ROPE_FACTORS_LONG = gguf_tensor_name(gguf.MODEL_TENSOR.ROPE_FACTORS_LONG)
+ROPE_FACTORS_SHORT = gguf_tensor_name(gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_generated_rope_tensors_rebuild_the_rope_without_a_warning(tmp_path: Path, arch: str) -> None:
+    """Llama 3's rope_freqs and Phi-3's LongRoPE factors (with longrope's attention
+    factor, and the rope.scaling.type an older converter might add) have no HF tensor:
+    not in the state dict, turned back into the config's RoPE, and no longer warned about."""
+    factors = np.array([1.0, 1.5, 3.25, 8.0], np.float32)  # head_dim 8: 4 frequencies
+    tensors = {"output_norm.weight": (np.ones(HIDDEN, np.float32), F32)}
+    if arch == "llama":
+        tensors[ROPE_FREQS] = (factors, F32)
+        metadata = None
+    else:
+        tensors |= {ROPE_FACTORS_LONG: (2 * factors, F32), ROPE_FACTORS_SHORT: (factors, F32)}
+
+        def metadata(writer: gguf.GGUFWriter) -> None:
+            writer.add_rope_scaling_attn_factors(1.25)
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+
+    path = write_gguf(tmp_path / f"{arch}.gguf", arch, tensors, metadata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rope = read_gguf_config(path).rope_parameters
+    if arch == "llama":
+        assert rope == {
+            "rope_type": "frequency_factors",
+            "rope_theta": 10000.0,
+            "frequency_factors": [*factors],
+        }
+    else:
+        assert rope["rope_type"] == "longrope" and rope["attention_factor"] == 1.25
+        assert rope["short_factor"] == [*factors] and rope["long_factor"] == [*(2 * factors)]
     assert list(read_gguf_state_dict(path)) == ["model.norm.weight"]
+
+
+def test_generated_rope_tensors_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    ones = np.ones(3, np.float32)
+    path = write_gguf(tmp_path / "llama.gguf", "llama", {ROPE_FREQS: (ones, F32)})
+    with pytest.raises(GGUFError, match=r"'rope_freqs.weight' has 3 values, expected 4"):
+        read_gguf_config(path)
+    path = write_gguf(tmp_path / "phi3.gguf", "phi3", {ROPE_FACTORS_LONG: (ones, F32)})
+    with pytest.raises(GGUFError, match=r"'rope_factors_long.weight' without 'rope_factors_short.weight'"):
+        read_gguf_config(path)
 
 
 def test_rope_scaling_metadata_warns(tmp_path: Path) -> None:
@@ -642,12 +678,61 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def tiny_hf_model(arch: str, torch: Any) -> tuple[Any, dict[str, np.ndarray]]:
-    """(an HF model with random weights, norms included, its state dict as float32 numpy)."""
+# RoPE scaling llama.cpp's converter stores as tensors: name → (GGUF architecture, HF config).
+ROPE_SCALED_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Llama 3.1/3.2's llama3 scaling, its thresholds (wavelengths 32 / 1 and 32 / 4) put
+    # the frequencies of head_dim 16, theta 1e4 (wavelengths 6.3, 19.9, 62.8, ...) in all
+    # three bands: kept, smoothed, divided by 8. original_max_position_embeddings is also
+    # set at the top level, where llama.cpp reads it (8192 when absent, which is right for
+    # every released Llama 3.x, whose rope_scaling says 8192); HF agrees either way.
+    "llama3": (
+        "llama",
+        {
+            **_COMMON,
+            "tie_word_embeddings": False,
+            "original_max_position_embeddings": 32,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        },
+    ),
+    # Phi-3.5-mini / Phi-3-128k style longrope (no "factor", as in those configs: HF and
+    # llama.cpp both use max / original = 4), with Phi-4-mini's partial rotary on top:
+    # 4 factors for 8 of 16 dims.
+    "phi3_longrope": (
+        "phi3",
+        {
+            **_COMMON,
+            "tie_word_embeddings": False,
+            "pad_token_id": EOS,
+            "max_position_embeddings": 64,
+            "original_max_position_embeddings": 16,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 100.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.1, 1.4, 2.0],
+                "long_factor": [1.0, 1.6, 3.0, 5.5],
+            },
+        },
+    ),
+}
+
+
+def tiny_hf_model(
+    arch: str, torch: Any, fields: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, np.ndarray]]:
+    """(an HF model with random weights, norms included, its state dict as float32 numpy);
+    config fields `fields`, else HF_CONFIGS[arch]."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(arch, **HF_CONFIGS[arch], attn_implementation="eager")
+    config = AutoConfig.for_model(arch, **(fields or HF_CONFIGS[arch]), attn_implementation="eager")
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
@@ -668,6 +753,10 @@ def llama_cpp_convert(arch: str, config: Any, hf: dict[str, np.ndarray]) -> dict
             values = values + 1
         if arch == "gpt2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
             values = values.T  # GPT2Model.modify_tensors: transpose(1, 0)
+        if arch == "llama" and name.endswith(".q_proj.weight"):  # LlamaModel.modify_tensors
+            values = llama_cpp_permute(values, config.num_attention_heads, config.num_attention_heads)
+        elif arch == "llama" and name.endswith(".k_proj.weight"):
+            values = llama_cpp_permute(values, config.num_attention_heads, config.num_key_value_heads)
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, name
         qtype = F16 if values.ndim == 2 and ".1." in name else F32
@@ -675,8 +764,59 @@ def llama_cpp_convert(arch: str, config: Any, hf: dict[str, np.ndarray]) -> dict
     return tensors
 
 
+def llama_cpp_generate_extra_tensors(
+    arch: str, hparams: dict[str, Any], writer: gguf.GGUFWriter
+) -> dict[str, np.ndarray]:
+    """llama.cpp's generate_extra_tensors for `arch` (convert_hf_to_gguf.py, now
+    conversion/llama.py LlamaModel and conversion/phi.py Phi3MiniModel), step for step
+    and in torch as there; `hparams` is the config.json dict. Phi-3's also writes the
+    attention factor."""
+    import torch
+
+    rope_params = hparams.get("rope_parameters") or {}
+    if arch == "llama" and rope_params.get("rope_type", "").lower() == "llama3":
+        base = rope_params.get("rope_theta", 10000.0)
+        if (dim := hparams.get("head_dim")) is None:
+            dim = hparams["hidden_size"] // hparams["num_attention_heads"]
+        freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        factor = rope_params.get("factor", 8.0)
+        low_freq_factor = rope_params.get("low_freq_factor", 1.0)
+        high_freq_factor = rope_params.get("high_freq_factor", 4.0)
+        old_context_len = hparams.get("original_max_position_embeddings", 8192)  # top level, sic
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        rope_factors = []
+        for freq in freqs:
+            wavelen = 2 * math.pi / freq
+            if wavelen < high_freq_wavelen:
+                rope_factors.append(1)
+            elif wavelen > low_freq_wavelen:
+                rope_factors.append(factor)
+            else:
+                smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+                rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+        return {"rope_freqs.weight": torch.tensor(rope_factors, dtype=torch.float32).numpy()}
+    if arch == "phi3" and (long_factors := rope_params.get("long_factor")):
+        n_embd, n_head = hparams["hidden_size"], hparams["num_attention_heads"]
+        max_pos_embds = hparams["max_position_embeddings"]
+        orig_max_pos_embds = rope_params["original_max_position_embeddings"]
+        rope_dims = int(rope_params.get("partial_rotary_factor", 1.0) * n_embd) // n_head
+        scale = max_pos_embds / orig_max_pos_embds
+        assert rope_params["rope_type"] == "longrope"
+        attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig_max_pos_embds)) if scale > 1.0 else 1.0
+        writer.add_rope_scaling_attn_factors(attn_factor)
+        short_factors = rope_params["short_factor"]
+        assert len(long_factors) == len(short_factors) == rope_dims / 2
+        return {
+            "rope_factors_long.weight": torch.tensor(long_factors, dtype=torch.float32).numpy(),
+            "rope_factors_short.weight": torch.tensor(short_factors, dtype=torch.float32).numpy(),
+        }
+    return {}
+
+
 def write_llama_cpp_gguf(path: Path, arch: str, config: Any, tensors: dict) -> Path:
-    """The metadata llama.cpp's set_gguf_parameters writes for `arch`."""
+    """The metadata llama.cpp's set_gguf_parameters writes for `arch`, and the tensors its
+    generate_extra_tensors adds."""
     writer = gguf.GGUFWriter(path, arch)
     if arch == "gpt2":  # GPT2Model.set_gguf_parameters
         writer.add_block_count(config.n_layer)
@@ -695,6 +835,11 @@ def write_llama_cpp_gguf(path: Path, arch: str, config: Any, tensors: dict) -> P
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         if arch != "gemma2":
             writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    if arch == "llama":  # LlamaModel.set_gguf_parameters; head_dim is in its config.json
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_rope_dimension_count(config.head_dim)
     if arch == "gemma2":
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
@@ -715,6 +860,8 @@ def write_llama_cpp_gguf(path: Path, arch: str, config: Any, tensors: dict) -> P
     writer.add_token_types(token_types)
     writer.add_bos_token_id(BOS)
     writer.add_eos_token_id(EOS)
+    for name, values in llama_cpp_generate_extra_tensors(arch, config.to_dict(), writer).items():
+        writer.add_tensor(name, values)
     for name, (values, qtype) in tensors.items():
         writer.add_tensor(name, values.astype(np.float16) if qtype == F16 else values)
     writer.write_header_to_file()
@@ -724,6 +871,23 @@ def write_llama_cpp_gguf(path: Path, arch: str, config: Any, tensors: dict) -> P
     return path
 
 
+def build_llama_cpp_gguf(
+    directory: Path, arch: str, torch: Any, fields: dict[str, Any] | None = None
+) -> tuple[Path, Any, dict[str, np.ndarray]]:
+    """(GGUF path, the HF model, the HF state dict a reader must recover) for a tiny random
+    HF model of `arch` (config `fields`, else HF_CONFIGS[arch]) converted as llama.cpp would."""
+    model, hf = tiny_hf_model(arch, torch, fields)
+    tensors = llama_cpp_convert(arch, model.config, hf)
+    path = write_llama_cpp_gguf(directory / f"{arch}.gguf", arch, model.config, tensors)
+    # What survives the file: the F16 round trip; a tied lm_head is not returned.
+    hf = {
+        name: (values.astype(np.float16).astype(np.float32) if values.ndim == 2 and ".1." in name else values)
+        for name, values in hf.items()
+        if not (name == "lm_head.weight" and (model.config.tie_word_embeddings or arch == "gemma2"))
+    }
+    return path, model, hf
+
+
 @pytest.fixture(scope="module")
 def tiny_arch_gguf(tmp_path_factory: pytest.TempPathFactory, torch: Any) -> Callable[[str], tuple]:
     """arch → (GGUF path, the HF model, the HF state dict a reader must recover), built once."""
@@ -731,23 +895,24 @@ def tiny_arch_gguf(tmp_path_factory: pytest.TempPathFactory, torch: Any) -> Call
 
     def build(arch: str) -> tuple:
         if arch not in built:
-            model, hf = tiny_hf_model(arch, torch)
-            tensors = llama_cpp_convert(arch, model.config, hf)
-            path = write_llama_cpp_gguf(
-                tmp_path_factory.mktemp(arch) / f"{arch}.gguf", arch, model.config, tensors
-            )
-            # What survives the file: the F16 round trip; a tied lm_head is not returned.
-            hf = {
-                name: (
-                    values.astype(np.float16).astype(np.float32)
-                    if values.ndim == 2 and ".1." in name
-                    else values
-                )
-                for name, values in hf.items()
-                if not (name == "lm_head.weight" and (model.config.tie_word_embeddings or arch == "gemma2"))
-            }
-            built[arch] = (path, model, hf)
+            built[arch] = build_llama_cpp_gguf(tmp_path_factory.mktemp(arch), arch, torch)
         return built[arch]
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def rope_scaled_gguf(tmp_path_factory: pytest.TempPathFactory, torch: Any) -> Callable[[str], tuple]:
+    """ROPE_SCALED_CONFIGS name → (GGUF path, HF model holding the file's weights), built once."""
+    built: dict[str, tuple] = {}
+
+    def build(name: str) -> tuple:
+        if name not in built:
+            arch, fields = ROPE_SCALED_CONFIGS[name]
+            path, model, expected = build_llama_cpp_gguf(tmp_path_factory.mktemp(name), arch, torch, fields)
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in expected.items()}, strict=False)
+            built[name] = (path, model)
+        return built[name]
 
     return build
 
@@ -901,3 +1066,102 @@ def test_jaxlin_port_runs_from_the_gguf(tiny_arch_gguf, torch: Any, arch: str) -
     hidden = model_fns.final_hidden(ours.config, ours.params, model_fns.embed(ours.config, ours.params, ids))
     logits = np.asarray(model_fns.logits(ours.config, ours.params, hidden), np.float64)
     assert np.linalg.norm(logits - reference) / np.linalg.norm(reference) <= 1e-5
+
+
+# --------------------------------------------------------------------------- RoPE scaling from tensors
+
+
+def relative_error(values: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(values, np.float64) - reference) / np.linalg.norm(reference))
+
+
+@pytest.mark.parametrize(
+    ("name", "lengths"), [("llama3", (24,)), ("phi3_longrope", (12, 24))], ids=["llama3", "phi3_longrope"]
+)
+def test_rope_scaling_rebuilt_from_llama_cpp_tensors(
+    rope_scaled_gguf, torch: Any, name: str, lengths
+) -> None:
+    """A Llama 3.1-style and a long-context Phi-3 GGUF, generated tensors and all, give
+    the original HF model's final hidden state and logits through jaxlin (float32).
+    Phi-3 below (12) and past (24) its 16-token original context: short then long factors.
+    Plain RoPE would be another model at every length."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from converters.gguf_model import load_gguf_model
+    from jaxlin import model as model_fns
+    from jaxlin._config import ModelConfig, RopeConfig
+
+    path, model = rope_scaled_gguf(name)
+    ours = load_gguf_model(path, jnp.float32)
+    assert ours.config.rope.rope_type == ("frequency_factors" if name == "llama3" else "longrope")
+    assert ModelConfig.from_json(ours.config.to_json()) == ours.config  # what the params cache keeps
+    plain = dataclasses.replace(ours.config, rope=RopeConfig(ours.config.rope.theta))
+    for length in lengths:
+        ids = np.arange(length) * 7 % VOCAB
+        with torch.no_grad():  # the decoder's last_hidden_state is after the final norm
+            reference_hidden = model.model(torch.as_tensor(ids)[None]).last_hidden_state[0].double().numpy()
+            reference_logits = model(torch.as_tensor(ids)[None]).logits[0].double().numpy()
+        inputs = model_fns.embed(ours.config, ours.params, ids)
+        hidden = np.asarray(model_fns.final_hidden(ours.config, ours.params, inputs), np.float64)
+        logits = np.asarray(model_fns.logits(ours.config, ours.params, jnp.asarray(hidden, jnp.float32)))
+        assert relative_error(hidden, reference_hidden) <= 1e-5, length
+        assert relative_error(logits, reference_logits) <= 1e-5, length
+        unscaled = np.asarray(model_fns.final_hidden(plain, ours.params, inputs), np.float64)
+        assert relative_error(unscaled, reference_hidden) > 1e-3, length
+
+
+def test_rebuilt_longrope_config_is_hfs_own(rope_scaled_gguf, torch: Any) -> None:
+    """Phi-3's rebuilt config is plain HF longrope: transformers builds the original model
+    from it. Llama's explicit factors have no HF type: transformers refuses to build a
+    model, rather than build one with plain RoPE."""
+    from transformers import AutoModelForCausalLM
+
+    path, model = rope_scaled_gguf("phi3_longrope")
+    config = read_gguf_config(path)
+    config._attn_implementation = "eager"
+    rebuilt = AutoModelForCausalLM.from_config(config).eval()
+    rebuilt.load_state_dict({k: torch.from_numpy(v) for k, v in read_gguf_state_dict(path).items()})
+    for length in (12, 24):
+        ids = torch.arange(length)[None] * 7 % VOCAB
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                rebuilt(ids).logits.numpy(), model(ids).logits.numpy(), rtol=0, atol=1e-5, err_msg=str(length)
+            )
+    with pytest.raises(KeyError, match="frequency_factors"):
+        AutoModelForCausalLM.from_config(read_gguf_config(rope_scaled_gguf("llama3")[0]))
+
+
+@pytest.mark.parametrize(
+    ("factor", "head_dim"), [(8.0, 128), (32.0, 64)], ids=["llama-3.1-8b", "llama-3.2-1b"]
+)
+def test_llama_cpp_rope_freqs_are_hf_llama3_scaling(torch: Any, factor: float, head_dim: int) -> None:
+    """At the real Llama 3.1 8B / 3.2 1B settings (theta 500000, original context 8192,
+    low/high freq factors 1/4): transformers' llama3 inverse frequencies are its plain
+    ones divided by the factors llama.cpp's converter writes (float32 both: ~1e-7)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from jaxlin._config import RopeConfig
+
+    rope_parameters = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    hf_config = LlamaConfig(
+        hidden_size=head_dim * 32,
+        num_attention_heads=32,
+        max_position_embeddings=131072,
+        rope_parameters=rope_parameters,
+    )
+    hparams = {"rope_parameters": rope_parameters, "hidden_size": head_dim * 32, "num_attention_heads": 32}
+    factors = llama_cpp_generate_extra_tensors("llama", hparams, gguf.GGUFWriter(None, "llama"))[ROPE_FREQS]
+    assert {1.0, factor} < set(factors.tolist())  # every band is populated
+    hf_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+    ours = RopeConfig(500000.0, "frequency_factors", frequency_factors=tuple(factors.tolist()))
+    np.testing.assert_allclose(ours.inverse_frequencies(head_dim, 1), hf_inv_freq.double().numpy(), rtol=1e-6)

@@ -82,6 +82,34 @@ def test_longrope_short_factors_below_the_original_context(tiny_model_dir):
     assert relative(hidden, reference["last_hidden_state"]) <= 1e-10
 
 
+def test_dynamic_ntk_rope_below_at_and_past_the_context(tiny_model_dir):
+    """Dynamic NTK (context 16): inputs that fit keep the plain base, as HF's freshly
+    loaded model does; a 21-token input regrows it from its length. Each against HF run
+    exactly in float64, and past the context plain RoPE must be measurably another model."""
+    import dataclasses
+
+    from jaxlin._config import RopeConfig
+
+    directory = tiny_model_dir("llama_dynamic_rope")
+    model = load_hf_model(directory, jnp.float64)
+    assert model.config.rope.rope_type == "dynamic"
+    plain = dataclasses.replace(model.config, rope=RopeConfig(model.config.rope.theta))
+    rotary_dim = model.config.rotary_dim
+    for length in (12, 16, 21):
+        tokens = TOKENS[:length]
+        reference = hf_forward(directory, tokens, "exact_float64")["last_hidden_state"]
+        inputs = model_fns.embed(model.config, model.params, jnp.asarray(tokens))
+        hidden = model_fns.final_hidden(model.config, model.params, inputs)
+        assert relative(hidden, reference) <= 1e-10, length
+        grown = model.config.rope.inverse_frequencies(rotary_dim, length)
+        if length <= 16:
+            np.testing.assert_array_equal(grown, plain.rope.inverse_frequencies(rotary_dim, length))
+        else:
+            assert np.all(grown[1:] < plain.rope.inverse_frequencies(rotary_dim, length)[1:])
+            unscaled = model_fns.final_hidden(plain, model.params, inputs)
+            assert relative(unscaled, reference) > 1e-3
+
+
 def test_learned_positions_refuse_inputs_longer_than_the_table(tiny_model_dir, tmp_path):
     from jaxlin.errors import JaxlinError
     from jaxlin.loading import LoadedModel

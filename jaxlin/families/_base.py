@@ -167,7 +167,8 @@ def activation(hf_config: Any) -> Activation:
 def rope(
     parameters: Mapping[str, Any] | None, field_name: str = "rope_parameters", hf_config: Any = None
 ) -> RopeConfig:
-    """One RopeConfig from HF's (standardized) rope parameters dict."""
+    """One RopeConfig from HF's (standardized) rope parameters dict, or from the
+    "frequency_factors" dict `converters.gguf` builds from llama.cpp's `rope_freqs`."""
     if not parameters or "rope_theta" not in parameters:
         raise ConfigFieldError(f"config field {field_name!r} has no rope_theta: {parameters!r}")
     theta = float(parameters["rope_theta"])
@@ -185,6 +186,21 @@ def rope(
                 low_freq_factor=float(parameters["low_freq_factor"]),
                 high_freq_factor=float(parameters["high_freq_factor"]),
                 original_max_position_embeddings=int(parameters["original_max_position_embeddings"]),
+            )
+        if rope_type == "dynamic":
+            # HF's dynamic NTK grows the base past config.max_position_embeddings (it
+            # ignores any original_max_position_embeddings): that is the context kept here.
+            return RopeConfig(
+                theta,
+                "dynamic",
+                factor=float(parameters["factor"]),
+                original_max_position_embeddings=int(field(hf_config, "max_position_embeddings")),
+            )
+        if rope_type == "frequency_factors":
+            return RopeConfig(
+                theta,
+                "frequency_factors",
+                frequency_factors=tuple(float(x) for x in parameters["frequency_factors"]),
             )
         original = int(parameters["original_max_position_embeddings"])
         factor = parameters.get("factor") or field(hf_config, "max_position_embeddings") / original
@@ -218,7 +234,7 @@ def rope(
         raise ConfigFieldError(f"config field {field_name!r} ({rope_type}) lacks {missing}") from None
     raise ConfigFieldError(
         f"config field {field_name!r}: rope_type {rope_type!r} is not supported "
-        "(supported: default, linear, llama3, yarn, longrope)"
+        "(supported: default, linear, llama3, dynamic, yarn, longrope, frequency_factors)"
     )
 
 

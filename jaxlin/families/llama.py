@@ -1,4 +1,5 @@
-"""Llama 2/3/3.1/3.2: pre-norm blocks, SwiGLU, RoPE (incl. the "llama3" scaling)."""
+"""Llama 2/3/3.1/3.2: pre-norm blocks, SwiGLU, RoPE (incl. the "llama3" scaling, dynamic
+NTK, and a GGUF's llama3 scaling as llama.cpp's per-frequency factors)."""
 
 from __future__ import annotations
 
