@@ -4,8 +4,15 @@ One compiled program serves every layer: the layer index is data. Cumulative tap
 (w.r.t. the input embeddings) read layer ℓ's output from the stacked per-layer taps of
 one forward; local taps (w.r.t. the layer's own input) run the single layer ℓ, its
 params picked with a dynamic slice. For each (layer, tap) the Gram matrix J·Jᵀ (d × d)
-is formed from d products J·(Jᵀ·e_i), so every singular value is exact and the
-effective dimensionalities need no truncation.
+is formed exactly and eigen-decomposed in the same program, so every singular value is
+exact and the effective dimensionalities need no truncation. Two ways to form it:
+
+- rows in memory (short inputs): the d transposed products Jᵀ·e_i are the rows of J
+  (d × N·d); J·Jᵀ, the right vectors Jᵀu and the per-token contributions J_t·x_t are then
+  contractions of those rows — d passes per tap in all;
+- streamed (long inputs, when the rows would not fit): d products J·(Jᵀ·e_i), then one
+  batched transposed pass for the right vectors and N forward products for J_t·x_t —
+  about twice the passes, memory O(chunk · N · d).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +29,8 @@ import numpy as np
 from jaxlin._config import ModelConfig
 from jaxlin._modules import Transformer
 from jaxlin._policy import FreezePolicy
+from jaxlin.decoding import dominant_rows
+from jaxlin.memory import available_bytes
 from jaxlin.model import Params, module
 from jaxlin.operator import DEFAULT_ATTENTION_BLOCK, on_token, scale_biases
 
@@ -71,8 +81,29 @@ def sweep_target(
     return target
 
 
+class TapProducts(NamedTuple):
+    value: jax.Array  # the tap at the last token (d,)
+    eigenvalues: jax.Array  # of J·Jᵀ, all d, descending: σ_i²
+    left: jax.Array  # (k, d) top left singular vectors, oriented so that u·value ≥ 0
+    right: jax.Array  # (k, N, d) v_i = Jᵀu_i / σ_i
+    sigma: jax.Array  # (k,) σ_i = ‖Jᵀu_i‖
+    residuals: jax.Array  # (k,) ‖J·v_i − σ_i·u_i‖ / σ_i
+    reconstruction: jax.Array  # Σ_t J_t·x_t
+    bias: jax.Array  # c_bias (zero for bias-free models)
+
+
 @functools.partial(
-    jax.jit, static_argnames=("config", "kind", "final_norm", "local", "chunk", "attention_block")
+    jax.jit,
+    static_argnames=(
+        "config",
+        "kind",
+        "final_norm",
+        "local",
+        "top_k",
+        "chunk",
+        "attention_block",
+        "rows_in_memory",
+    ),
 )
 def layer_gram(
     params: Params,
@@ -82,12 +113,16 @@ def layer_gram(
     kind: str,
     final_norm: bool,
     local: bool,
+    top_k: int = 3,
     chunk: int = 64,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """For one layer's tap: (value at the last token, J·Jᵀ (d × d), Σ_t J_t·x_t, c_bias),
-    the sum over per-token products J_t·x_t (one forward product per token), so the
-    certificate checks the per-token decomposition, not just J·X."""
+    rows_in_memory: bool = False,
+) -> TapProducts:
+    """For one layer's tap: the eigen-decomposition of J·Jᵀ (d × d), the top-k singular
+    triplets, and the sum of the per-token products J_t·x_t (so the certificate checks the
+    per-token decomposition, not just J·X), all inside one program: no second forward, no
+    per-tap Lanczos. `rows_in_memory` keeps J's d rows (d·N·d numbers) and derives
+    everything from them; otherwise the products are streamed (see the module docstring)."""
     target = sweep_target(config, params, kind, final_norm, local, attention_block)
     beta = jnp.ones((), inputs.dtype)
     value, joint = jax.linearize(lambda x, b: target(x, b, layer), inputs, beta)
@@ -95,20 +130,57 @@ def layer_gram(
     zero = jnp.zeros((), inputs.dtype)
     wide = jnp.promote_types(value.dtype, jnp.float32)
 
-    def gram_column(unit: jax.Array) -> jax.Array:
-        return joint(transpose(unit.astype(value.dtype))[0], zero).astype(wide)
+    def pullback(u: jax.Array) -> jax.Array:
+        return transpose(u.astype(value.dtype))[0].astype(wide)
 
-    basis = jnp.eye(value.shape[0], dtype=wide)
-    gram = jax.lax.map(gram_column, basis, batch_size=min(chunk, value.shape[0]))
-    n = inputs.shape[0]
+    def push(v: jax.Array) -> jax.Array:
+        return joint(v.astype(inputs.dtype), zero).astype(wide)
 
-    def token_contribution(t: jax.Array) -> jax.Array:
-        return joint(on_token(inputs, t), zero).astype(wide)
+    d, n = value.shape[0], inputs.shape[0]
+    units = jnp.eye(d, dtype=wide)
+    if rows_in_memory:
+        rows = jax.lax.map(pullback, units, batch_size=min(chunk, d))  # (d, N, d): rows[i] = Jᵀe_i
+        exact = jax.lax.Precision.HIGHEST
+        gram = jnp.einsum("ind,jnd->ij", rows, rows, precision=exact)
+        pull_many = lambda u: jnp.einsum("ki,ind->knd", u, rows, precision=exact)
+        push_many = lambda v: jnp.einsum("ind,knd->ki", rows, v, precision=exact)
+        # Σ_t J_t·x_t, each token's block J_t read from the rows.
+        reconstruction = jnp.einsum("ind,nd->i", rows, inputs.astype(wide), precision=exact)
+    else:
+        gram = jax.lax.map(lambda unit: push(pullback(unit)), units, batch_size=min(chunk, d))
+        pull_many = lambda u: jax.lax.map(pullback, u, batch_size=min(chunk, top_k))
+        push_many = lambda v: jax.lax.map(push, v, batch_size=min(chunk, top_k))
 
-    contributions = jax.lax.map(token_contribution, jnp.arange(n), batch_size=min(chunk, n))
-    reconstruction = jnp.sum(contributions, axis=0)
+        def token_contribution(t: jax.Array) -> jax.Array:
+            return joint(on_token(inputs, t), zero).astype(wide)
+
+        contributions = jax.lax.map(token_contribution, jnp.arange(n), batch_size=min(chunk, n))
+        reconstruction = jnp.sum(contributions, axis=0)
+    # eigh symmetrizes its input: rounding leaves the Gram symmetric only to working precision.
+    eigenvalues, eigenvectors = jnp.linalg.eigh(gram)
+    eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+    left = eigenvectors[:, :top_k].T
+    left = left * jnp.where(left @ value.astype(wide) < 0, -1.0, 1.0).astype(wide)[:, None]
+    pulled = pull_many(left)  # (k, N, d) = Jᵀu_i
+    # σ_i = ‖Jᵀu_i‖ (= √λ_i, and the Rayleigh quotient of u_i): v_i is a unit vector by construction.
+    sigma = jnp.sqrt(jnp.sum(jnp.square(pulled), axis=(1, 2)))
+    safe_sigma = jnp.maximum(sigma, jnp.finfo(wide).tiny)
+    right = pulled / safe_sigma[:, None, None]
+    pushed = push_many(right)  # (k, d) = J·v_i
+    residuals = jnp.linalg.norm(pushed - sigma[:, None] * left, axis=1) / safe_sigma
     bias = joint(jnp.zeros_like(inputs), beta) if config.has_biases else jnp.zeros_like(value)
-    return value, gram, reconstruction, bias
+    return TapProducts(value, eigenvalues, left, right, sigma, residuals, reconstruction, bias)
+
+
+# J's rows for one tap are d·N·d numbers: 15 MB for Gemma 3 270M at N = 9, 1.6 GB at N = 1000.
+ROWS_BUDGET_BYTES = 2**30
+
+
+def _rows_fit(config: ModelConfig, embeddings: jax.Array) -> bool:
+    wide = jnp.dtype(jnp.promote_types(embeddings.dtype, jnp.float32)).itemsize
+    rows_bytes = config.hidden_size * embeddings.size * wide
+    free = available_bytes()
+    return rows_bytes <= ROWS_BUDGET_BYTES and (free is None or rows_bytes <= free // 4)
 
 
 @dataclasses.dataclass
@@ -120,6 +192,16 @@ class LayerSpectrum:
     left_vectors: np.ndarray  # (k, d), top-k, oriented so that u·value ≥ 0
     value: np.ndarray  # the tap at the last token
     reconstruction_error: float
+    # The top-k right vectors v_i = Jᵀu_i/σ_i live in the tap's input space: the input
+    # embeddings (cumulative) or the residual stream entering the layer (local). Each is
+    # kept as the row at its dominant token position; the full (k, N, d) vectors only on
+    # request, since for every tap of a long input they would not fit in memory.
+    right_sigmas: np.ndarray  # (k,) ‖Jᵀu_i‖
+    right_residuals: np.ndarray  # (k,) ‖J·v_i − σ_i·u_i‖ / σ_i
+    right_positions: np.ndarray  # (k,) token position carrying most of ‖v_i‖²
+    right_shares: np.ndarray  # (k,) that position's share of ‖v_i‖²
+    right_rows: np.ndarray  # (k, d) v_i at that position
+    right_vectors: np.ndarray | None = None  # (k, N, d), with sweep(keep_right_vectors=True)
 
     @property
     def stable_rank(self) -> float:
@@ -144,26 +226,56 @@ def sweep(
     chunk: int = 64,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
     progress: Callable[[str], None] | None = None,
+    keep_right_vectors: bool = False,
+    rows_in_memory: bool | None = None,
 ) -> list[LayerSpectrum]:
-    """Every layer × tap kind: full spectrum (from the exact Gram matrix), top left
-    vectors, and the tap's reconstruction certificate."""
+    """Every layer × tap kind: full spectrum (from the exact Gram matrix), top-k left and
+    right singular vectors, and the tap's reconstruction certificate. `rows_in_memory`:
+    see `layer_gram`; by default, whenever J's rows take at most `ROWS_BUDGET_BYTES` and a
+    quarter of the free memory."""
+    if rows_in_memory is None:
+        rows_in_memory = _rows_fit(config, embeddings)
     inputs_per_layer = layer_inputs(config, params, embeddings) if local else None
     results = []
     for kind in kinds:
         for layer in range(config.num_layers):
             inputs = inputs_per_layer[layer] if local else embeddings
-            value, gram, recon, bias = layer_gram(
-                params, inputs, jnp.asarray(layer), config, kind, final_norm, local, chunk, attention_block
+            products = layer_gram(
+                params,
+                inputs,
+                jnp.asarray(layer),
+                config,
+                kind,
+                final_norm,
+                local,
+                top_k,
+                chunk,
+                attention_block,
+                rows_in_memory,
             )
-            eigenvalues, eigenvectors = np.linalg.eigh(np.asarray(gram, np.float64))
-            order = np.argsort(eigenvalues)[::-1]
-            sigma = np.sqrt(np.clip(eigenvalues[order], 0, None))
-            value_np = np.asarray(value, np.float64)
-            total = np.asarray(recon, np.float64) + np.asarray(bias, np.float64)
-            error = float(np.linalg.norm(total - value_np) / max(np.linalg.norm(value_np), 1e-300))
-            left = eigenvectors[:, order[:top_k]].T
-            left = left * np.where(left @ value_np < 0, -1.0, 1.0)[:, None]
-            results.append(LayerSpectrum(layer, kind, local, sigma, left, value_np, error))
+            sigma = np.sqrt(np.clip(np.asarray(products.eigenvalues, np.float64), 0, None))
+            value = np.asarray(products.value, np.float64)
+            total = np.asarray(products.reconstruction, np.float64) + np.asarray(products.bias, np.float64)
+            error = float(np.linalg.norm(total - value) / max(np.linalg.norm(value), 1e-300))
+            right = np.asarray(products.right, np.float64)
+            positions, shares, rows = dominant_rows(right)
+            results.append(
+                LayerSpectrum(
+                    layer,
+                    kind,
+                    local,
+                    sigma,
+                    np.asarray(products.left, np.float64),
+                    value,
+                    error,
+                    right_sigmas=np.asarray(products.sigma, np.float64),
+                    right_residuals=np.asarray(products.residuals, np.float64),
+                    right_positions=positions,
+                    right_shares=shares,
+                    right_rows=rows,
+                    right_vectors=right if keep_right_vectors else None,
+                )
+            )
             if progress is not None and layer == config.num_layers - 1:
                 progress(f"layer sweep: {kind} ({'local' if local else 'cumulative'}) done")
     return results

@@ -20,7 +20,13 @@ import numpy as np
 
 from jaxlin import model as model_fns
 from jaxlin._policy import FreezePolicy
-from jaxlin.decoding import orient_to, top_tokens, unembedding_matrix
+from jaxlin.decoding import (
+    dominant_rows,
+    nearest_embedding_rows,
+    orient_to,
+    top_tokens,
+    unembedding_matrix,
+)
 from jaxlin.errors import JaxlinError
 from jaxlin.layers import sweep
 from jaxlin.loading import LoadedModel, load_model
@@ -113,23 +119,34 @@ def _decoded(
     ]
 
 
-def _nearest_embeddings(vectors: np.ndarray, params: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each row of `vectors` (k, d): ids and cosines of the `count` input-embedding
-    rows nearest by cosine similarity."""
-    embedding = np.asarray(params["embedder"]["embedding"], np.float32)
-    unit_rows = embedding / (np.linalg.norm(embedding, axis=1, keepdims=True) + 1e-30)
-    unit = np.asarray(vectors, np.float32)
-    unit = unit / (np.linalg.norm(unit, axis=1, keepdims=True) + 1e-30)
-    cosines = unit @ unit_rows.T
-    nearest = np.argsort(-cosines, axis=1)[:, :count]
-    return nearest, np.take_along_axis(cosines, nearest, axis=1)
-
-
 def nearest_embedding_tokens(tokenizer: Any, vectors: np.ndarray, params: Any, count: int) -> list[list[str]]:
     """For each row of `vectors` (k, d): the tokens whose input-embedding rows are nearest
     by cosine similarity."""
-    nearest, _ = _nearest_embeddings(vectors, params, count)
+    nearest, _ = nearest_embedding_rows(vectors, params["embedder"]["embedding"], count)
     return [token_text(tokenizer, row) for row in nearest]
+
+
+def _right_vector_entries(
+    tokenizer: Any,
+    positions: np.ndarray,
+    shares: np.ndarray,
+    nearest: np.ndarray,
+    cosines: np.ndarray,
+    ids: np.ndarray,
+) -> list[dict[str, Any]]:
+    """Right singular vectors read at their dominant token positions (see
+    `decoding.dominant_rows`), with the input-embedding rows nearest to those rows."""
+    return [
+        {
+            "index": i + 1,
+            "dominant_position": int(t),
+            "dominant_token": tokenizer.decode([int(ids[t])]),
+            "share_of_norm": float(shares[i]),
+            "nearest_tokens": token_text(tokenizer, nearest[i]),
+            "cosines": cosines[i].tolist(),
+        }
+        for i, t in enumerate(positions)
+    ]
 
 
 def _decode_right_vectors(
@@ -143,33 +160,31 @@ def _decode_right_vectors(
 ) -> list[dict[str, Any]]:
     """Each right singular vector v_i (N, d) read at its dominant token: the input-embedding
     rows nearest to v_i[t] by cosine (sign follows the left vector's orientation)."""
-    dominant = np.argmax(np.linalg.norm(right, axis=2), axis=1)  # (k,)
     signs = np.where(np.sum(oriented_u * raw_u, axis=1) >= 0, 1.0, -1.0)
-    directions = right[np.arange(len(right)), dominant] * signs[:, None]
-    nearest, cosines = _nearest_embeddings(directions, params, count)
-    return [
-        {
-            "index": i + 1,
-            "dominant_position": int(t),
-            "dominant_token": tokenizer.decode([int(ids[t])]),
-            "share_of_norm": float(np.linalg.norm(v[t]) ** 2 / max(np.sum(v**2), 1e-300)),
-            "nearest_tokens": token_text(tokenizer, nearest[i]),
-            "cosines": cosines[i].tolist(),
-        }
-        for i, (v, t) in enumerate(zip(right, dominant, strict=True))
-    ]
+    positions, shares, rows = dominant_rows(right)
+    nearest, cosines = nearest_embedding_rows(rows * signs[:, None], params["embedder"]["embedding"], count)
+    return _right_vector_entries(tokenizer, positions, shares, nearest, cosines, ids)
+
+
+# What a layer tap's right singular vectors are, and so what their nearest embedding rows mean.
+RIGHT_VECTOR_SPACE = {
+    "cumulative": "input-embedding space (as for the whole J)",
+    "local": "residual stream entering the layer (residual-stream vectors, compared with embedding rows)",
+}
 
 
 def _layer_dynamics(
     config: Any,
     params: Any,
     inputs: Any,
+    ids: np.ndarray,
     tokenizer: Any,
     options: AnalysisSection,
     progress: Callable[[str], None] | None,
 ) -> list[dict[str, Any]]:
-    """Per layer and tap: effective dimensionality, decoded top left vectors, and the
-    cosine of each with the final layer's (the 'path'), with the tap's certificate."""
+    """Per layer and tap: effective dimensionality, decoded top left vectors and the
+    cosine of each with the final layer's (the 'path'), the top right vectors read as their
+    nearest input-embedding rows, and the tap's certificate."""
     section = options.layers
     scopes = [False, True] if section.local else [False]
     rows: list[dict[str, Any]] = []
@@ -187,7 +202,15 @@ def _layer_dynamics(
             progress,
         )
         final = {r.kind: r for r in spectra if r.layer == config.num_layers - 1}
-        for r in spectra:
+        scope = "local" if local else "cumulative"
+        # One nearest-row search for all taps' right vectors: every search scans the whole
+        # embedding table (262k rows for Gemma), so one per tap would cost 3·L scans.
+        rows_all = np.concatenate([r.right_rows for r in spectra])
+        counts = np.cumsum([0, *(len(r.right_rows) for r in spectra)])
+        nearest, cosines = nearest_embedding_rows(
+            rows_all, params["embedder"]["embedding"], options.decode_top_tokens
+        )
+        for index, r in enumerate(spectra):
             decoded = _decoded(
                 tokenizer,
                 r.left_vectors,
@@ -201,7 +224,7 @@ def _layer_dynamics(
                 {
                     "layer": r.layer,
                     "tap": r.kind,
-                    "scope": "local" if local else "cumulative",
+                    "scope": scope,
                     "stable_rank": r.stable_rank,
                     "entropy_rank": r.entropy_rank,
                     "sigma_1": float(r.singular_values[0]),
@@ -210,6 +233,23 @@ def _layer_dynamics(
                         np.sum(r.left_vectors * final[r.kind].left_vectors, axis=1)
                     ).tolist(),
                     "top_tokens": [entry["tokens"] for entry in decoded],
+                    "right_vector_space": RIGHT_VECTOR_SPACE[scope],
+                    "right_vectors": [
+                        {**entry, "sigma": float(sigma), "relative_residual": float(residual)}
+                        for sigma, residual, entry in zip(
+                            r.right_sigmas,
+                            r.right_residuals,
+                            _right_vector_entries(
+                                tokenizer,
+                                r.right_positions,
+                                r.right_shares,
+                                nearest[counts[index] : counts[index + 1]],
+                                cosines[counts[index] : counts[index + 1]],
+                                ids,
+                            ),
+                            strict=True,
+                        )
+                    ],
                     "_sigma": r.singular_values,
                 }
             )
@@ -375,7 +415,7 @@ def analyse(
     layers = None
     if options.layers.enabled:
         with timer.step(f"layer sweep ({len(options.layers.kinds)} taps × {config.num_layers} layers)"):
-            layers = _layer_dynamics(config, params, inputs, tokenizer, options, progress)
+            layers = _layer_dynamics(config, params, inputs, ids, tokenizer, options, progress)
             arrays["layer_singular_values"] = np.stack([r.pop("_sigma") for r in layers])
 
     predicted = certificate.predicted_token_id

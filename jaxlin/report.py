@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,20 +150,21 @@ def figure(path: Path, caption: str = "") -> str:
     return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'
 
 
+def _split_fields(records: Sequence[dict], skip: Collection[str] = ()) -> tuple[list[str], list[str]]:
+    """(scalar keys, nested keys) over all records in first-seen order; a key that is
+    nested in any record counts as nested."""
+    keys = list(dict.fromkeys(key for record in records for key in record if key not in skip))
+    nested = [k for k in keys if any(k in r and not _is_scalar(r[k]) for r in records)]
+    return [k for k in keys if k not in nested], nested
+
+
 def records_table(records: Sequence[Any]) -> str:
     """A list of dicts as one table of their scalar fields (union of keys, first-seen order);
     large nested fields are left to summary.json rather than flooding the page."""
     dicts = [r for r in records if isinstance(r, dict)]
     if len(dicts) != len(records) or not dicts:
         return yaml_block(records)
-    keys: list[str] = []
-    nested: list[str] = []
-    for record in dicts:
-        for key, value in record.items():
-            target = keys if _is_scalar(value) else nested
-            if key not in keys and key not in nested:
-                target.append(key)
-    keys = [k for k in keys if k not in nested]
+    keys, nested = _split_fields(dicts)
     rows = [[cell(record.get(k)) for k in keys] for record in dicts]
     note = ""
     if nested:
@@ -308,14 +309,88 @@ def per_token(s: dict[str, Any]) -> str:
                 cell(at(frob, t)),
                 cell(sigma_row[0] if sigma_row else None),
                 f"<td>{tokens_html(left.get('tokens', []))}</td>",
+                f"<td>{tokens_html(left.get('right_vector_nearest_tokens', []))}</td>",
             ]
         )
     note = (
         f'<p class="note">Per-token spectra: {fmt(pt.get("method"))}; largest relative residual bound '
-        f"{fmt(pt.get('max_relative_bound'), '.1e')}. ‖J_t‖_F: {fmt(norms.get('frobenius_method'))}.</p>"
+        f"{fmt(pt.get('max_relative_bound'), '.1e')}. ‖J_t‖_F: {fmt(norms.get('frobenius_method'))}. "
+        "Left vectors are read through the unembedding (sign fixed so that u·y ≥ 0); right vectors "
+        "as the input-embedding rows nearest by cosine (sign following the left vector).</p>"
     )
-    headers = ["t", "token", "‖c_t‖", "‖J_t‖_F", "σ₁(J_t)", "top tokens of J_t's first left vector"]
+    headers = [
+        "t",
+        "token",
+        "‖c_t‖",
+        "‖J_t‖_F",
+        "σ₁(J_t)",
+        "top tokens of J_t's first left vector",
+        "embedding rows nearest J_t's first right vector",
+    ]
     return note + table(headers, rows)
+
+
+# Layer-row fields shown by `layers` in their own columns (or as the section's grouping).
+_LAYER_DECODED = ("scope", "top_tokens", "right_vector_space", "right_vectors")
+
+
+def layers(value: Any) -> str:
+    """The layer sweep, one table per scope (cumulative / local): every scalar field, and the
+    top triplet read as tokens: u₁ through the unembedding, v₁ at its dominant position as
+    the nearest input-embedding rows. Anything else (e.g. rows without a scope) is shown
+    generically."""
+    if not (
+        isinstance(value, list)
+        and value
+        and all(isinstance(r, dict) and {"layer", "scope"} <= r.keys() for r in value)
+    ):
+        return generic(value)
+    scalar_keys, nested = _split_fields(value, skip=_LAYER_DECODED)
+    with_left = any(r.get("top_tokens") for r in value)
+    with_right = any(r.get("right_vectors") for r in value)
+    headers = list(scalar_keys)
+    if with_left:
+        headers.append("top tokens of u₁")
+    if with_right:
+        headers += ["v₁: dominant position (share of ‖v₁‖²)", "v₁: nearest embedding rows", "‖Jv₁ − σ₁u₁‖/σ₁"]
+    parts = []
+    for scope in dict.fromkeys(r["scope"] for r in value):
+        rows = []
+        group = [r for r in value if r["scope"] == scope]
+        for row in group:
+            cells = [cell(row.get(k)) for k in scalar_keys]
+            if with_left:
+                top = row.get("top_tokens") or [[]]
+                cells.append(f"<td>{tokens_html(top[0])}</td>")
+            if with_right:
+                first = (row.get("right_vectors") or [{}])[0]
+                position = first.get("dominant_position")
+                where = "—"
+                if position is not None:
+                    where = (
+                        f"{fmt(position)} {token_html(str(first.get('dominant_token', '')))} "
+                        f"({fmt(first.get('share_of_norm'), '.2f')})"
+                    )
+                cells += [
+                    f"<td>{where}</td>",
+                    f"<td>{tokens_html(first.get('nearest_tokens', []))}</td>",
+                    f'<td class="num">{fmt(first.get("relative_residual"), ".1e")}</td>',
+                ]
+            rows.append(cells)
+        parts.append(f"<h3>{esc(scope)}</h3>")
+        space = next((r["right_vector_space"] for r in group if r.get("right_vector_space")), None)
+        if with_right and space:
+            parts.append(
+                f'<p class="note">Right vectors v_i = Jᵀu_i/σ_i live in the {esc(space)}; each is read '
+                "at the token position carrying most of its norm, as the input-embedding rows nearest "
+                "by cosine.</p>"
+            )
+        parts.append(table(headers, rows))
+    if nested:
+        parts.append(
+            f'<p class="note">Non-scalar fields omitted (see summary.json): {esc(", ".join(nested))}</p>'
+        )
+    return "\n".join(parts)
 
 
 def steering(value: Any) -> str:
@@ -386,7 +461,8 @@ def _build(run_dir: Path, s: dict[str, Any], name: str | None = None) -> str:
     ]
     for key, section_id, title in OPTIONAL_SECTIONS:
         if key in s:
-            body = steering(s[key]) if key == "steering" else generic(s[key])
+            renderer = {"steering": steering, "layers": layers}.get(key, generic)
+            body = renderer(s[key])
             own = claim(n for n in pngs if n.startswith(key))
             sections.append((section_id, title, own + body))
     config = s.get("config")

@@ -51,7 +51,11 @@ class LayersSection(_Strict):
     )
     local: bool = Field(False, description="layer-local Jacobians (w.r.t. each layer's input) as well")
     final_norm: bool = Field(True, description="apply the final norm to each tap (logit-lens style)")
-    top_k: int = Field(3, ge=1, description="left singular vectors decoded and followed across layers")
+    top_k: int = Field(
+        3,
+        ge=1,
+        description="top singular triplets per tap: left and right vectors decoded, left ones followed",
+    )
 
 
 class AnalysisSection(_Strict):

@@ -76,6 +76,7 @@ def test_text_and_out_flags_override_the_config(tmp_path, tiny_model_dir):
 
 
 def expect_refusal(capsys, tmp_path: Path, argv: list[str], *fragments: str) -> None:
+    capsys.readouterr()  # drop what building the fixtures printed (HF's save progress bars)
     assert main([*argv, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("jaxlin: error:") and "\n" not in err, err
@@ -306,6 +307,14 @@ def test_layers_and_steering_reach_summary_and_report(tmp_path, tiny_model_dir):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary["layers"]) == 2 * 2 * 2  # kinds × scopes × layers
     assert all(r["reconstruction_relative_error"] <= 1e-12 for r in summary["layers"])
+    for row in summary["layers"]:  # every tap's top-3 right vectors, decoded
+        assert len(row["right_vectors"]) == 3
+        for entry in row["right_vectors"]:
+            assert len(entry["nearest_tokens"]) == 3 and entry["relative_residual"] <= 1e-10
+            assert 0 <= entry["dominant_position"] < summary["n_tokens"]
+        assert ("residual stream" in row["right_vector_space"]) == (row["scope"] == "local")
+    report_text = (tmp_path / "run" / "report.html").read_text()
+    assert "v₁: nearest embedding rows" in report_text and "residual stream entering the layer" in report_text
     assert [r["lambda"] for r in summary["steering"]["runs"]] == [0.0, 4.0]
 
     class Sections(HTMLParser):

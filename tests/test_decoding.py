@@ -85,3 +85,31 @@ def test_nearest_embedding_rows_by_cosine():
     vectors = np.stack([7.0 * embedding[5], 0.01 * embedding[11]])
     nearest = nearest_embedding_tokens(Tokenizer(), vectors, {"embedder": {"embedding": embedding}}, 2)
     assert nearest[0][0] == "t5" and nearest[1][0] == "t11"
+
+
+def test_right_vector_read_at_its_dominant_position_finds_the_planted_row():
+    """v_0 carries a scaled embedding row 9 at position 3 and v_1 the row 2 at position 1
+    (small noise elsewhere): each is read at that position and decodes to that row; the
+    negated row decodes elsewhere (cosine, not |cosine|). Chunks of one vector give the
+    same answer as one batch."""
+    from jaxlin.decoding import dominant_rows, nearest_embedding_rows
+
+    rng = np.random.default_rng(5)
+    embedding = rng.normal(size=(40, 8))
+    right = 0.05 * rng.normal(size=(2, 5, 8))
+    right[0, 3] = 4.0 * embedding[9]
+    right[1, 1] = 0.5 * embedding[2]
+    positions, shares, rows = dominant_rows(right)
+    np.testing.assert_array_equal(positions, [3, 1])
+    energy = np.sum(right**2, axis=2)
+    np.testing.assert_allclose(shares, [energy[0, 3] / energy[0].sum(), energy[1, 1] / energy[1].sum()])
+    np.testing.assert_array_equal(rows, right[[0, 1], [3, 1]])
+    ids, cosines = nearest_embedding_rows(rows, embedding, 3)
+    assert ids[0][0] == 9 and ids[1][0] == 2
+    np.testing.assert_allclose(cosines[:, 0], 1.0, rtol=1e-6)
+    assert np.all(np.diff(cosines, axis=1) <= 0)  # best first
+    chunked_ids, chunked_cosines = nearest_embedding_rows(rows, embedding, 3, chunk=1)
+    np.testing.assert_array_equal(chunked_ids, ids)
+    np.testing.assert_allclose(chunked_cosines, cosines)
+    negated, _ = nearest_embedding_rows(-rows, embedding, 1)
+    assert negated[0][0] != 9 and negated[1][0] != 2

@@ -85,6 +85,7 @@ def synthetic_summary(**extra: Any) -> dict[str, Any]:
                     "tokens": [f"jt{t}", " x"],
                     "token_ids": [3, 4],
                     "scores": [0.1, 0.0],
+                    "right_vector_nearest_tokens": [f"e{t}", NASTY, " y"],
                 }
                 for t, tok in enumerate(TOKENS)
             ],
@@ -165,6 +166,52 @@ class Parsed(HTMLParser):
                 self.sections[self._section] += data
         if self._badge is not None:
             self.badge_text[self._badge] += data
+
+
+class Tables(HTMLParser):
+    """Every table's rows as lists of cell texts (header cells included), by section."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tables: dict[str, list[list[list[str]]]] = {}
+        self._section: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "section":
+            self._section = dict(attrs)["id"]
+            self.tables[self._section] = []
+        elif tag == "table" and self._section is not None:
+            self.tables[self._section].append([])
+        elif tag == "tr" and self._section is not None:
+            self.tables[self._section][-1].append([])
+        elif tag in ("td", "th") and self._section is not None:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._section is not None:
+            self.tables[self._section][-1][-1].append("".join(self._cell))
+            self._cell = None
+        elif tag == "section":
+            self._section = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def column(rows: list[list[str]], header: str) -> list[str]:
+    """The body cells of the column whose header contains `header` (exactly one such)."""
+    matches = [i for i, h in enumerate(rows[0]) if header in h]
+    assert len(matches) == 1, (header, rows[0])
+    return [row[matches[0]] for row in rows[1:]]
+
+
+def tables_of(text: str) -> dict[str, list[list[list[str]]]]:
+    parser = Tables()
+    parser.feed(text)
+    parser.close()
+    return parser.tables
 
 
 def make_run(tmp_path: Path, summary: dict[str, Any], pngs: list[str]) -> Path:
@@ -324,3 +371,64 @@ def test_reads_summary_json_and_writes_atomically(tmp_path, monkeypatch):
         render_report(run, changed)
     assert set(os.listdir(run)) == before | {"report.html"}
     assert (run / "report.html").read_text(encoding="utf-8") == first
+
+
+def test_per_token_table_shows_decoded_left_and_right_vectors(tmp_path):
+    summary = synthetic_summary()
+    run = make_run(tmp_path, summary, STANDARD_PNGS)
+    text, _ = render(run, summary)
+    (rows,) = tables_of(text)["per-token"]
+    assert len(rows) == 1 + len(TOKENS)
+    lefts = column(rows, "first left vector")
+    rights = column(rows, "first right vector")
+    for t, (left, right) in enumerate(zip(lefts, rights, strict=True)):
+        assert left == f"jt{t}␣x"
+        assert right == f"e{t}{NASTY}␣y"  # every token, in order, escaped and visible
+
+
+def layer_row(layer: int, scope: str) -> dict[str, Any]:
+    """A row as `pipeline._layer_dynamics` writes it."""
+    return {
+        "layer": layer,
+        "tap": "residual",
+        "scope": scope,
+        "stable_rank": 1.5 + layer,
+        "entropy_rank": 2.5,
+        "sigma_1": 3.0,
+        "reconstruction_relative_error": 1e-7,
+        "path_cosines": [1.0, 0.5],
+        "top_tokens": [[f" left{layer}{scope[0]}", "b"], ["c"]],
+        "right_vector_space": f"space of {scope}",
+        "right_vectors": [
+            {
+                "index": 1,
+                "dominant_position": 4,
+                "dominant_token": NASTY,
+                "share_of_norm": 0.75,
+                "nearest_tokens": [f" right{layer}{scope[0]}", "\n"],
+                "cosines": [0.9, 0.1],
+                "sigma": 3.0,
+                "relative_residual": 2e-9,
+            },
+            {"index": 2, "nearest_tokens": ["not shown"]},
+        ],
+    }
+
+
+def test_layers_section_shows_decoded_left_and_right_vectors(tmp_path):
+    rows = [layer_row(layer, scope) for scope in ("cumulative", "local") for layer in range(2)]
+    summary = synthetic_summary(layers=rows)
+    run = make_run(tmp_path, summary, STANDARD_PNGS)
+    text, parsed = render(run, summary)
+    cumulative, local = tables_of(text)["layers"]
+    for scope, table in (("cumulative", cumulative), ("local", local)):
+        assert column(table, "layer") == ["0", "1"]
+        assert column(table, "stable_rank") == ["1.5", "2.5"]
+        assert column(table, "top tokens of u₁") == [f"␣left0{scope[0]}b", f"␣left1{scope[0]}b"]
+        assert column(table, "nearest embedding rows") == [f"␣right0{scope[0]}⏎", f"␣right1{scope[0]}⏎"]
+        assert column(table, "dominant position") == [f"4 {NASTY} (0.75)"] * 2
+        assert column(table, "‖Jv₁ − σ₁u₁‖/σ₁") == ["2.0e-09"] * 2
+    section = parsed.text_by_section["layers"]
+    assert "space of cumulative" in section and "space of local" in section
+    assert "not shown" not in section  # only the top triplet per tap
+    assert "path_cosines" in section  # noted as left to summary.json
