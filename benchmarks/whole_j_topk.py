@@ -2,7 +2,8 @@
 jaxlin `spectral.top_k` (linearize once; Lanczos on J·Jᵀ grown until the residual
 bounds meet the default float32 tolerance 1e-4) against the published JAX algorithm
 (`_baseline.whole_j`: every J·Jᵀ product recomputes the forward with fresh
-`jax.vjp` + `jax.jvp`, dense attention).
+`jax.vjp` + `jax.jvp`, dense attention; also timed at the chosen K with XLA allowed to
+hoist that forward out of the loop, a stronger baseline than the published one).
 
 Reference: the dense J (`operator.materialize`), its singular values from the eigen-
 decomposition of J·Jᵀ in float64. Equal accuracy: the baseline gets the smallest K in
@@ -109,6 +110,18 @@ def run_size(model: Any, n: int, k: int, repeats: int, floor: float, candidates:
     out["baseline_tried"] = tried
     out["baseline"] = chosen
     if chosen is not None:
+        # The same K with XLA free to hoist the baseline's forward out of the loop (a
+        # stronger baseline than the published algorithm; see _baseline's docstring).
+        hoisted = functools.partial(_baseline.whole_j, params, x, key, config, chosen["K"], k, False)
+        first = C.timed(hoisted)
+        runs = [C.timed(hoisted) for _ in range(max(1, repeats - 1))]
+        median = float(np.median(runs))
+        out["baseline_xla_hoisted"] = {"K": chosen["K"], "first_call_s": first, "median_s": median}
+        out["speedup_vs_xla_hoisted"] = out["baseline_xla_hoisted"]["median_s"] / jl["median_s"]
+        print(
+            f"  baseline K={chosen['K']} with XLA hoisting: {out['baseline_xla_hoisted']['median_s']:.2f} s "
+            f"({out['speedup_vs_xla_hoisted']:.2f}x)"
+        )
         out["speedup"] = chosen["median_s"] / jl["median_s"]
         out["speedup_incl_compile"] = chosen["first_call_s"] / jl["first_call_s"]
         out["target_met"] = out["speedup"] >= TARGET_SPEEDUP
@@ -148,6 +161,8 @@ def main() -> None:
             "baseline_compile_s": base.get("compile_s"),
             "baseline_err": base.get("max_rel_sigma_error"),
             "speedup": r.get("speedup"),
+            "baseline_xla_hoisted_s": (r.get("baseline_xla_hoisted") or {}).get("median_s"),
+            "speedup_vs_xla_hoisted": r.get("speedup_vs_xla_hoisted"),
             "target_met": r.get("target_met"),
         })  # fmt: skip
     print(C.table(rows, list(rows[0])))

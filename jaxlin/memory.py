@@ -32,13 +32,19 @@ def linearization_bytes(config: ModelConfig, n: int, dtype: jnp.dtype, attention
 def product_bytes(
     config: ModelConfig, n: int, dtype: jnp.dtype, batch: int, attention_block: int | None
 ) -> int:
-    """Transient memory of one batched J·v / Jᵀ·u: per vector a few (N × width)
-    activations of the widest layer, plus one block of recomputed probabilities."""
+    """Transient memory of one batched J·v / Jᵀ·u: per vector two (N × width) activations
+    of the widest layer, plus, when attention is blockwise, one query block of recomputed
+    probabilities (dense attention reads the stored ones, counted in the linearization).
+
+    Calibrated on Gemma 3 270M float32, batch 16 (benchmarks/memory_scaling.py): with
+    `linearization_bytes` this is 1.0–1.6× the measured peak above the loaded model for
+    N = 1k–8k blockwise and 1.15–1.2× for dense attention at 1k–4k — conservative, but no
+    longer refusing inputs of twice the size that fit."""
     wide = jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
     width = max(config.intermediate_size, config.num_heads * config.head_dim, config.hidden_size)
-    rows = min(n, attention_block or n)
-    probs = rows * n * config.num_heads * wide
-    return batch * (4 * n * width * wide + probs)
+    blockwise = attention_block is not None and n > attention_block
+    probs = attention_block * n * config.num_heads * wide if blockwise else 0
+    return batch * (2 * n * width * wide + probs)
 
 
 def available_bytes() -> int | None:
