@@ -26,10 +26,37 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "gemma3",
         {"tie_word_embeddings": False, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0},
     ),
+    # Gemma 3 4B/12B/27B: linear RoPE scaling (factor 8) on the global layers only.
+    "gemma3_linear_rope": (
+        "gemma3",
+        {
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 20.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 100.0, "factor": 8.0},
+            }
+        },
+    ),
     "llama_gqa_untied": ("llama", {"tie_word_embeddings": False}),
+    "llama_linear_rope": (
+        "llama",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 100.0, "factor": 4.0}},
+    ),
     "llama3_rope_tied": ("llama3_rope", {"tie_word_embeddings": True}),
     "qwen3_mha_tied": ("qwen3", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
     "qwen3_sliding": ("qwen3", {"use_sliding_window": True, "sliding_window": 6}),
+    # Qwen 3's long-context setting (YaRN factor 4 over a short original context).
+    "qwen3_yarn": (
+        "qwen3",
+        {
+            "max_position_embeddings": 64,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 100.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+    ),
     "llama_mqa": ("llama", {"num_key_value_heads": 1}),
     "llama_biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
     # Dynamic NTK: the test inputs (19-21 tokens) are longer than the 16-token context,
