@@ -30,6 +30,7 @@ from jaxlin._config import ModelConfig
 from jaxlin._modules import Transformer
 from jaxlin._policy import FreezePolicy
 from jaxlin.decoding import dominant_rows
+from jaxlin.devices import map_in_batches
 from jaxlin.memory import available_bytes
 from jaxlin.model import Params, module
 from jaxlin.operator import DEFAULT_ATTENTION_BLOCK, on_token, scale_biases
@@ -139,7 +140,7 @@ def layer_gram(
     d, n = value.shape[0], inputs.shape[0]
     units = jnp.eye(d, dtype=wide)
     if rows_in_memory:
-        rows = jax.lax.map(pullback, units, batch_size=min(chunk, d))  # (d, N, d): rows[i] = Jᵀe_i
+        rows = map_in_batches(pullback, units, min(chunk, d))  # (d, N, d): rows[i] = Jᵀe_i
         exact = jax.lax.Precision.HIGHEST
         gram = jnp.einsum("ind,jnd->ij", rows, rows, precision=exact)
         pull_many = lambda u: jnp.einsum("ki,ind->knd", u, rows, precision=exact)
@@ -147,14 +148,14 @@ def layer_gram(
         # Σ_t J_t·x_t, each token's block J_t read from the rows.
         reconstruction = jnp.einsum("ind,nd->i", rows, inputs.astype(wide), precision=exact)
     else:
-        gram = jax.lax.map(lambda unit: push(pullback(unit)), units, batch_size=min(chunk, d))
-        pull_many = lambda u: jax.lax.map(pullback, u, batch_size=min(chunk, top_k))
-        push_many = lambda v: jax.lax.map(push, v, batch_size=min(chunk, top_k))
+        gram = map_in_batches(lambda unit: push(pullback(unit)), units, min(chunk, d))
+        pull_many = lambda u: map_in_batches(pullback, u, min(chunk, top_k))
+        push_many = lambda v: map_in_batches(push, v, min(chunk, top_k))
 
         def token_contribution(t: jax.Array) -> jax.Array:
             return joint(on_token(inputs, t), zero).astype(wide)
 
-        contributions = jax.lax.map(token_contribution, jnp.arange(n), batch_size=min(chunk, n))
+        contributions = map_in_batches(token_contribution, jnp.arange(n), min(chunk, n))
         reconstruction = jnp.sum(contributions, axis=0)
     # eigh symmetrizes its input: rounding leaves the Gram symmetric only to working precision.
     eigenvalues, eigenvectors = jnp.linalg.eigh(gram)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxlin._config import ModelConfig
 from jaxlin._policy import FreezePolicy
+from jaxlin.devices import map_in_batches
 from jaxlin.model import Params, Tap, final_hidden, tap_values
 
 # Query block of the O(N)-memory attention used by the detached operator. Inputs up to
@@ -135,14 +136,14 @@ def contributions(
         def one_token(t: jax.Array) -> jax.Array:
             return op.matvec(on_token(inputs, t))
 
-        c = jax.lax.map(one_token, jnp.arange(n), batch_size=_chunk_size(n, chunk))
+        c = map_in_batches(one_token, jnp.arange(n), _chunk_size(n, chunk))
     else:
 
         def one_row(i: jax.Array) -> jax.Array:
             rows = op.rmatvec(jax.nn.one_hot(i, d, dtype=op.output.dtype))  # (N, d) = J[i]
             return jnp.sum(rows * inputs, axis=-1)  # (N,)
 
-        c = jax.lax.map(one_row, jnp.arange(d), batch_size=_chunk_size(d, chunk)).T
+        c = map_in_batches(one_row, jnp.arange(d), _chunk_size(d, chunk)).T
     return op.output, c, op.bias_contribution()
 
 
@@ -160,7 +161,7 @@ def materialize(
     op = linearize_target(config, params, inputs, policy, attention_block, tap)
     d = op.output.shape[0]
     basis = jnp.eye(d, dtype=op.output.dtype)
-    return jax.lax.map(op.rmatvec, basis, batch_size=_chunk_size(d, chunk))
+    return map_in_batches(op.rmatvec, basis, _chunk_size(d, chunk))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,5 +206,5 @@ def token_block(
     def column(unit: jax.Array) -> jax.Array:
         return op.matvec(on_token(jnp.broadcast_to(unit, inputs.shape), token))
 
-    columns = jax.lax.map(column, jnp.eye(d, dtype=inputs.dtype), batch_size=_chunk_size(d, chunk))
+    columns = map_in_batches(column, jnp.eye(d, dtype=inputs.dtype), _chunk_size(d, chunk))
     return columns.T

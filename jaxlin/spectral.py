@@ -32,6 +32,7 @@ import numpy as np
 from matfree import decomp
 
 from jaxlin._config import ModelConfig
+from jaxlin.devices import map_in_batches
 from jaxlin.errors import JaxlinError
 from jaxlin.model import Params, Tap
 from jaxlin.operator import DEFAULT_ATTENTION_BLOCK, LinearizedTarget, linearize_target
@@ -96,10 +97,10 @@ def _triplet_bounds(matvec: Callable, rmatvec: Callable, left: jax.Array, chunk:
     Why a bound: with s = Jᵀu − σv = 0 by construction, the unit vector [u; v]/√2 has
     residual ‖Jv − σu‖/√2 for the symmetric matrix [[0, J], [Jᵀ, 0]], whose eigenvalues
     are ±σ_i(J); so some singular value lies within that distance of σ."""
-    pulled = jax.lax.map(rmatvec, left, batch_size=chunk)  # (k, N, d): one batched Jᵀ pass
+    pulled = map_in_batches(rmatvec, left, chunk)  # (k, N, d): one batched Jᵀ pass
     sigma = jnp.sqrt(jnp.sum(pulled**2, axis=(1, 2)))
     right = pulled / sigma[:, None, None]
-    pushed = jax.lax.map(matvec, right, batch_size=chunk)  # (k, d): one batched J pass
+    pushed = map_in_batches(matvec, right, chunk)  # (k, d): one batched J pass
     bounds = jnp.linalg.norm(pushed - sigma[:, None] * left, axis=1) / math.sqrt(2.0)
     return sigma, right, bounds
 
@@ -191,7 +192,7 @@ def per_token_top_k(
     op = linearize_target(config, params, inputs, attention_block=attention_block, tap=tap)
     _, rmatvec, wide = widened(op)
     basis = basis.astype(wide)
-    rows = jax.lax.map(rmatvec, basis, batch_size=chunk)  # (b, N, d): rows[i, t] = J_tᵀ b_i
+    rows = map_in_batches(rmatvec, basis, chunk)  # (b, N, d): rows[i, t] = J_tᵀ b_i
     blocks = jnp.moveaxis(rows, 1, 0)  # (N, b, d): B·J_t
     gram = jnp.einsum("tid,tjd->tij", blocks, blocks, precision=jax.lax.Precision.HIGHEST)
     eigenvalues, eigenvectors = jnp.linalg.eigh(gram)  # ascending, batched over tokens
