@@ -21,6 +21,7 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
+from hf_reference import _DEFAULTS
 
 from converters.gguf import (
     _ARCHITECTURES,
@@ -691,14 +692,8 @@ ROPE_SCALED_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             **_COMMON,
             "tie_word_embeddings": False,
             "original_max_position_embeddings": 32,
-            "rope_parameters": {
-                "rope_type": "llama3",
-                "rope_theta": 10000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
-            },
+            # the same llama3 scaling as the tiny HF variant
+            "rope_parameters": dict(_DEFAULTS["llama3_rope"]["rope_parameters"]),
         },
     ),
     # Phi-3.5-mini / Phi-3-128k style longrope (no "factor", as in those configs: HF and
