@@ -2,9 +2,9 @@
 (`jaxlin.devices`) and give the same numbers as without one.
 
 In-process, on the devices this process has (one here). Split across several forced host
-CPU devices (`--xla_force_host_platform_device_count`), the programs hang inside XLA on
-this 2-core machine — also the ones that use no mesh at all — so multi-device runs are
-not tested here (see the issue note)."""
+CPU devices (`--xla_force_host_platform_device_count` 2 or 4), the sharded programs hang
+inside XLA on this 2-core machine (the same analyses without the mesh finish), so
+multi-device runs are not tested here (see the issue note)."""
 
 from __future__ import annotations
 
