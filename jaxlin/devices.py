@@ -11,8 +11,11 @@ are replicated (the products are the work; the model fits on one device):
 
 Without a mesh (or with one lacking a "batch" axis) nothing changes. The sequential
 Lanczos iteration of the whole-J `top_k` has no batch to split and runs replicated.
-The same code runs on CPU hosts (`--xla_force_host_platform_device_count`), GPUs and
-TPUs: placement is left to XLA's partitioner through sharding constraints.
+Placement is left to XLA's partitioner through sharding constraints, so the code is the
+same for any backend. Status: the numbers under a one-device mesh equal those without
+(tests/test_devices.py); with several forced host CPU devices
+(`--xla_force_host_platform_device_count`) the sharded programs hang inside XLA on the
+2-core development machine, so multi-device execution is not yet verified anywhere.
 """
 
 from __future__ import annotations
