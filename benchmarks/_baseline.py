@@ -45,19 +45,26 @@ def _afresh(x: jax.Array, vector: jax.Array, recompute: bool) -> jax.Array:
     return x
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_matvecs", "k", "recompute"))
-def whole_j(
-    params: Any, x: jax.Array, key: jax.Array, config: Any, num_matvecs: int, k: int, recompute: bool = True
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Top-k of the whole J. Returns U (k, d), S (k,), V (k, N, d)."""
+def gram_product(config: Any, params: Any, x: jax.Array, recompute: bool = True) -> Any:
+    """u ↦ J·Jᵀ·u by a fresh `jax.vjp` then a fresh `jax.jvp` of the full forward."""
     f = _forward(config, params)
 
-    def gram(u: jax.Array) -> jax.Array:  # J·Jᵀ·u, the forward recomputed twice
+    def gram(u: jax.Array) -> jax.Array:
         _, pull = jax.vjp(f, _afresh(x, u, recompute))
         (w,) = pull(u)
         _, out = jax.jvp(f, (_afresh(x, w, recompute),), (w,))
         return out
 
+    return gram
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_matvecs", "k", "recompute"))
+def whole_j(
+    params: Any, x: jax.Array, key: jax.Array, config: Any, num_matvecs: int, k: int, recompute: bool = True
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k of the whole J. Returns U (k, d), S (k,), V (k, N, d)."""
+    gram = gram_product(config, params, x, recompute)
+    f = _forward(config, params)
     start = jax.random.normal(key, (config.hidden_size,), x.dtype)
     basis, tridiagonal, _, _ = decomp.tridiag_sym(num_matvecs, reortho="full", custom_vjp=False)(gram, start)
     eigenvalues, eigenvectors = jnp.linalg.eigh(tridiagonal)

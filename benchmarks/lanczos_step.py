@@ -23,10 +23,9 @@ from typing import Any
 import _common as C
 import jax
 import jax.numpy as jnp
-from _baseline import _afresh
+from _baseline import gram_product
 
-from jaxlin._policy import FreezePolicy
-from jaxlin.operator import linearize_target, target_function
+from jaxlin.operator import linearize_target
 from jaxlin.spectral import widened
 
 
@@ -43,14 +42,10 @@ def steps_jaxlin(config: Any, params: Any, x: jax.Array, vectors: jax.Array, m: 
 def steps_baseline(
     config: Any, params: Any, x: jax.Array, vectors: jax.Array, m: int, recompute: bool
 ) -> jax.Array:
-    f = target_function(config, params, FreezePolicy.DETACHED, None)
+    gram = gram_product(config, params, x, recompute)
 
     def body(carry: jax.Array, u: jax.Array) -> tuple[jax.Array, None]:
-        u = u + 1e-3 * carry
-        _, pull = jax.vjp(f, _afresh(x, u, recompute))
-        (w,) = pull(u)
-        _, out = jax.jvp(f, (_afresh(x, w, recompute),), (w,))
-        return carry + out, None
+        return carry + gram(u + 1e-3 * carry), None
 
     return jax.lax.scan(body, jnp.zeros(vectors.shape[1], x.dtype), vectors[:m])[0]
 
