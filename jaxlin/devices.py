@@ -12,10 +12,12 @@ are replicated (the products are the work; the model fits on one device):
 Without a mesh (or with one lacking a "batch" axis) nothing changes. The sequential
 Lanczos iteration of the whole-J `top_k` has no batch to split and runs replicated.
 Placement is left to XLA's partitioner through sharding constraints, so the code is the
-same for any backend. Status: the numbers under a one-device mesh equal those without
-(tests/test_devices.py); with several forced host CPU devices
-(`--xla_force_host_platform_device_count`) the sharded programs hang inside XLA on the
-2-core development machine, so multi-device execution is not yet verified anywhere.
+same for any backend. Batched LAPACK calls (the per-token eigendecompositions) go through
+`map_matrices`: jaxlib 0.10's CPU kernels split a batch over the intra-op thread pool and
+block until it is done, which deadlocks once every pool thread runs such a call — as it
+does when each of several host devices decomposes its share at the same time. Tested on
+1 device in-process and on 2 and 4 forced host CPU devices in a subprocess
+(tests/test_devices.py); not yet on several GPUs or TPUs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXIS = "batch"
 
@@ -45,6 +47,43 @@ def _batch_axis_size() -> int | None:
     if mesh.axis_types[mesh.axis_names.index(BATCH_AXIS)] != AxisType.Auto:
         raise ValueError(f"jaxlin shards along a mesh axis {BATCH_AXIS!r} of type Auto (see batch_mesh())")
     return mesh.shape[BATCH_AXIS]
+
+
+def replicated(tree: Any) -> Any:
+    """`tree` (e.g. parameters loaded onto one device) copied to every device of the
+    ambient mesh: a jitted program under a mesh refuses arguments committed elsewhere."""
+    mesh = jax.sharding.get_mesh()
+    if mesh.empty:
+        return tree
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def batch_devices() -> int:
+    """How many devices the ambient mesh splits batches across (1 without a mesh)."""
+    return _batch_axis_size() or 1
+
+
+def map_matrices(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
+    """`jax.vmap(fn)(matrices)` for a LAPACK-backed `fn` (eigh, svd, qr) over a batch of
+    matrices; under a "batch" mesh the batch is split across its devices.
+
+    On CPU each device decomposes its matrices one at a time: a batch of one runs inline,
+    whereas a larger batch is fanned out over the intra-op thread pool that the devices'
+    own executions occupy (jaxlib 0.10), and with as many devices as pool threads every
+    thread then waits for work none is free to run."""
+    devices = _batch_axis_size()
+    if devices is None or devices == 1:
+        return jax.vmap(fn)(matrices)
+    local = (lambda block: jax.lax.map(fn, block)) if jax.default_backend() == "cpu" else jax.vmap(fn)
+    total = matrices.shape[0]
+    padded = -(-total // devices) * devices
+    # Padding repeats matrix 0 (a valid input) and is dropped below.
+    filler = jnp.broadcast_to(matrices[:1], (padded - total, *matrices.shape[1:]))
+    split = jax.shard_map(
+        local, in_specs=PartitionSpec(BATCH_AXIS), out_specs=PartitionSpec(BATCH_AXIS), check_vma=False
+    )
+    out = split(jnp.concatenate([matrices, filler]))
+    return jax.tree_util.tree_map(lambda leaf: leaf[:total], out)
 
 
 def map_in_batches(fn: Callable[[Any], Any], xs: Any, batch_size: int | None) -> Any:

@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from jaxlin.decoding import (
     top_tokens,
     unembedding_matrix,
 )
+from jaxlin.devices import batch_devices, batch_mesh, replicated
 from jaxlin.errors import JaxlinError
 from jaxlin.layers import sweep
 from jaxlin.loading import LoadedModel, load_model
@@ -44,7 +45,7 @@ from jaxlin.plots import (
     singular_values,
 )
 from jaxlin.report import render_report
-from jaxlin.run_config import AnalysisSection, RunConfig, SteeringSection
+from jaxlin.run_config import AnalysisSection, ConfigError, RunConfig, SteeringSection
 from jaxlin.spectral import (
     check_request,
     dense_top_k,
@@ -535,7 +536,24 @@ def write_run(result: RunResult, out_dir: Path) -> Path:
     return out_dir
 
 
+def device_mesh(count: int | None) -> Any:
+    """The context the analyses run in: a "batch" mesh over the first `count` devices
+    (default: all), or no mesh when that is one device."""
+    available = jax.devices()
+    if count is not None and count > len(available):
+        raise ConfigError(
+            f"devices: {count} requested, but {len(available)} {available[0].platform} device(s) available"
+        )
+    chosen = available[: count or len(available)]
+    return jax.set_mesh(batch_mesh(chosen)) if len(chosen) > 1 else nullcontext()
+
+
 def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
+    with device_mesh(config.devices):
+        return _run(config, verbose)
+
+
+def _run(config: RunConfig, verbose: bool) -> tuple[RunResult, Path]:
     timer = Timer(verbose)
     texts = config.input_texts()  # read (and checked) before any expensive step
     with timer.step("loading model"):
@@ -546,9 +564,13 @@ def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
             use_cache=config.model.cache,
             progress=verbose,
         )
+    model = dataclasses.replace(loaded.model, params=replicated(loaded.model.params))
+    loaded = dataclasses.replace(loaded, model=model)
     progress = (
         (lambda message: print(f"[jaxlin]   {message}", file=sys.stderr, flush=True)) if verbose else None
     )
+    if progress is not None and batch_devices() > 1:
+        progress(f"batched products split across {batch_devices()} {jax.devices()[0].platform} devices")
     if texts is not None:
         return run_many(config, loaded, texts, timer, progress)
     result = analyse(loaded, config.text, config.analysis, config.add_bos, timer, progress)
@@ -557,6 +579,7 @@ def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
             result.summary["steering"] = steer(loaded, config.steering, config.add_bos)
     result.summary["config"] = config.model_dump()
     result.summary["params_from_cache"] = loaded.from_cache
+    result.summary["devices"] = batch_devices()
     return result, write_run(result, Path(config.output_dir))
 
 
@@ -607,6 +630,7 @@ def run_many(
             summary["steering"] = steer(loaded, config.steering, config.add_bos)
     summary["timings_seconds"] = timer.seconds
     summary["prompts_reused"] = reused
+    summary["devices"] = batch_devices()
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "summary.json", summary)
     with atomic_directory(out / ".figures") as staging:

@@ -106,6 +106,9 @@ class RunConfig(_Strict):
     add_bos: bool = Field(True, description="prepend the tokenizer's BOS token")
     analysis: AnalysisSection = AnalysisSection()
     steering: SteeringSection = SteeringSection()
+    devices: int | None = Field(
+        None, ge=1, description="split the batched products across this many devices (default: all)"
+    )
     output_dir: str = "runs/default"
 
     @field_validator("text")

@@ -32,7 +32,7 @@ import numpy as np
 from matfree import decomp
 
 from jaxlin._config import ModelConfig
-from jaxlin.devices import map_in_batches
+from jaxlin.devices import map_in_batches, map_matrices
 from jaxlin.errors import JaxlinError
 from jaxlin.model import Params, Tap
 from jaxlin.operator import DEFAULT_ATTENTION_BLOCK, LinearizedTarget, linearize_target
@@ -195,7 +195,7 @@ def per_token_top_k(
     rows = map_in_batches(rmatvec, basis, chunk)  # (b, N, d): rows[i, t] = J_tᵀ b_i
     blocks = jnp.moveaxis(rows, 1, 0)  # (N, b, d): B·J_t
     gram = jnp.einsum("tid,tjd->tij", blocks, blocks, precision=jax.lax.Precision.HIGHEST)
-    eigenvalues, eigenvectors = jnp.linalg.eigh(gram)  # ascending, batched over tokens
+    eigenvalues, eigenvectors = map_matrices(jnp.linalg.eigh, gram)  # ascending, per token
     w = eigenvectors[:, :, ::-1][:, :, :k]  # (N, b, k)
     pulled = jnp.einsum("tbk,tbd->tkd", w, blocks)  # (B J_t)ᵀ w
     sigma = jnp.linalg.norm(pulled, axis=-1)

@@ -1,12 +1,22 @@
 """Many devices: under a "batch" mesh the batched products are split across its devices
 (`jaxlin.devices`) and give the same numbers as without one.
 
-In-process, on the devices this process has (one here). Split across several forced host
-CPU devices (`--xla_force_host_platform_device_count` 2 or 4), the sharded programs hang
-inside XLA on this 2-core machine (the same analyses without the mesh finish), so
-multi-device runs are not tested here (see the issue note)."""
+In-process on the one device this process has, and in a subprocess on 2 and 4 forced host
+CPU devices (`--xla_force_host_platform_device_count`; more devices than this machine has
+cores, the case that deadlocked jaxlib's batched CPU eigendecomposition). Run as a script,
+this file is that subprocess: `python tests/test_devices.py MODEL_DIR DEVICES`."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    # Before jax creates its CPU client: the device count is fixed then.
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[2]}"
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +26,7 @@ from jax.sharding import AxisType
 
 from converters.hf import load_hf_model
 from jaxlin import model as model_fns
-from jaxlin.devices import batch_mesh, map_in_batches
+from jaxlin.devices import batch_mesh, map_in_batches, map_matrices
 from jaxlin.layers import layer_gram
 from jaxlin.operator import contributions, materialize
 from jaxlin.spectral import lanczos_top_k, per_token_top_k
@@ -34,12 +44,29 @@ def test_map_in_batches_under_a_mesh_is_lax_map():
     np.testing.assert_array_equal(pytree, 2 * xs * xs)
 
 
-def test_analyses_under_a_batch_mesh_match(tiny_model_dir):
-    model = load_hf_model(tiny_model_dir("gemma3_sliding"), jnp.float64)
+def test_map_matrices_is_vmap():
+    matrices = jax.random.normal(jax.random.key(1), (5, 4, 4), jnp.float64)
+    matrices = matrices + jnp.swapaxes(matrices, 1, 2)
+    expected = jax.vmap(jnp.linalg.eigh)(matrices)
+    for mesh in (None, batch_mesh()):
+        with jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
+            values, vectors = jax.jit(lambda m: map_matrices(jnp.linalg.eigh, m))(matrices)
+        np.testing.assert_allclose(values, expected[0], rtol=0, atol=1e-13)
+        np.testing.assert_allclose(jnp.abs(vectors), jnp.abs(expected[1]), rtol=0, atol=1e-12)
+
+
+def check_analyses_split_across_devices(model_dir: Path) -> None:
+    """Every batched analysis, once as is and once under a "batch" mesh over all devices:
+    the numbers must agree to float64 rounding (11 tokens: uneven over 2 and 4 devices)."""
+    model = load_hf_model(model_dir, jnp.float64)
     config, params = model.config, model.params
     ids = np.random.default_rng(3).integers(0, 128, size=11)
     x = model_fns.embed(config, params, jnp.asarray(ids))
     d = config.hidden_size
+
+    def tap(rows_in_memory: bool):  # layer 1's cumulative MLP tap
+        layer = jnp.asarray(1)
+        return layer_gram(params, x, layer, config, "mlp", True, False, 2, 5, rows_in_memory=rows_in_memory)
 
     def analyses() -> dict[str, jax.Array]:
         return {
@@ -48,7 +75,8 @@ def test_analyses_under_a_batch_mesh_match(tiny_model_dir):
             "contributions": contributions(params, x, config, chunk=6)[1],
             "per_token_sigma": per_token_top_k(params, x, jnp.eye(d), config, 3, chunk=8)[1],
             "top_k_sigma": lanczos_top_k(params, x, jax.random.key(0), config, 3, 12)[1],
-            "layer_gram": layer_gram(params, x, jnp.asarray(1), config, "mlp", True, False, 2, 5).eigenvalues,
+            "layer_gram_streamed": tap(rows_in_memory=False).eigenvalues,
+            "layer_gram_rows": tap(rows_in_memory=True).eigenvalues,
         }
 
     single = analyses()
@@ -59,7 +87,35 @@ def test_analyses_under_a_batch_mesh_match(tiny_model_dir):
         np.testing.assert_allclose(split[name], value, rtol=0, atol=1e-12 * scale, err_msg=name)
 
 
+def test_analyses_under_a_batch_mesh_match(tiny_model_dir):
+    check_analyses_split_across_devices(tiny_model_dir("gemma3_sliding"))
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_analyses_split_across_host_devices(tiny_model_dir, devices):
+    model_dir = tiny_model_dir("gemma3_sliding")
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    # A deadlock shows as a timeout, not as a hung suite.
+    done = subprocess.run(
+        [sys.executable, __file__, str(model_dir), str(devices)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"{devices} devices agree" in done.stdout
+
+
 def test_a_mesh_without_auto_batch_axis_is_refused():
     mesh = jax.make_mesh((1,), ("batch",), axis_types=(AxisType.Explicit,))
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="Auto"):
         jax.jit(lambda x: map_in_batches(lambda v: v * 2, x, 2))(jnp.ones((4, 3)))
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_enable_x64", True)
+    assert jax.device_count() == int(sys.argv[2]), jax.devices()
+    check_analyses_split_across_devices(Path(sys.argv[1]))
+    print(f"{jax.device_count()} devices agree")
