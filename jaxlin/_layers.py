@@ -220,7 +220,9 @@ class Attention(nn.Module):
 
 class DecoderBlock(nn.Module):
     """One layer. `is_sliding` rides along the layer scan as data, so one compiled block
-    serves global and sliding-window layers alike."""
+    serves global and sliding-window layers alike. With `active` (also data) the layer
+    runs only where it is true and passes the stream through untouched elsewhere: a
+    tap at layer ℓ then costs ℓ + 1 layers in every product, not all of them."""
 
     config: ModelConfig
     policy: FreezePolicy
@@ -229,32 +231,51 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, h: jax.Array, is_sliding: jax.Array, rope: dict[str, tuple[jax.Array, jax.Array]]
+        self,
+        h: jax.Array,
+        is_sliding: jax.Array,
+        rope: dict[str, tuple[jax.Array, jax.Array]],
+        active: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        cfg = self.config
-        cos = sin = None
-        if "global" in rope:
-            cos, sin = rope["global"]
-        if "sliding" in rope:
-            cos = jnp.where(is_sliding, rope["sliding"][0], cos)
-            sin = jnp.where(is_sliding, rope["sliding"][1], sin)
-        placement = cfg.norm_placement
-        pre_norms = placement is not NormPlacement.POST
-        post_norms = placement is not NormPlacement.PRE
+        if active is None:
+            return _layer(self, h, is_sliding, rope)
+        return nn.cond(active, _layer, _passed_through, self, h, is_sliding, rope)
 
-        attn_in = make_norm(cfg, self.policy, self.dtype, "input_norm")(h) if pre_norms else h
-        attn_out = Attention(cfg, self.policy, self.dtype, self.attention_block, name="attn")(
-            attn_in, cos, sin, is_sliding
-        )
-        if post_norms:
-            attn_out = make_norm(cfg, self.policy, self.dtype, "post_attn_norm")(attn_out)
-        h = h + attn_out
 
-        mlp_in = make_norm(cfg, self.policy, self.dtype, "pre_mlp_norm")(h) if pre_norms else h
-        mlp = GatedMLP if cfg.mlp_kind is MLPKind.GATED else PlainMLP
-        mlp_out = mlp(cfg, self.policy, self.dtype, name="mlp")(mlp_in)
-        if post_norms:
-            mlp_out = make_norm(cfg, self.policy, self.dtype, "post_mlp_norm")(mlp_out)
-        # Per-layer outputs ride out of the layer scan as taps; jit drops them when unused.
-        h = h + mlp_out
-        return h, {"residual": h, "attention": attn_out, "mlp": mlp_out}
+def _passed_through(
+    block: DecoderBlock, h: jax.Array, is_sliding: jax.Array, rope: dict[str, tuple[jax.Array, jax.Array]]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    zero = jnp.zeros_like(h)
+    return h, {"residual": h, "attention": zero, "mlp": zero}
+
+
+def _layer(
+    block: DecoderBlock, h: jax.Array, is_sliding: jax.Array, rope: dict[str, tuple[jax.Array, jax.Array]]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The layer's computation; its submodules are created on (and named under) `block`."""
+    cfg, policy, dtype = block.config, block.policy, block.dtype
+    cos = sin = None
+    if "global" in rope:
+        cos, sin = rope["global"]
+    if "sliding" in rope:
+        cos = jnp.where(is_sliding, rope["sliding"][0], cos)
+        sin = jnp.where(is_sliding, rope["sliding"][1], sin)
+    placement = cfg.norm_placement
+    pre_norms = placement is not NormPlacement.POST
+    post_norms = placement is not NormPlacement.PRE
+
+    attn_in = make_norm(cfg, policy, dtype, "input_norm")(h) if pre_norms else h
+    attention = Attention(cfg, policy, dtype, block.attention_block, name="attn")
+    attn_out = attention(attn_in, cos, sin, is_sliding)
+    if post_norms:
+        attn_out = make_norm(cfg, policy, dtype, "post_attn_norm")(attn_out)
+    h = h + attn_out
+
+    mlp_in = make_norm(cfg, policy, dtype, "pre_mlp_norm")(h) if pre_norms else h
+    mlp = GatedMLP if cfg.mlp_kind is MLPKind.GATED else PlainMLP
+    mlp_out = mlp(cfg, policy, dtype, name="mlp")(mlp_in)
+    if post_norms:
+        mlp_out = make_norm(cfg, policy, dtype, "post_mlp_norm")(mlp_out)
+    # Per-layer outputs ride out of the layer scan as taps; jit drops them when unused.
+    h = h + mlp_out
+    return h, {"residual": h, "attention": attn_out, "mlp": mlp_out}

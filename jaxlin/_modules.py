@@ -36,7 +36,7 @@ class Transformer(nn.Module):
             DecoderBlock,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast),
+            in_axes=(0, nn.broadcast, 0),
             length=cfg.num_layers,
         )
         self.layers = scanned(cfg, self.policy, self.dtype, self.attention_block)
@@ -76,11 +76,13 @@ class Transformer(nn.Module):
         return self.final_norm(h)
 
     def blocks(
-        self, h: jax.Array, is_sliding: jax.Array | None = None
+        self, h: jax.Array, is_sliding: jax.Array | None = None, through: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Residual stream in → out through every layer of this (possibly truncated)
         model, with each layer's residual, attention and MLP outputs stacked as taps.
-        `is_sliding` overrides the config's per-layer flags (a layer picked at run time)."""
+        `is_sliding` overrides the config's per-layer flags (a layer picked at run time).
+        With `through` (a layer index, data) only layers 0 … through run: the taps up to
+        it are exact, the later layers pass the stream through and tap zeros."""
         cfg = self.config
         n = h.shape[0]
         rope = {}
@@ -90,7 +92,8 @@ class Transformer(nn.Module):
                 rope["sliding"] = rope_tables(cfg.rope_sliding, cfg.rotary_dim, n, self.dtype)
         if is_sliding is None:
             is_sliding = jnp.asarray(cfg.layer_is_sliding)
-        return self.layers(h, is_sliding, rope)
+        active = None if through is None else jnp.arange(cfg.num_layers) <= through
+        return self.layers(h, is_sliding, rope, active)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Unembedding (outside the analysed map) with the final softcap if configured."""

@@ -73,7 +73,8 @@ def sweep_target(
             transformer = module(config, scaled, FreezePolicy.DETACHED, attention_block)
             variables = {"params": scaled}
             h0 = transformer.apply(variables, inputs, method=Transformer.scale_embeddings)
-            _, taps = transformer.apply(variables, h0, method=Transformer.blocks)
+            # Layers above the tap's do not run: they cannot change it.
+            _, taps = transformer.apply(variables, h0, None, layer, method=Transformer.blocks)
             value = jax.lax.dynamic_index_in_dim(taps[kind], layer, keepdims=False)
         if final_norm:
             value = transformer.apply(variables, value, method=Transformer.normalize)

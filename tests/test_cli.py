@@ -100,6 +100,13 @@ def test_bad_value_is_named(tmp_path, tiny_model_dir, capsys):
     expect_refusal(capsys, tmp_path, ["run", str(config)], "model.dtype")
 
 
+def test_more_devices_than_available_are_refused(tmp_path, tiny_model_dir, capsys):
+    data = tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    data["devices"] = 64
+    config = write_config(tmp_path / "run.yaml", **data)
+    expect_refusal(capsys, tmp_path, ["run", str(config)], "devices: 64 requested", "available")
+
+
 def test_empty_text_is_refused(tmp_path, tiny_model_dir, capsys):
     config = write_config(
         tmp_path / "run.yaml", **tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
