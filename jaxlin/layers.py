@@ -2,8 +2,10 @@
 
 One compiled program serves every layer: the layer index is data. Cumulative taps
 (w.r.t. the input embeddings) read layer ℓ's output from the stacked per-layer taps of
-one forward; local taps (w.r.t. the layer's own input) run the single layer ℓ, its
-params picked with a dynamic slice. For each (layer, tap) the Gram matrix J·Jᵀ (d × d)
+one forward in which only layers 0 … ℓ run (the rest pass the stream through under a
+`lax.cond`, so the sweep's products cost about half of full-depth ones); local taps
+(w.r.t. the layer's own input) run the single layer ℓ, its params picked with a dynamic
+slice. For each (layer, tap) the Gram matrix J·Jᵀ (d × d)
 is formed exactly and eigen-decomposed in the same program, so every singular value is
 exact and the effective dimensionalities need no truncation. Two ways to form it:
 

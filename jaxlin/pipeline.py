@@ -47,6 +47,7 @@ from jaxlin.plots import (
 from jaxlin.report import render_report
 from jaxlin.run_config import AnalysisSection, ConfigError, RunConfig, SteeringSection
 from jaxlin.spectral import (
+    TOKEN_GROUP_BYTES,
     check_request,
     dense_top_k,
     frobenius_estimate,
@@ -262,7 +263,10 @@ def _check_memory(config: Any, n: int, dtype: Any, options: AnalysisSection) -> 
     estimate += product_bytes(config, n, dtype, options.chunk, options.attention_block)
     wide = jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
     per_token_rank = {"exact": config.hidden_size, "projected": options.per_token.rank, "off": 0}
+    # The per-token rows (rank × N × d) stay in memory; their Gram matrices are formed a
+    # group of tokens at a time.
     estimate += (options.top_k + per_token_rank[options.per_token.method]) * n * config.hidden_size * wide
+    estimate += TOKEN_GROUP_BYTES if options.per_token.method != "off" else 0
     require_memory(estimate, f"the analysis of {n} tokens")
 
 

@@ -172,7 +172,18 @@ def top_k(
         depth = min(d, depth + max(depth // 2, 1))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "k", "chunk", "attention_block", "tap"))
+# Working memory of the per-token stage: a group of tokens is decomposed at a time, so
+# the Gram matrices and eigenvectors (b × b per token) never exist for all N tokens.
+TOKEN_GROUP_BYTES = 256 * 2**20
+
+
+def token_group_size(n: int, b: int, d: int, itemsize: int) -> int:
+    """Tokens decomposed together: their blocks, Gram matrices and eigenvectors (about
+    3·b·max(b, d) numbers each) within `TOKEN_GROUP_BYTES`."""
+    return max(1, min(n, TOKEN_GROUP_BYTES // (3 * b * max(b, d) * itemsize)))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "k", "chunk", "attention_block", "tap", "token_group"))
 def per_token_top_k(
     params: Params,
     inputs: jax.Array,
@@ -182,29 +193,43 @@ def per_token_top_k(
     chunk: int | None = 64,
     attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
     tap: Tap | None = None,
+    token_group: int | None = None,
 ) -> tuple[jax.Array, ...]:
     """Top-k triplets of every block B·J_t (t = 1..N) from one batched transposed pass.
 
     `basis` (b, d) has orthonormal rows. With the identity (b = d) the blocks are the
     exact J_t. Returns U (N, k, d) left vectors in output space, S (N, k), V (N, k, d),
     bounds (N, k) (residual bounds w.r.t. the projected blocks B·J_t, see
-    `_triplet_bounds`), and the squared Frobenius norms ‖B·J_t‖² (N,)."""
+    `_triplet_bounds`), and the squared Frobenius norms ‖B·J_t‖² (N,). Memory: the
+    b·N·d rows, plus one group of tokens' Gram matrices at a time (`token_group` tokens;
+    default `token_group_size`)."""
     op = linearize_target(config, params, inputs, attention_block=attention_block, tap=tap)
     _, rmatvec, wide = widened(op)
     basis = basis.astype(wide)
     rows = map_in_batches(rmatvec, basis, chunk)  # (b, N, d): rows[i, t] = J_tᵀ b_i
-    blocks = jnp.moveaxis(rows, 1, 0)  # (N, b, d): B·J_t
-    gram = jnp.einsum("tid,tjd->tij", blocks, blocks, precision=jax.lax.Precision.HIGHEST)
-    eigenvalues, eigenvectors = map_matrices(jnp.linalg.eigh, gram)  # ascending, per token
-    w = eigenvectors[:, :, ::-1][:, :, :k]  # (N, b, k)
-    pulled = jnp.einsum("tbk,tbd->tkd", w, blocks)  # (B J_t)ᵀ w
-    sigma = jnp.linalg.norm(pulled, axis=-1)
-    right = pulled / jnp.where(sigma > 0, sigma, 1.0)[..., None]
-    pushed = jnp.einsum("tbd,tkd->tkb", blocks, right)
-    bounds = jnp.linalg.norm(pushed - sigma[..., None] * jnp.moveaxis(w, 1, 2), axis=-1) / math.sqrt(2.0)
-    left = jnp.einsum("tbk,bd->tkd", w, basis)
-    frobenius_sq = jnp.sum(blocks**2, axis=(1, 2))
-    return left, sigma, right, bounds, frobenius_sq
+    b, n, d = rows.shape
+    group = min(n, token_group or token_group_size(n, b, d, jnp.dtype(wide).itemsize))
+    # Group starts; the last group is moved back to end at N (it overlaps the one before).
+    starts = np.minimum(np.arange(-(-n // group)) * group, n - group)
+
+    def group_triplets(start: jax.Array) -> tuple[jax.Array, ...]:
+        blocks = jnp.moveaxis(jax.lax.dynamic_slice_in_dim(rows, start, group, axis=1), 1, 0)  # (g, b, d)
+        gram = jnp.einsum("tid,tjd->tij", blocks, blocks, precision=jax.lax.Precision.HIGHEST)
+        _, eigenvectors = map_matrices(jnp.linalg.eigh, gram)  # ascending, per token
+        w = eigenvectors[:, :, ::-1][:, :, :k]  # (g, b, k)
+        pulled = jnp.einsum("tbk,tbd->tkd", w, blocks)  # (B J_t)ᵀ w
+        sigma = jnp.linalg.norm(pulled, axis=-1)
+        right = pulled / jnp.where(sigma > 0, sigma, 1.0)[..., None]
+        pushed = jnp.einsum("tbd,tkd->tkb", blocks, right)
+        bounds = jnp.linalg.norm(pushed - sigma[..., None] * jnp.moveaxis(w, 1, 2), axis=-1) / math.sqrt(2.0)
+        left = jnp.einsum("tbk,bd->tkd", w, basis)
+        return left, sigma, right, bounds, jnp.sum(blocks**2, axis=(1, 2))
+
+    grouped = jax.lax.map(group_triplets, jnp.asarray(starts))
+    # Token t's result sits in the group covering it (the later one where two overlap).
+    owner = np.minimum(np.arange(n) // group, len(starts) - 1)
+    flat_index = jnp.asarray(owner * group + np.arange(n) - starts[owner])
+    return tuple(out.reshape(-1, *out.shape[2:])[flat_index] for out in grouped)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "samples", "chunk", "attention_block", "tap"))

@@ -104,6 +104,26 @@ def test_every_token_block_matches_dense_svd(variant, cases):
     np.testing.assert_allclose(np.asarray(frob_sq), np.sum(dense**2, axis=(0, 2)), rtol=1e-12)
 
 
+@pytest.mark.parametrize("variant", ["gemma3_sliding", "llama_gqa_untied"])
+def test_per_token_spectra_in_token_groups_match(variant, cases):
+    # Groups of 5 over N tokens: the last group overlaps the one before it.
+    model, inputs, dense = cases(variant)
+    d = model.config.hidden_size
+    whole = per_token_top_k(model.params, inputs, jnp.eye(d), model.config, 4)
+    grouped = per_token_top_k(model.params, inputs, jnp.eye(d), model.config, 4, token_group=5)
+    assert N % 5 != 0
+    s_ref = np.stack([np.linalg.svd(dense[:, t, :], compute_uv=False)[:4] for t in range(N)])
+    np.testing.assert_allclose(np.asarray(grouped[1]), s_ref, rtol=1e-10, atol=1e-12 * s_ref.max())
+    # Bounds are rounding-sized: each must still be a tight bound.
+    assert np.all(np.asarray(grouped[3]) <= 1e-10 * s_ref[:, :1])
+    compared = (r[:3] + r[4:] for r in (whole, grouped))  # all but the bounds
+    for name, a, b in zip(("U", "S", "V", "frobenius"), *compared, strict=True):
+        scale = float(jnp.max(jnp.abs(a)))
+        # Singular vectors are compared up to sign (one eigh per group, not per run).
+        a, b = (jnp.abs(a), jnp.abs(b)) if name in ("U", "V") else (a, b)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-9 * scale, err_msg=name)
+
+
 def test_projected_per_token_spectra_trade_accuracy_for_rank(cases):
     model, inputs, dense = cases("qwen3_sliding")
     d = model.config.hidden_size
