@@ -179,8 +179,11 @@ TOKEN_GROUP_BYTES = 256 * 2**20
 
 def token_group_size(n: int, b: int, d: int, itemsize: int) -> int:
     """Tokens decomposed together: their blocks, Gram matrices and eigenvectors (about
-    3·b·max(b, d) numbers each) within `TOKEN_GROUP_BYTES`."""
-    return max(1, min(n, TOKEN_GROUP_BYTES // (3 * b * max(b, d) * itemsize)))
+    3·b·max(b, d) numbers each) within `TOKEN_GROUP_BYTES`, in groups of equal size (so
+    that the last group overlaps the others by fewer tokens than there are groups)."""
+    largest = max(1, min(n, TOKEN_GROUP_BYTES // (3 * b * max(b, d) * itemsize)))
+    groups = -(-n // largest)
+    return -(-n // groups)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "k", "chunk", "attention_block", "tap", "token_group"))
