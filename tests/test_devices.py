@@ -3,12 +3,14 @@
 
 In-process on the one device this process has, and in a subprocess on 2 and 4 forced host
 CPU devices (`--xla_force_host_platform_device_count`; more devices than this machine has
-cores, the case that deadlocked jaxlib's batched CPU eigendecomposition). Run as a script,
-this file is that subprocess: `python tests/test_devices.py MODEL_DIR DEVICES`."""
+cores, the case that deadlocked jaxlib's batched CPU eigendecomposition), and `jaxlin run`
+on 2 of them. Run as a script, this file is that subprocess:
+`python tests/test_devices.py MODEL_DIR DEVICES`."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -112,6 +114,38 @@ def test_a_mesh_without_auto_batch_axis_is_refused():
     mesh = jax.make_mesh((1,), ("batch",), axis_types=(AxisType.Explicit,))
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="Auto"):
         jax.jit(lambda x: map_in_batches(lambda v: v * 2, x, 2))(jnp.ones((4, 3)))
+
+
+def test_cli_run_on_two_host_devices(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`jaxlin run` splits its work over all devices it sees (parameters replicated onto
+    the mesh) and writes the same results as on one device."""
+    from test_cli import tiny_run_config, write_config
+
+    from jaxlin.cli import main
+
+    data = tiny_run_config(tmp_path, tiny_model_dir("gemma3_sliding"))
+    data["analysis"]["layers"] = {"enabled": True, "kinds": ["mlp"], "top_k": 2}
+    # Through the params cache, as the embedded default runs: restored params are
+    # committed to one device, which a program under a 2-device mesh would refuse.
+    data["model"]["cache"] = True
+    monkeypatch.setenv("JAXLIN_CACHE", str(tmp_path / "cache"))
+    config = write_config(tmp_path / "run.yaml", **data)
+    assert main(["run", str(config), "--quiet", "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    command = [sys.executable, "-m", "jaxlin.cli", "run", str(config), "--quiet"]
+    command += ["--out", str(tmp_path / "two")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert (one["devices"], two["devices"]) == (1, 2)
+    assert two["params_from_cache"]
+    arrays_one, arrays_two = (np.load(tmp_path / name / "arrays.npz") for name in ("one", "two"))
+    for name in ("S", "per_token_S", "contributions", "layer_singular_values"):
+        expected = arrays_one[name]
+        atol = 1e-11 * np.max(np.abs(expected))
+        np.testing.assert_allclose(arrays_two[name], expected, rtol=0, atol=atol, err_msg=name)
 
 
 if __name__ == "__main__":
