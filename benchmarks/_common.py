@@ -155,6 +155,12 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def report(name: str, rows: list[dict[str, Any]], quick: bool, **extra: Any) -> Path:
+    """Print `rows` as a table and save them (with `extra`) as results/<name>[_quick].json."""
+    print(table(rows, list(rows[0])))
+    return save(name + ("_quick" if quick else ""), {**extra, "rows": rows})
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, np.ndarray | jax.Array):
         return np.asarray(x).tolist()

@@ -46,8 +46,7 @@ def main() -> None:
         }
         print(row, flush=True)
         rows.append(row)
-    print(C.table(rows, list(rows[0])))
-    C.save("attention_share" + ("_quick" if args.quick else ""), {"rows": rows})
+    C.report("attention_share", rows, args.quick)
 
 
 if __name__ == "__main__":

@@ -105,8 +105,7 @@ def main() -> None:
         }
         print(row, flush=True)
         rows.append(row)
-    print(C.table(rows, list(rows[0])))
-    C.save("krylov_choice" + ("_quick" if args.quick else ""), {"N": n, "depth": depth, "k": k, "rows": rows})
+    C.report("krylov_choice", rows, args.quick, N=n, depth=depth, k=k)
 
 
 if __name__ == "__main__":

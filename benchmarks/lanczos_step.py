@@ -90,8 +90,7 @@ def main() -> None:
         }
         print(row, flush=True)
         rows.append(row)
-    print(C.table(rows, list(rows[0])))
-    C.save("lanczos_step" + ("_quick" if args.quick else ""), {"rows": rows})
+    C.report("lanczos_step", rows, args.quick)
 
 
 if __name__ == "__main__":

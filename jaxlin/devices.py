@@ -63,6 +63,13 @@ def batch_devices() -> int:
     return _batch_axis_size() or 1
 
 
+def _padded(leaf: jax.Array, rows: int) -> jax.Array:
+    """`leaf` grown to `rows` rows by repeating row 0 (always a valid input; callers drop
+    the padding from the results)."""
+    filler = jnp.broadcast_to(leaf[:1], (rows - leaf.shape[0], *leaf.shape[1:]))
+    return jnp.concatenate([leaf, filler])
+
+
 def map_matrices(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
     """`jax.vmap(fn)(matrices)` for a LAPACK-backed `fn` (eigh, svd, qr) over a batch of
     matrices; under a "batch" mesh the batch is split across its devices.
@@ -76,13 +83,10 @@ def map_matrices(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
         return jax.vmap(fn)(matrices)
     local = (lambda block: jax.lax.map(fn, block)) if jax.default_backend() == "cpu" else jax.vmap(fn)
     total = matrices.shape[0]
-    padded = -(-total // devices) * devices
-    # Padding repeats matrix 0 (a valid input) and is dropped below.
-    filler = jnp.broadcast_to(matrices[:1], (padded - total, *matrices.shape[1:]))
     split = jax.shard_map(
         local, in_specs=PartitionSpec(BATCH_AXIS), out_specs=PartitionSpec(BATCH_AXIS), check_vma=False
     )
-    out = split(jnp.concatenate([matrices, filler]))
+    out = split(_padded(matrices, -(-total // devices) * devices))
     return jax.tree_util.tree_map(lambda leaf: leaf[:total], out)
 
 
@@ -104,9 +108,7 @@ def map_in_batches(fn: Callable[[Any], Any], xs: Any, batch_size: int | None) ->
         return jax.vmap(fn)(batch)
 
     def split(leaf: jax.Array) -> jax.Array:
-        # Padding rows repeat row 0 (always a valid input) and are dropped below.
-        filler = jnp.broadcast_to(leaf[:1], (padded - total, *leaf.shape[1:]))
-        return jnp.concatenate([leaf, filler]).reshape(padded // size, size, *leaf.shape[1:])
+        return _padded(leaf, padded).reshape(padded // size, size, *leaf.shape[1:])
 
     out = jax.lax.map(one_batch, jax.tree_util.tree_map(split, xs))
     return jax.tree_util.tree_map(lambda leaf: leaf.reshape(padded, *leaf.shape[2:])[:total], out)

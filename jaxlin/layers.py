@@ -5,9 +5,9 @@ One compiled program serves every layer: the layer index is data. Cumulative tap
 one forward in which only layers 0 … ℓ run (the rest pass the stream through under a
 `lax.cond`, so the sweep's products cost about half of full-depth ones); local taps
 (w.r.t. the layer's own input) run the single layer ℓ, its params picked with a dynamic
-slice. For each (layer, tap) the Gram matrix J·Jᵀ (d × d)
-is formed exactly and eigen-decomposed in the same program, so every singular value is
-exact and the effective dimensionalities need no truncation. Two ways to form it:
+slice. For each (layer, tap) the Gram matrix J·Jᵀ (d × d) is formed exactly and
+eigen-decomposed in the same program, so every singular value is exact and the
+effective dimensionalities need no truncation. Two ways to form it:
 
 - rows in memory (short inputs): the d transposed products Jᵀ·e_i are the rows of J
   (d × N·d); J·Jᵀ, the right vectors Jᵀu and the per-token contributions J_t·x_t are then

@@ -573,8 +573,9 @@ def _run(config: RunConfig, verbose: bool) -> tuple[RunResult, Path]:
     progress = (
         (lambda message: print(f"[jaxlin]   {message}", file=sys.stderr, flush=True)) if verbose else None
     )
-    if progress is not None and batch_devices() > 1:
-        progress(f"batched products split across {batch_devices()} {jax.devices()[0].platform} devices")
+    devices = batch_devices()
+    if progress is not None and devices > 1:
+        progress(f"batched products split across {devices} {jax.devices()[0].platform} devices")
     if texts is not None:
         return run_many(config, loaded, texts, timer, progress)
     result = analyse(loaded, config.text, config.analysis, config.add_bos, timer, progress)
