@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_run_config(args.config, output_dir=args.out, **overrides)
         result, out_dir = run(config, verbose=not args.quiet)
     except JaxlinError as error:
-        print(f"jaxlin: error: {error}", file=sys.stderr)
+        # One line whatever the message holds (a quoted file name or library text may span lines).
+        print(f"jaxlin: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     _print_report(result.summary)
     if "steering" in result.summary:

@@ -32,6 +32,7 @@ from jaxlin.errors import JaxlinError
 from jaxlin.layers import sweep
 from jaxlin.loading import LoadedModel, load_model
 from jaxlin.memory import linearization_bytes, product_bytes, require_memory
+from jaxlin.model_source import read_model_config
 from jaxlin.operator import certify, contributions, materialize, token_block
 from jaxlin.outputs import atomic_directory, write_json, write_json_atomic, write_npz
 from jaxlin.plots import (
@@ -285,9 +286,9 @@ def analyse(
     n, d = len(ids), config.hidden_size
     if config.max_positions is not None and n > config.max_positions:
         raise JaxlinError(f"the text has {n} tokens; {model.name} has only {config.max_positions} positions")
-    check_request(options.top_k, options.tolerance, d)
+    check_request(options.top_k, options.tolerance, d, "analysis.top_k")
     if options.per_token.method != "off":
-        check_request(options.per_token.top_k, None, d)
+        check_request(options.per_token.top_k, None, d, "analysis.per_token.top_k")
     if options.per_token.method == "projected" and not options.per_token.top_k <= options.per_token.rank <= d:
         raise JaxlinError(
             f"analysis.per_token.rank={options.per_token.rank} must lie between per_token.top_k and d={d}"
@@ -560,6 +561,7 @@ def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
 def _run(config: RunConfig, verbose: bool) -> tuple[RunResult, Path]:
     timer = Timer(verbose)
     texts = config.input_texts()  # read (and checked) before any expensive step
+    config.check_against(read_model_config(config.model))  # the model's config alone, no weights yet
     with timer.step("loading model"):
         loaded = load_model(
             config.model.source,

@@ -1,15 +1,22 @@
-"""The typed schema of a run config (YAML). Unknown keys and bad values are errors
-that name the offending field."""
+"""The typed schema of a run config (YAML). Unknown keys, duplicate keys and bad values
+are errors that name the offending field: types are strict (no bool or float where an
+int belongs, no string where a number belongs) and floats are finite."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jaxlin.errors import JaxlinError
+
+if TYPE_CHECKING:
+    from jaxlin._config import ModelConfig
+
+# Seeds become a 32-bit PRNG key: larger ones would silently alias smaller ones.
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(JaxlinError):
@@ -17,7 +24,8 @@ class ConfigError(JaxlinError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML's `true` is not the int 1 and `"3"` is not 3 (an int is still a float).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSection(_Strict):
@@ -27,6 +35,15 @@ class ModelSection(_Strict):
     )
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     cache: bool = Field(True, description="cache converted params (orbax) so later runs skip conversion")
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> ModelSection:
+        # A path next to source=embedded would silently analyse another model than the one named.
+        if self.source == "embedded" and self.path is not None:
+            raise ValueError("path is given but source is 'embedded' (set source: gguf or hf)")
+        if self.source != "embedded" and self.path is None:
+            raise ValueError(f"path is required for source {self.source!r}")
+        return self
 
 
 class PerTokenSection(_Strict):
@@ -67,7 +84,9 @@ class AnalysisSection(_Strict):
         None, gt=0, description="relative residual bound to reach (default: 1e-10 in float64, 1e-4 otherwise)"
     )
     krylov_depth: int | None = Field(None, ge=1, description="initial Lanczos depth (grown until converged)")
-    seed: int = Field(0, description="seed of the Lanczos start vector and stochastic estimates")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seed of the Lanczos start vector and stochastic estimates"
+    )
     per_token: PerTokenSection = PerTokenSection()
     layers: LayersSection = LayersSection()
     frobenius_samples: int = Field(
@@ -138,14 +157,91 @@ class RunConfig(_Strict):
         if self.texts is not None:
             return list(self.texts)
         if self.texts_file is not None:
-            path = Path(self.texts_file)
-            if not path.is_file():
-                raise ConfigError(f"texts_file: {path} does not exist")
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            path = Path(self.texts_file).expanduser()
+            lines = [line for line in read_text_file(path, "texts_file").splitlines() if line.strip()]
             if not lines:
                 raise ConfigError(f"texts_file: {path} has no non-empty line")
             return lines
         return None
+
+    def check_against(self, model: ModelConfig) -> None:
+        """Refuse what the model's shape alone rules out, before any weight is read
+        (`analyse` checks the same again, as a second line of defence)."""
+        d, layers = model.hidden_size, model.num_layers
+        analysis, per_token = self.analysis, self.analysis.per_token
+        counts = [("analysis.top_k", analysis.top_k)]
+        if per_token.method != "off":
+            counts.append(("analysis.per_token.top_k", per_token.top_k))
+        if analysis.layers.enabled:
+            counts.append(("analysis.layers.top_k", analysis.layers.top_k))
+        for field, k in counts:
+            if k > d:
+                raise ConfigError(
+                    f"{field}={k} is more than d={d}, the model's hidden size "
+                    "(J has at most d singular values)"
+                )
+        if per_token.method == "projected" and not per_token.top_k <= per_token.rank <= d:
+            raise ConfigError(
+                f"analysis.per_token.rank={per_token.rank} must lie between "
+                f"analysis.per_token.top_k={per_token.top_k} and d={d}, the model's hidden size"
+            )
+        layer = self.steering.layer
+        if self.steering.enabled and layer is not None and layer >= layers:
+            raise ConfigError(
+                f"steering.layer={layer} is outside 0..{layers - 1} (the model has {layers} layers)"
+            )
+
+
+def read_text_file(path: Path, field: str) -> str:
+    """The UTF-8 text of a file the user named (a leading byte-order mark dropped);
+    anything else is one line naming the field and the file."""
+    if not path.exists():
+        raise ConfigError(f"{field}: {path} does not exist")
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise ConfigError(f"{field}: {path} is {kind}, not a text file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{field}: {path} cannot be read ({error.strerror or error})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{field}: {path} is not UTF-8 text (line {line}: byte {data[error.start]:#04x})"
+        ) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (the plain loader
+    keeps the last value silently). Merge keys (`<<`) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class refuses it by name
+            if earlier is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {earlier})", key_node.start_mark
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(error: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, then what."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(error).split())
 
 
 def _format(error: ValidationError, source: str) -> str:
@@ -154,13 +250,21 @@ def _format(error: ValidationError, source: str) -> str:
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown key"
+    elif first["type"] == "value_error":
+        message = str(first["ctx"]["error"])  # our own validators' text, without "Value error, "
+    elif first["type"] == "model_type":
+        message = "expected a mapping (a section of keys)"
+    if first["type"].endswith("_type") or first["type"] == "finite_number":
+        message += f", got {_described(first['input'])}"
     more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{source}: {where}: {message}{more}"
 
 
 def parse_run_config(data: object, source: str = "config", **overrides: object) -> RunConfig:
+    if data is None:
+        raise ConfigError(f"{source}: the config is empty (expected a mapping such as `text: ...`)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {_yaml_kind(data)}")
     # An override of None removes the key (e.g. --text replaces a config's texts).
     merged = dict(data)
     for key, value in overrides.items():
@@ -175,12 +279,24 @@ def parse_run_config(data: object, source: str = "config", **overrides: object) 
         raise ConfigError(_format(error, source)) from None
 
 
+def _yaml_kind(value: object) -> str:
+    kinds = {list: "a list", dict: "a mapping", bool: "a boolean", str: "a string", int: "an integer"}
+    return "null" if value is None else kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def _described(value: object) -> str:
+    """The offending value's kind, and the value as YAML spells it (cut short)."""
+    if value is None or isinstance(value, (list, dict)):
+        return _yaml_kind(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
+    return f"{_yaml_kind(value)} ({text[:40]}{'…' if len(text) > 40 else ''})"
+
+
 def load_run_config(path: str | Path, **overrides: object) -> RunConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file does not exist")
+    text = read_text_file(path, "config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    return parse_run_config(data or {}, str(path), **overrides)
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_error(error)})") from None
+    return parse_run_config(data, str(path), **overrides)

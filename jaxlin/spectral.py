@@ -61,9 +61,10 @@ def default_tolerance(dtype: jnp.dtype) -> float:
     return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-4
 
 
-def check_request(k: int, tolerance: float | None, d: int) -> None:
+def check_request(k: int, tolerance: float | None, d: int, field: str = "top_k") -> None:
+    """`field` names k in the message (a run config's key, or the argument)."""
     if k < 1 or k > d:
-        raise SpectralError(f"top_k={k} must be between 1 and the rank bound min(d, N·d) = {d}")
+        raise SpectralError(f"{field}={k} must be between 1 and the rank bound min(d, N·d) = {d}")
     if tolerance is not None and not tolerance > 0:
         raise SpectralError(f"tolerance={tolerance} must be > 0")
 

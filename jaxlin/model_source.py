@@ -1,0 +1,96 @@
+"""The shape of the model a run names (hidden size, layers, …), read from its config
+alone — GGUF metadata or config.json — without reading a weight, so that a run config
+the model cannot satisfy is refused before the expensive load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from jaxlin._config import ModelConfig
+from jaxlin.errors import JaxlinError
+from jaxlin.families import family_for_hf_config
+from jaxlin.run_config import ConfigError, ModelSection, read_text_file
+
+
+def read_model_config(section: ModelSection) -> ModelConfig:
+    """The `ModelConfig` that loading `section`'s model will build, from its config alone."""
+    from converters.hf import resolve_model_directory
+    from jaxlin.loading import embedded_gguf_path
+
+    if section.source == "embedded":
+        return _gguf_model_config(embedded_gguf_path())
+    if section.source == "gguf":
+        return _gguf_model_config(gguf_file(section.path))
+    return _hf_model_config(resolve_model_directory(section.path))
+
+
+def gguf_file(path: str | None) -> Path:
+    """model.path as a GGUF file: a missing path and a directory are told apart."""
+    file = Path(str(path)).expanduser()
+    if not file.exists():
+        raise ConfigError(f"model.path: GGUF file {file} does not exist")
+    if file.is_dir():
+        raise ConfigError(
+            f"model.path: {file} is a directory, not a GGUF file "
+            "(a Hugging Face model directory needs model.source: hf)"
+        )
+    if not file.is_file():
+        raise ConfigError(f"model.path: {file} is not a regular file")
+    return file
+
+
+def _gguf_model_config(file: Path) -> ModelConfig:
+    from converters.gguf import read_gguf_config
+
+    hf_config = read_gguf_config(file)  # the header only: tensor data stays unread
+    return _model_config(hf_config, file)
+
+
+def _hf_model_config(directory: Path) -> ModelConfig:
+    """config.json read as JSON by jaxlin, then through transformers' class for its
+    model_type (never `AutoConfig.from_pretrained`, which can reach custom code)."""
+    from transformers import CONFIG_MAPPING
+
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"model.path: {directory} has no config.json")
+    data = _json_object(path)
+    model_type = data.get("model_type")
+    family_for_hf_config(SimpleNamespace(model_type=model_type))  # unsupported: refused by name
+    try:
+        hf_config = CONFIG_MAPPING[model_type].from_dict(data)
+    except (TypeError, ValueError, KeyError) as error:
+        raise ConfigError(f"model.path: {path}: {_first_line(error)}") from None
+    return _model_config(hf_config, path)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    text = read_text_file(path, "model.path")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"model.path: {path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"model.path: {path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _model_config(hf_config: Any, where: Path) -> ModelConfig:
+    family = family_for_hf_config(hf_config)
+    try:
+        return family.config_from_hf(hf_config)
+    except JaxlinError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        # A field of the wrong type (say a string hidden_size) is the file's fault.
+        raise ConfigError(f"model.path: {where}: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
