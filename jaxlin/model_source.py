@@ -52,6 +52,7 @@ def _gguf_model_config(file: Path) -> ModelConfig:
 def _hf_model_config(directory: Path) -> ModelConfig:
     """config.json read as JSON by jaxlin, then through transformers' class for its
     model_type (never `AutoConfig.from_pretrained`, which can reach custom code)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import CONFIG_MAPPING
 
     path = directory / "config.json"
@@ -62,8 +63,9 @@ def _hf_model_config(directory: Path) -> ModelConfig:
     family_for_hf_config(SimpleNamespace(model_type=model_type))  # unsupported: refused by name
     try:
         hf_config = CONFIG_MAPPING[model_type].from_dict(data)
-    except (TypeError, ValueError, KeyError) as error:
-        raise ConfigError(f"model.path: {path}: {_first_line(error)}") from None
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as error:
+        # transformers' config classes check field types (hidden_size: "wide" is refused here).
+        raise ConfigError(f"model.path: {path}: {_one_line(error)}") from None
     return _model_config(hf_config, path)
 
 
@@ -88,9 +90,8 @@ def _model_config(hf_config: Any, where: Path) -> ModelConfig:
         raise
     except (TypeError, ValueError, KeyError, AttributeError) as error:
         # A field of the wrong type (say a string hidden_size) is the file's fault.
-        raise ConfigError(f"model.path: {where}: {_first_line(error)}") from None
+        raise ConfigError(f"model.path: {where}: {_one_line(error)}") from None
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
