@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from jaxlin.errors import JaxlinError
 
@@ -54,8 +55,15 @@ def _print_report(summary: dict) -> None:
         )
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"jaxlin: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxlin", description=__doc__)
+    parser = _OneLineParser(prog="jaxlin", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run the analysis described by a YAML config")
     run_parser.add_argument("config", help="path to a run config (see configs/)")

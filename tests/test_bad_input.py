@@ -102,11 +102,18 @@ CASES: list[Case] = [
         ("steering.lambdas.1", "finite"),
     ),
     Case("negative_chunk", run_config(analysis={"chunk": -1}), ("analysis.chunk",)),
+    Case(
+        "frobenius_samples_past_bound",
+        run_config(analysis={"frobenius_samples": 10**20}),
+        ("analysis.frobenius_samples", "65536"),
+    ),
     Case("negative_seed", run_config(analysis={"seed": -1}), ("analysis.seed",)),
     Case("seed_past_32_bits", run_config(analysis={"seed": 2**32}), ("analysis.seed",)),
     Case("no_input", run_config(text=None), ("give exactly one of text, texts, texts_file",)),
     Case("two_inputs", run_config(texts=["a", "b"]), ("give exactly one", "text", "texts")),
     Case("empty_text_flag", run_config(), ("text", "empty"), argv=("--text", "   ")),
+    Case("unknown_flag", run_config(), ("unrecognized arguments: --bogus", "--help"), argv=("--bogus",)),
+    Case("flag_without_value", run_config(), ("--out", "expected one argument"), argv=("--out",)),
     Case("path_without_source", run_config(model={"source": "embedded"}), ("model", "source is 'embedded'")),
     Case("source_without_path", run_config(model={"path": None}), ("model", "path is required", "'hf'")),
     # --- texts_file
@@ -161,6 +168,12 @@ CASES: list[Case] = [
         "hf_directory_missing",
         run_config(model={"path": "{tmp}/absent"}),
         ("absent", "no such model directory"),
+    ),
+    Case(
+        "hf_path_is_a_file",
+        run_config(model={"path": "{tmp}/m.gguf"}),
+        ("m.gguf", "expected a model directory"),
+        {"m.gguf": b"GGUF"},
     ),
     Case(
         "hf_hub_id_not_cached",
@@ -312,7 +325,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, tiny_model
     before = _snapshot(tmp_path)
     capsys.readouterr()  # drop what building the fixtures printed
 
-    code = main(["run", str(config), "--quiet", *case.argv])
+    try:
+        code = main(["run", str(config), "--quiet", *case.argv])
+    except SystemExit as exit:  # argparse refuses a bad command line by exiting
+        code = exit.code
 
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
