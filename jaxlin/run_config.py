@@ -200,8 +200,8 @@ def read_text_file(path: Path, field: str) -> str:
     if not path.exists():
         raise ConfigError(f"{field}: {path} does not exist")
     if not path.is_file():
-        kind = "a directory" if path.is_dir() else "not a regular file"
-        raise ConfigError(f"{field}: {path} is {kind}, not a text file")
+        kind = "a directory, not a text file" if path.is_dir() else "not a regular file"
+        raise ConfigError(f"{field}: {path} is {kind}")
     try:
         data = path.read_bytes()
     except OSError as error:
