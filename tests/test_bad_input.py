@@ -122,6 +122,12 @@ CASES: list[Case] = [
         run_config(text=None, texts_file="{tmp}/t.txt"),
         ("texts_file", "does not exist"),
     ),
+    # A file name may hold a line break; the error is still one line.
+    Case(
+        "texts_file_name_with_a_line_break",
+        run_config(text=None, texts_file="{tmp}/two\nlines.txt"),
+        ("texts_file", "two lines.txt", "does not exist"),
+    ),
     Case(
         "texts_file_is_a_directory",
         run_config(text=None, texts_file="{tmp}/t"),
