@@ -256,13 +256,14 @@ class OutputClaim:
                 _claims.remove(self)
             if failed:
                 self._undo_fresh_output()
-                for directory in reversed(self.created_dirs):
-                    with contextlib.suppress(OSError):
-                        directory.rmdir()  # only if still empty
             # Unlinked while still locked, so a waiting run sees a new file (see _lock).
             with contextlib.suppress(OSError):
                 self.lock_path.unlink()
             os.close(self.lock_fd)
+            if failed:
+                for directory in reversed(self.created_dirs):
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()  # only if still empty
 
     def _undo_fresh_output(self) -> None:
         """A many-prompt output started by this claim and never given a prompt: remove
