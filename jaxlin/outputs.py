@@ -270,11 +270,14 @@ class OutputClaim:
         its marker and empty prompts/ directory (and the directory, if it created it)."""
         if self.kind != "many" or self.resume or run_kind(self.target) != "many":
             return
-        if any(p.name not in (MARKER_NAME, "prompts") for p in self.target.iterdir()):
-            return
+        prompts = self.target / "prompts"
         with contextlib.suppress(OSError):
-            if (self.target / "prompts").exists():
-                (self.target / "prompts").rmdir()
+            if any(p.name not in (MARKER_NAME, "prompts") for p in self.target.iterdir()):
+                return
+            if prompts.is_dir() and any(prompts.iterdir()):
+                return  # a completed prompt: kept, a rerun resumes it
+            if prompts.is_dir():
+                prompts.rmdir()
             (self.target / MARKER_NAME).unlink()
             if not self.target_existed:
                 self.target.rmdir()

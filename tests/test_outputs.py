@@ -367,13 +367,14 @@ def test_a_staged_directory_never_replaces_what_jaxlin_did_not_write(tmp_path):
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
-def interrupt(program: Program, tmp_path: Path) -> None:
-    program.process.send_signal(signal.SIGINT)
+def interrupt(program: Program, tmp_path: Path, number: int = signal.SIGINT) -> None:
+    program.process.send_signal(number)
     code, seconds, rest = program.finish(timeout=30)
-    assert code == 130, (code, program.lines, rest)
+    assert code == 128 + number, (code, program.lines, rest)
     assert seconds < 10, seconds
     # Progress lines printed just before the signal landed may follow; nothing else does.
-    assert [line for line in rest if not line.startswith("[jaxlin]")] == ["jaxlin: interrupted"], rest
+    line = "jaxlin: interrupted" if number == signal.SIGINT else "jaxlin: terminated"
+    assert [text for text in rest if not text.startswith("[jaxlin]")] == [line], rest
     assert leftovers(tmp_path) == [] and not (tmp_path / "run").exists()
 
 
@@ -385,10 +386,11 @@ def test_ctrl_c_while_compiling(tmp_path, tiny_model_dir):
     interrupt(program, tmp_path)
 
 
-def test_ctrl_c_while_the_run_directory_is_staged(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_while_the_run_directory_is_staged(tmp_path, tiny_model_dir, number):
     config = write_config(tmp_path / "run.yaml", tiny_model_dir("llama_gqa_untied"), tmp_path / "run")
     (tmp_path / "wrapper.py").write_text(WRAPPER)
     program = Program([str(tmp_path / "wrapper.py"), "run", str(config)], tmp_path)
     program.wait_for("[test] writing the run directory")
     assert [name for name in leftovers(tmp_path) if ".partial-" in name]  # the staging exists
-    interrupt(program, tmp_path)
+    interrupt(program, tmp_path, number)
