@@ -382,7 +382,7 @@ def test_ctrl_c_while_compiling(tmp_path, tiny_model_dir):
     config = write_config(tmp_path / "run.yaml", tiny_model_dir("gemma3_sliding"), tmp_path / "run")
     program = Program(["-m", "jaxlin.cli", "run", str(config)], tmp_path)
     program.wait_for("[jaxlin] detached Jacobian contributions")
-    time.sleep(0.3)  # inside XLA's compilation of the linearization
+    time.sleep(0.2)  # inside XLA's compilation of the linearization
     interrupt(program, tmp_path)
 
 
