@@ -1,10 +1,12 @@
-"""`jaxlin run CONFIG [--text TEXT] [--out DIR]`."""
+"""`jaxlin run CONFIG [--text TEXT] [--out DIR] [--overwrite] [--quiet]`."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 from jaxlin.errors import JaxlinError
@@ -62,13 +64,64 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"jaxlin: error: {message} (see {self.prog} --help)\n")
 
 
+# Exit statuses on a signal: the shell's convention, 128 + the signal's number.
+SIGNAL_LINES = {signal.SIGINT: "jaxlin: interrupted", signal.SIGTERM: "jaxlin: terminated"}
+
+
+def _exit_on_signal(wakeup: int) -> None:
+    """The watcher thread: wait for SIGINT/SIGTERM, remove this run's staging and lock,
+    print one line and exit at once, whatever the main thread is doing."""
+    while True:
+        number = os.read(wakeup, 1)[0]
+        if number in SIGNAL_LINES:
+            break
+    # Anything the main thread prints while its staging disappears goes nowhere.
+    stderr = os.dup(2)
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    from jaxlin import outputs
+
+    outputs.abandon()
+    os.write(stderr, f"{SIGNAL_LINES[signal.Signals(number)]}\n".encode())
+    os._exit(128 + number)
+
+
+def handle_signals() -> None:
+    """Ctrl-C (and SIGTERM) end the program within moments, with one line, exit status
+    130 (143) and no staging left — also while XLA compiles or runs, when the main thread
+    does not return to Python for a long time.
+
+    Python's C-level handler runs in whichever thread the kernel picks (numpy and XLA
+    start threads of their own, so blocking the signal in the main thread is not enough)
+    and writes the signal's number to the wakeup fd; a watcher thread reads it and acts.
+    The Python-level handler does nothing, so no KeyboardInterrupt unwinds the main
+    thread halfway. For the program only: it replaces the process's signal handling."""
+    wakeup, wakeup_write = os.pipe()
+    os.set_blocking(wakeup_write, False)
+    for number in SIGNAL_LINES:
+        signal.signal(number, lambda *_: None)
+    signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
+    threading.Thread(target=_exit_on_signal, args=(wakeup,), name="jaxlin-signals", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI. Called without `argv` it is the program (the console script, `python -m
+    jaxlin.cli`) and takes over Ctrl-C; called with `argv` (tests, other code) it leaves
+    the process's signal handling alone."""
+    if argv is None:
+        handle_signals()
     parser = _OneLineParser(prog="jaxlin", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run the analysis described by a YAML config")
     run_parser.add_argument("config", help="path to a run config (see configs/)")
     run_parser.add_argument("--text", help="input text (overrides the config's text)")
     run_parser.add_argument("--out", help="output directory (overrides the config's output_dir)")
+    run_parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier jaxlin run in the output directory (never anything else)",
+    )
     run_parser.add_argument("--quiet", action="store_true", help="no progress messages")
     args = parser.parse_args(argv)
 
@@ -77,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         from jaxlin.pipeline import run
         from jaxlin.run_config import load_run_config
 
-        overrides = {"text": args.text, "texts": None, "texts_file": None} if args.text is not None else {}
+        overrides: dict[str, object] = (
+            {"text": args.text, "texts": None, "texts_file": None} if args.text is not None else {}
+        )
+        if args.overwrite:
+            overrides["overwrite"] = True
         config = load_run_config(args.config, output_dir=args.out, **overrides)
         result, out_dir = run(config, verbose=not args.quiet)
     except JaxlinError as error:

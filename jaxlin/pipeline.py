@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +32,16 @@ from jaxlin.loading import LoadedModel, load_model
 from jaxlin.memory import linearization_bytes, product_bytes, require_memory
 from jaxlin.model_source import read_model_config
 from jaxlin.operator import certify, contributions, materialize, token_block
-from jaxlin.outputs import atomic_directory, write_json, write_json_atomic, write_npz
+from jaxlin.outputs import (
+    OutputClaim,
+    RunKind,
+    claim_output,
+    staged_directory,
+    write_file_atomic,
+    write_json,
+    write_json_atomic,
+    write_npz,
+)
 from jaxlin.plots import (
     importance_strip,
     jacobian_images,
@@ -490,9 +497,11 @@ def steer(loaded: LoadedModel, section: SteeringSection, add_bos: bool) -> dict[
     }
 
 
-def write_run(result: RunResult, out_dir: Path) -> Path:
+def write_run(result: RunResult, out_dir: Path, kind: RunKind = "single") -> Path:
+    """The run directory, written in staging and renamed into place once complete (see
+    `jaxlin.outputs`); `out_dir` must be absent, empty or a jaxlin run."""
     s = result.summary
-    with atomic_directory(out_dir) as staging:
+    with staged_directory(out_dir, kind) as staging:
         write_json(staging / "summary.json", s)
         write_npz(staging / "arrays.npz", result.arrays)
         arrays = result.arrays
@@ -554,14 +563,20 @@ def device_mesh(count: int | None) -> Any:
 
 
 def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
-    with device_mesh(config.devices):
-        return _run(config, verbose)
-
-
-def _run(config: RunConfig, verbose: bool) -> tuple[RunResult, Path]:
-    timer = Timer(verbose)
+    """The output location is checked and locked before anything is loaded (see
+    `jaxlin.outputs.claim_output`)."""
     texts = config.input_texts()  # read (and checked) before any expensive step
-    config.check_against(read_model_config(config.model))  # the model's config alone, no weights yet
+    # The model's config alone (no weights yet): bad requests are refused before any write.
+    config.check_against(read_model_config(config.model))
+    kind: RunKind = "single" if texts is None else "many"
+    with claim_output(config.output_dir, kind, config.overwrite) as output, device_mesh(config.devices):
+        return _run(config, texts, output, verbose)
+
+
+def _run(
+    config: RunConfig, texts: list[str] | None, output: OutputClaim, verbose: bool
+) -> tuple[RunResult, Path]:
+    timer = Timer(verbose)
     with timer.step("loading model"):
         loaded = load_model(
             config.model.source,
@@ -579,7 +594,7 @@ def _run(config: RunConfig, verbose: bool) -> tuple[RunResult, Path]:
     if progress is not None and devices > 1:
         progress(f"batched products split across {devices} {jax.devices()[0].platform} devices")
     if texts is not None:
-        return run_many(config, loaded, texts, timer, progress)
+        return run_many(config, loaded, texts, timer, progress, output.target)
     result = analyse(loaded, config.text, config.analysis, config.add_bos, timer, progress)
     if config.steering.enabled:
         with timer.step(f"steering ({len(config.steering.lambdas)} strengths)"):
@@ -587,7 +602,7 @@ def _run(config: RunConfig, verbose: bool) -> tuple[RunResult, Path]:
     result.summary["config"] = config.model_dump()
     result.summary["params_from_cache"] = loaded.from_cache
     result.summary["devices"] = batch_devices()
-    return result, write_run(result, Path(config.output_dir))
+    return result, write_run(result, output.target)
 
 
 def _analysis_fingerprint(config: RunConfig) -> dict[str, Any]:
@@ -605,11 +620,13 @@ def run_many(
     texts: list[str],
     timer: Timer,
     progress: Callable[[str], None] | None,
+    out: Path,
 ) -> tuple[RunResult, Path]:
-    """One run directory per prompt under OUT/prompts/NNN (each written atomically), then
-    aggregates in OUT. Resumable: a prompt whose directory is complete, for the same text
-    and analysis settings, is read back rather than recomputed."""
-    out = Path(config.output_dir)
+    """One run directory per prompt under OUT/prompts/NNNN (each written atomically), then
+    aggregates in OUT (each file replaced atomically). Resumable: a prompt whose directory
+    is complete, for the same text and analysis settings, is read back rather than
+    recomputed. OUT is a claimed many-prompt output (`claim_output` made it)."""
+    (out / "prompts").mkdir(exist_ok=True)
     fingerprint = _analysis_fingerprint(config)
     summaries: list[dict[str, Any]] = []
     reused = 0
@@ -624,7 +641,7 @@ def run_many(
             result = analyse(loaded, text, config.analysis, config.add_bos, Timer(False), progress)
         result.summary["fingerprint"] = fingerprint
         result.summary["config"] = config.model_dump()
-        write_run(result, prompt_dir)
+        write_run(result, prompt_dir, "prompt")
         summaries.append(result.summary)
         # Each prompt length compiles its own programs; every live CPU executable holds
         # memory mappings, and thousands of them exhaust the process's map limit.
@@ -638,15 +655,10 @@ def run_many(
     summary["timings_seconds"] = timer.seconds
     summary["prompts_reused"] = reused
     summary["devices"] = batch_devices()
-    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "summary.json", summary)
-    with atomic_directory(out / ".figures") as staging:
-        if "layers" in summary:
-            layer_dynamics(staging / "layers.png", summary["layers"])
-        prompt_overview(staging / "prompts.png", summary["prompts"])
-    for figure in (out / ".figures").iterdir():
-        os.replace(figure, out / figure.name)
-    shutil.rmtree(out / ".figures", ignore_errors=True)
+    if "layers" in summary:
+        write_file_atomic(out / "layers.png", lambda path: layer_dynamics(path, summary["layers"]))
+    write_file_atomic(out / "prompts.png", lambda path: prompt_overview(path, summary["prompts"]))
     render_report(out, summary)
     return RunResult(summary, {}), out
 

@@ -10,14 +10,14 @@ import base64
 import html
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from jaxlin.outputs import write_text_atomic
 
 REPORT_NAME = "report.html"
 
@@ -486,22 +486,6 @@ def _build(run_dir: Path, s: dict[str, Any], name: str | None = None) -> str:
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Readers never see a half-written report: write beside it, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        # mkstemp makes the file private (0600); a report is an ordinary file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def render_report(run_dir: Path, summary: dict | None = None, name: str | None = None) -> Path:
     """Write run_dir/report.html (self-contained) and return its path. `name` is the run's
     name in the title (default: the directory's; a run rendered in its staging
@@ -510,7 +494,7 @@ def render_report(run_dir: Path, summary: dict | None = None, name: str | None =
     if summary is None:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     path = run_dir / REPORT_NAME
-    _write_atomic(path, _build(run_dir, summary, name))
+    write_text_atomic(path, _build(run_dir, summary, name))  # never seen half-written
     return path
 
 

@@ -131,6 +131,9 @@ class RunConfig(_Strict):
         None, ge=1, description="split the batched products across this many devices (default: all)"
     )
     output_dir: str = "runs/default"
+    overwrite: bool = Field(
+        False, description="replace an earlier jaxlin run at output_dir (never anything jaxlin did not write)"
+    )
 
     @field_validator("text")
     @classmethod

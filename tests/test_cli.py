@@ -224,7 +224,7 @@ def test_projected_per_token_and_dense_methods(tmp_path, tiny_model_dir):
     assert "Hutchinson" in lanczos["norms"]["frobenius_method"]
     data["analysis"]["method"] = "dense"
     config = write_config(tmp_path / "run.yaml", **data)
-    assert main(["run", str(config), "--quiet"]) == 0
+    assert main(["run", str(config), "--quiet", "--overwrite"]) == 0
     dense = json.loads((tmp_path / "run" / "summary.json").read_text())
     np.testing.assert_allclose(lanczos["singular_values"], dense["singular_values"], rtol=1e-10)
     arrays = np.load(tmp_path / "run" / "arrays.npz")

@@ -98,7 +98,7 @@ def test_default_config_runs_end_to_end(tmp_path, monkeypatch):
     assert summary["reconstruction_relative_error"] <= 1e-5
     assert summary["params_from_cache"] is False
     # The second run restores the orbax-cached params instead of converting again.
-    assert main(["run", str(default), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(default), "--out", str(out), "--quiet", "--overwrite"]) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["params_from_cache"] is True
     assert again["reconstruction_relative_error"] == summary["reconstruction_relative_error"]

@@ -364,7 +364,7 @@ def test_reads_summary_json_and_writes_atomically(tmp_path, monkeypatch):
     def broken_replace(*args: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)  # the one atomic writer: jaxlin.outputs
     changed = copy.deepcopy(summary)
     changed["model"] = "another model"
     with pytest.raises(OSError, match="disk full"):
