@@ -217,7 +217,7 @@ def _load_from_checkpoint(
 def _one_line(error: BaseException, limit: int = 200) -> str:
     """The first line of an error, shortened: orbax's messages can span ~1,000 lines."""
     lines = str(error).strip().splitlines()
-    if isinstance(error, CacheEntryError):
+    if isinstance(error, CacheEntryError) and lines:
         return lines[0]
     text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
