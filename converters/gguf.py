@@ -803,7 +803,9 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         file = Path(path)
         if not file.exists():
             raise GGUFFileNotFoundError(f"{os.fspath(path)}: no such GGUF file") from None
-        return AutoTokenizer.from_pretrained(os.fspath(file.parent), gguf_file=file.name)
+        return AutoTokenizer.from_pretrained(
+            os.fspath(file.parent), gguf_file=file.name, trust_remote_code=False, local_files_only=True
+        )
 
     file = _parse(path)
     architecture = _architecture(file)

