@@ -177,8 +177,10 @@ def load_model(
             raise JaxlinError(f"model.path is required for model.source={kind!r}")
         source = Path(path).expanduser()
         kind_for_file = kind
-        if kind == "gguf" and not source.is_file():
-            raise JaxlinError(f"model.path: GGUF file {source} does not exist")
+        if kind == "gguf":
+            from jaxlin.model_source import gguf_file
+
+            source = gguf_file(str(path))  # a missing file and a directory told apart
         if kind == "hf":
             from converters.hf import checked_config_json, resolve_model_directory
 

@@ -4,15 +4,13 @@ the model cannot satisfy is refused before the expensive load."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from jaxlin._config import ModelConfig
 from jaxlin.errors import JaxlinError
 from jaxlin.families import family_for_hf_config
-from jaxlin.run_config import ConfigError, ModelSection, read_text_file
+from jaxlin.run_config import ConfigError, ModelSection
 
 
 def read_model_config(section: ModelSection) -> ModelConfig:
@@ -55,31 +53,23 @@ def _hf_model_config(directory: Path) -> ModelConfig:
     from huggingface_hub.errors import StrictDataclassError
     from transformers import CONFIG_MAPPING
 
+    from converters.hf import CheckpointError, checked_config_json
+
     path = directory / "config.json"
     if not path.is_file():
         raise ConfigError(f"model.path: {directory} has no config.json")
-    data = _json_object(path)
-    model_type = data.get("model_type")
-    family_for_hf_config(SimpleNamespace(model_type=model_type))  # unsupported: refused by name
     try:
-        hf_config = CONFIG_MAPPING[model_type].from_dict(data)
+        # The one reader of a model directory's config: remote-code fields, malformed
+        # JSON and unsupported model types are refused there, naming the file or field.
+        data = checked_config_json(directory)
+    except CheckpointError as error:
+        raise ConfigError(f"model.path: {error}") from None
+    try:
+        hf_config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
     except (TypeError, ValueError, KeyError, StrictDataclassError) as error:
         # transformers' config classes check field types (hidden_size: "wide" is refused here).
         raise ConfigError(f"model.path: {path}: {_one_line(error)}") from None
     return _model_config(hf_config, path)
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    text = read_text_file(path, "model.path")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(
-            f"model.path: {path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"model.path: {path} holds a JSON {type(data).__name__}, not an object")
-    return data
 
 
 def _model_config(hf_config: Any, where: Path) -> ModelConfig:

@@ -601,6 +601,7 @@ def _run(
             result.summary["steering"] = steer(loaded, config.steering, config.add_bos)
     result.summary["config"] = config.model_dump()
     result.summary["params_from_cache"] = loaded.from_cache
+    result.summary["checkpoint_sha256"] = loaded.checkpoint_sha256
     result.summary["devices"] = batch_devices()
     return result, write_run(result, output.target)
 
@@ -703,6 +704,7 @@ def _aggregate(summaries: list[dict[str, Any]], loaded: LoadedModel, config: Run
         "mean_stable_rank": float(np.mean([r["stable_rank"] for r in rows])),
         "config": config.model_dump(),
         "params_from_cache": loaded.from_cache,
+        "checkpoint_sha256": loaded.checkpoint_sha256,
     }
     if all("layers" in s for s in summaries):
         grouped: dict[tuple, list[dict[str, Any]]] = {}
