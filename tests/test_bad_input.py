@@ -201,7 +201,7 @@ CASES: list[Case] = [
     Case(
         "hf_config_json_not_an_object",
         run_config(model={"path": "{tmp}/m"}),
-        ("config.json", "not an object"),
+        ("config.json", "expected a JSON object"),
         {"m/config.json": "[1, 2]", "m/model.safetensors": b"\0" * 16},
     ),
     Case(
