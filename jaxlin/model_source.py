@@ -22,6 +22,11 @@ def read_model_config(section: ModelSection) -> ModelConfig:
         return _gguf_model_config(embedded_gguf_path())
     if section.source == "gguf":
         return _gguf_model_config(gguf_file(section.path))
+    if section.source == "pypi":
+        from converters.wheel import wheel_gguf, wheel_model
+        from jaxlin.loading import default_cache_dir
+
+        return _gguf_model_config(wheel_gguf(wheel_model(str(section.path)), default_cache_dir()))
     return _hf_model_config(resolve_model_directory(section.path))
 
 

