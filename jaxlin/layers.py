@@ -33,9 +33,9 @@ from jaxlin._modules import Transformer
 from jaxlin._policy import FreezePolicy
 from jaxlin.decoding import dominant_rows
 from jaxlin.devices import map_in_batches
+from jaxlin.jacobian import DEFAULT_ATTENTION_BLOCK, on_token, scale_biases
 from jaxlin.memory import available_bytes
 from jaxlin.model import Params, module
-from jaxlin.operator import DEFAULT_ATTENTION_BLOCK, on_token, scale_biases
 
 TAP_KINDS = ("residual", "attention", "mlp")
 
