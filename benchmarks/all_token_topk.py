@@ -4,7 +4,7 @@ J_t exactly; optionally a rank-r Krylov projection basis) against the published 
 algorithm (`_baseline.per_token`: for each token, Lanczos on J_tᵀJ_t with fresh
 `jax.jvp`/`jax.vjp` of the full forward per product, vmapped over tokens).
 
-Reference: the dense per-token SVD (float64) of `operator.materialize`. Accuracy: max
+Reference: the dense per-token SVD (float64) of `operator.rows`. Accuracy: max
 over tokens and the 4 triplets of |σ − σ_ref|/σ_ref. Equal accuracy: the baseline gets
 the smallest K in 16 … 128 reaching jaxlin's exact-basis error (or `--floor`, if
 larger); the published setting K = 128 is reported too. The baseline is run on a
@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlin import spectral
-from jaxlin.operator import materialize
+from jaxlin.jacobian import linearize
+from jaxlin.operator import rows
 
 K_CANDIDATES = (16, 24, 32, 48, 64, 96, 128)
 TARGET_SPEEDUP = 50.0
@@ -40,7 +41,7 @@ def reference(model: Any, x: jax.Array, n: int, k: int) -> np.ndarray:
     path = C.RESULTS / f".per_token_reference_N{n}.npy"
     if path.exists():
         return np.load(path)[:, :k]
-    jac = np.asarray(materialize(model.params, x, model.config), dtype=np.float64)  # (d, N, d)
+    jac = np.asarray(rows(linearize(model.params, x, model.config)), dtype=np.float64)  # (d, N, d)
     s = np.stack([np.linalg.svd(jac[:, t, :], compute_uv=False) for t in range(n)])
     np.save(path, s)
     return s[:, :k]
@@ -73,7 +74,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
 
     eye = jnp.eye(d, dtype=jnp.float32)
-    exact = functools.partial(spectral.per_token_top_k, params, x, eye, config, k)
+    exact = lambda: spectral.per_token_top_k(linearize(params, x, config), eye, k)  # noqa: E731
     timing = C.time_repeats(exact, repeats)
     err = max_rel_error(exact()[1], s_ref)
     rows.append({
@@ -89,8 +90,8 @@ def main() -> None:
     for rank in ranks:
 
         def projected(rank: int = rank) -> jax.Array:
-            basis = spectral.krylov_basis(params, x, config, rank)
-            return spectral.per_token_top_k(params, x, basis, config, k)
+            jacobian = linearize(params, x, config)
+            return spectral.per_token_top_k(jacobian, spectral.krylov_basis(jacobian, rank), k)
 
         timing = C.time_repeats(projected, repeats)
         rows.append({

@@ -30,11 +30,11 @@ from matfree import decomp
 from whole_j_topk import reference
 
 from jaxlin import spectral
-from jaxlin.operator import linearize_target
+from jaxlin.jacobian import linearize
 
 
 def bidiag_top_k(config: Any, params: Any, x: jax.Array, key: jax.Array, k: int, depth: int) -> jax.Array:
-    op = linearize_target(config, params, x)
+    op = linearize(params, x, config)
     start = jax.random.normal(key, x.shape, x.dtype)
     _, small, _, _ = decomp.bidiag(depth, reortho="full")(op.matvec, start)
     return jnp.linalg.svd(small, compute_uv=False)[:k]
@@ -43,7 +43,7 @@ def bidiag_top_k(config: Any, params: Any, x: jax.Array, key: jax.Array, k: int,
 def block_top_k(
     config: Any, params: Any, x: jax.Array, key: jax.Array, k: int, block: int, steps: int
 ) -> jax.Array:
-    op = linearize_target(config, params, x)
+    op = linearize(params, x, config)
     d = op.output.shape[0]
     gram = jax.vmap(lambda u: op.matvec(op.rmatvec(u)))  # (b, d) → (b, d), one batched pass each way
     first, _ = jnp.linalg.qr(jax.random.normal(key, (d, block), x.dtype))
@@ -83,7 +83,7 @@ def main() -> None:
     bidiag = jax.jit(functools.partial(bidiag_top_k, config, k=k, depth=depth))
     methods = {
         "tridiag (jaxlin)": (
-            lambda: spectral.lanczos_top_k(params, x, key, config, k, depth)[1],
+            lambda: spectral.lanczos_top_k(linearize(params, x, config), key, k, depth)[1],
             depth * d * item,
         ),
         "bidiag (matfree)": (lambda: bidiag(params, x, key), depth * (d + n * d) * item),

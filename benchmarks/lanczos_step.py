@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 from _baseline import gram_product
 
-from jaxlin.operator import linearize_target
+from jaxlin.jacobian import linearize
 from jaxlin.spectral import widened
 
 
 def steps_jaxlin(config: Any, params: Any, x: jax.Array, vectors: jax.Array, m: int) -> jax.Array:
-    op = linearize_target(config, params, x)
+    op = linearize(params, x, config)
     matvec, rmatvec, _ = widened(op)
 
     def body(carry: jax.Array, u: jax.Array) -> tuple[jax.Array, None]:

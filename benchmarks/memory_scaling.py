@@ -47,6 +47,7 @@ def child(n: int, block: int | None) -> None:
     import jax.numpy as jnp
 
     from jaxlin import spectral
+    from jaxlin.jacobian import linearize
 
     model = C.load_model()
     x = jax.block_until_ready(C.embeddings(model, n))
@@ -55,12 +56,13 @@ def child(n: int, block: int | None) -> None:
     was_reset = reset_peak()
     key = jax.random.key(0)
     start = time.perf_counter()
-    compiled = spectral.lanczos_top_k.lower(
-        model.params, x, key, config=model.config, k=K, depth=DEPTH, chunk=CHUNK, attention_block=block
-    ).compile()
+    # The linearization is its own program now: its residuals (the DetachedJacobian's
+    # leaves) are live arrays between it and the Lanczos program that uses them.
+    jacobian = jax.block_until_ready(linearize(model.params, x, model.config, attention_block=block))
+    compiled = spectral.lanczos_top_k.lower(jacobian, key, k=K, depth=DEPTH, chunk=CHUNK).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    out = jax.block_until_ready(compiled(model.params, x, key))
+    out = jax.block_until_ready(compiled(jacobian, key))
     run_s = time.perf_counter() - start
     s = np.asarray(out[1])
     bounds = np.asarray(out[3])

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlin._policy import FreezePolicy
-from jaxlin.operator import linearize_target, target_function
+from jaxlin.jacobian import linearize, target_function
 
 TARGET_RATIO = 1.5
 
@@ -37,7 +37,7 @@ def make_programs(config: Any, block: int | None) -> dict[str, Any]:
 
     @jax.jit
     def jv(params: Any, x: jax.Array, vs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        op = linearize_target(config, params, x, attention_block=block)
+        op = linearize(params, x, config, attention_block=block)
 
         def step(acc: jax.Array, v: jax.Array) -> tuple[jax.Array, None]:
             return acc + op.matvec(v), None
@@ -47,7 +47,7 @@ def make_programs(config: Any, block: int | None) -> dict[str, Any]:
 
     @jax.jit
     def jtu(params: Any, x: jax.Array, us: jax.Array) -> tuple[jax.Array, jax.Array]:
-        op = linearize_target(config, params, x, attention_block=block)
+        op = linearize(params, x, config, attention_block=block)
 
         def step(acc: jax.Array, u: jax.Array) -> tuple[jax.Array, None]:
             return acc + op.rmatvec(u), None

@@ -24,6 +24,7 @@ def measure(n: int) -> dict:
     import jax.numpy as jnp
 
     from jaxlin import spectral
+    from jaxlin.jacobian import linearize
 
     model = C.load_model()
     config, params = model.config, model.params
@@ -32,7 +33,7 @@ def measure(n: int) -> dict:
     before = C.current_rss_bytes()
     start = time.perf_counter()
     eye = jnp.eye(d, dtype=jnp.float32)
-    sigma = jax.block_until_ready(spectral.per_token_top_k(params, x, eye, config, 4)[1])
+    sigma = jax.block_until_ready(spectral.per_token_top_k(linearize(params, x, config), eye, 4)[1])
     return {
         "N": n,
         "time_s": time.perf_counter() - start,  # incl. compile

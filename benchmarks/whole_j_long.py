@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from jaxlin import spectral
+from jaxlin.jacobian import linearize
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     config, params = model.config, model.params
     x = C.embeddings(model, n)
 
-    seconds, result = C.timed_call(lambda: spectral.top_k(params, x, config, k))
+    seconds, result = C.timed_call(lambda: spectral.top_k(linearize(params, x, config), k))
     jaxlin_bound = result.bounds / result.S
     worst = jaxlin_bound.max()
     print(f"N={n}: jaxlin top_k {seconds:.1f} s, depth {result.depth}, max rel bound {worst:.2e}")

@@ -5,7 +5,7 @@ bounds meet the default float32 tolerance 1e-4) against the published JAX algori
 `jax.vjp` + `jax.jvp`, dense attention; also timed at the chosen K with XLA allowed to
 hoist that forward out of the loop, a stronger baseline than the published one).
 
-Reference: the dense J (`operator.materialize`), its singular values from the eigen-
+Reference: the dense J (`operator.rows`), its singular values from the eigen-
 decomposition of J·Jᵀ in float64. Equal accuracy: the baseline gets the smallest K in
 16, 24, 32, 48, 64, 96, 128 whose top-8 σ have a max relative error ≤ jaxlin's (if
 jaxlin's error is below `--floor`, the floor is the target instead: both are then at
@@ -27,7 +27,8 @@ import jax
 import numpy as np
 
 from jaxlin import spectral
-from jaxlin.operator import materialize
+from jaxlin.jacobian import linearize
+from jaxlin.operator import rows
 
 K_CANDIDATES = (16, 24, 32, 48, 64, 96, 128)
 TARGET_SPEEDUP = 4.0
@@ -39,7 +40,7 @@ def reference(model: Any, x: jax.Array, n: int, k: int) -> tuple[np.ndarray, np.
     if path.exists():
         data = np.load(path)
         return data["s"][:k], data["u"][:, :k], float(data["seconds"])
-    seconds, jac = C.timed_call(lambda: materialize(model.params, x, model.config))
+    seconds, jac = C.timed_call(lambda: rows(linearize(model.params, x, model.config)))
     jac = np.asarray(jac, dtype=np.float64)
     flat = jac.reshape(jac.shape[0], -1)
     del jac
@@ -67,7 +68,7 @@ def run_size(model: Any, n: int, k: int, repeats: int, floor: float, candidates:
     print(f"N={n}: reference σ (dense J, {ref_seconds:.1f} s): {np.array2string(s_ref, precision=5)}")
     out: dict[str, Any] = {"N": n, "k": k, "reference_sigma": s_ref, "reference_seconds": ref_seconds}
 
-    run_jaxlin = functools.partial(spectral.top_k, params, x, config, k, progress=None)
+    run_jaxlin = lambda: spectral.top_k(linearize(params, x, config), k)  # noqa: E731
     timing = C.time_repeats(run_jaxlin, repeats)
     result = run_jaxlin()
     jl = {

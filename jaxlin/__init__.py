@@ -6,27 +6,29 @@ The public API; everything else is internal.
 from jaxlin._config import ModelConfig, RopeConfig
 from jaxlin._policy import FreezePolicy
 from jaxlin.errors import JaxlinError
+from jaxlin.jacobian import DetachedJacobian, Products, linearize
 from jaxlin.loading import LoadedModel, load_model
 from jaxlin.model import Model, Tap, embed, final_hidden, logits, tap_input, tap_values
-from jaxlin.operator import (
-    Certificate,
-    LinearizedTarget,
-    certify,
-    contributions,
-    linearize_target,
-    materialize,
-    token_block,
+from jaxlin.operator import Certificate, certify, contributions, rows, token_block
+from jaxlin.spectral import (
+    Triplets,
+    frobenius_estimate,
+    krylov_basis,
+    per_token_from_rows,
+    per_token_top_k,
+    rows_top_k,
+    top_k,
 )
-from jaxlin.spectral import Triplets, frobenius_estimate, krylov_basis, per_token_top_k, top_k
 
 __all__ = [
     "Certificate",
     "FreezePolicy",
     "JaxlinError",
-    "LinearizedTarget",
+    "DetachedJacobian",
     "LoadedModel",
     "Model",
     "ModelConfig",
+    "Products",
     "RopeConfig",
     "Tap",
     "Triplets",
@@ -36,10 +38,12 @@ __all__ = [
     "final_hidden",
     "frobenius_estimate",
     "krylov_basis",
-    "linearize_target",
+    "linearize",
     "load_model",
     "logits",
-    "materialize",
+    "rows",
+    "rows_top_k",
+    "per_token_from_rows",
     "per_token_top_k",
     "tap_input",
     "tap_values",

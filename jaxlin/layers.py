@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -33,9 +34,9 @@ from jaxlin._modules import Transformer
 from jaxlin._policy import FreezePolicy
 from jaxlin.decoding import dominant_rows
 from jaxlin.devices import map_in_batches
+from jaxlin.jacobian import DEFAULT_ATTENTION_BLOCK, on_token, scale_biases
 from jaxlin.memory import available_bytes
 from jaxlin.model import Params, module
-from jaxlin.operator import DEFAULT_ATTENTION_BLOCK, on_token, scale_biases
 
 TAP_KINDS = ("residual", "attention", "mlp")
 
@@ -91,7 +92,7 @@ class TapProducts(NamedTuple):
     left: jax.Array  # (k, d) top left singular vectors, oriented so that u·value ≥ 0
     right: jax.Array  # (k, N, d) v_i = Jᵀu_i / σ_i
     sigma: jax.Array  # (k,) σ_i = ‖Jᵀu_i‖
-    residuals: jax.Array  # (k,) ‖J·v_i − σ_i·u_i‖ / σ_i
+    residuals: jax.Array  # (k,) relative residual bounds ‖J·v_i − σ_i·u_i‖ / (√2·σ_i), as spectral.top_k's
     reconstruction: jax.Array  # Σ_t J_t·x_t
     bias: jax.Array  # c_bias (zero for bias-free models)
 
@@ -171,7 +172,8 @@ def layer_gram(
     safe_sigma = jnp.maximum(sigma, jnp.finfo(wide).tiny)
     right = pulled / safe_sigma[:, None, None]
     pushed = push_many(right)  # (k, d) = J·v_i
-    residuals = jnp.linalg.norm(pushed - sigma[:, None] * left, axis=1) / safe_sigma
+    # The same rigorous bound as `spectral._triplet_bounds` (Jᵀu = σv holds by construction), relative.
+    residuals = jnp.linalg.norm(pushed - sigma[:, None] * left, axis=1) / (math.sqrt(2.0) * safe_sigma)
     bias = joint(jnp.zeros_like(inputs), beta) if config.has_biases else jnp.zeros_like(value)
     return TapProducts(value, eigenvalues, left, right, sigma, residuals, reconstruction, bias)
 
@@ -201,7 +203,7 @@ class LayerSpectrum:
     # kept as the row at its dominant token position; the full (k, N, d) vectors only on
     # request, since for every tap of a long input they would not fit in memory.
     right_sigmas: np.ndarray  # (k,) ‖Jᵀu_i‖
-    right_residuals: np.ndarray  # (k,) ‖J·v_i − σ_i·u_i‖ / σ_i
+    right_residuals: np.ndarray  # (k,) relative residual bounds ‖J·v_i − σ_i·u_i‖ / (√2·σ_i)
     right_positions: np.ndarray  # (k,) token position carrying most of ‖v_i‖²
     right_shares: np.ndarray  # (k,) that position's share of ‖v_i‖²
     right_rows: np.ndarray  # (k, d) v_i at that position

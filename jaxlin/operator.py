@@ -1,15 +1,9 @@
-"""The detached Jacobian J of y = last token's final hidden state w.r.t. the input
-embeddings X (N, d), as a linear operator.
-
-`linearize_target` runs the nonlinear forward once (`jax.linearize`) and gives J·v and,
-by `jax.linear_transpose`, Jᵀ·u without recomputing it. Call it *inside* the jit that
-uses the products (all functions below do), so the linearization residuals are
-intermediate values of one program rather than baked-in constants.
-
-Biases make the detached map affine, y = Σ_t J_t·x_t + c_bias. With every bias scaled by
-a scalar β, the frozen network is jointly linear in (X, β), so linearizing in both at
-β = 1 gives J (the X part) and the bias contribution c_bias = ∂y/∂β exactly.
-"""
+"""Products through a detached Jacobian J (see `jaxlin.jacobian`): J's rows, the
+per-token contributions c_t = J_t·x_t, one token's block J_t, and the certificate of
+exactness Σ_t c_t + c_bias = y. Each function takes the linearized value J, so none of
+them runs the forward again; batches of products are split across devices by
+`map_in_batches`. When J's rows are at hand, `contributions_from_rows` and
+`block_from_rows` read the same numbers off them without another product."""
 
 from __future__ import annotations
 
@@ -20,148 +14,99 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxlin._config import ModelConfig
-from jaxlin._policy import FreezePolicy
 from jaxlin.devices import map_in_batches
-from jaxlin.model import Params, Tap, final_hidden, tap_values
-
-# Query block of the O(N)-memory attention used by the detached operator. Inputs up to
-# this length use dense attention (the same numbers; the block only bounds memory).
-DEFAULT_ATTENTION_BLOCK = 256
+from jaxlin.jacobian import DetachedJacobian, Products, on_token
 
 
-def scale_biases(params: Params, beta: jax.Array) -> Params:
-    """Every bias leaf (dense and LayerNorm biases) multiplied by β."""
-
-    def scale(path: tuple, leaf: jax.Array) -> jax.Array:
-        name = getattr(path[-1], "key", None)
-        return leaf * beta.astype(leaf.dtype) if name == "bias" else leaf
-
-    return jax.tree_util.tree_map_with_path(scale, params)
-
-
-def target_function(
-    config: ModelConfig,
-    params: Params,
-    policy: FreezePolicy,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
-    tap: Tap | None = None,
-) -> Callable[..., jax.Array]:
-    """(X (N, d), β = 1) → y (d,): the last token's final-normed hidden state, with
-    every bias scaled by β. With a `tap`, the tap's value at the last token instead, as a
-    function of the tap's input (X, or the residual stream entering a local tap's layer)."""
-    # Blockwise attention relies on frozen probabilities; the ordinary Jacobian (a
-    # comparison for short inputs) always uses dense attention.
-    block = attention_block if policy is FreezePolicy.DETACHED else None
-
-    def target(embeddings: jax.Array, beta: jax.Array | float = 1.0) -> jax.Array:
-        scaled = scale_biases(params, jnp.asarray(beta)) if config.has_biases else params
-        if tap is not None:
-            return tap_values(config, scaled, embeddings, tap, policy, block)[-1]
-        return final_hidden(config, scaled, embeddings, policy, block)[-1]
-
-    return target
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearizedTarget:
-    """J at one input X*. `matvec`: (N, d) → (d,); `rmatvec`: (d,) → (N, d);
-    `bias_contribution()`: the affine part c_bias (zero for bias-free models)."""
-
-    inputs: jax.Array
-    output: jax.Array
-    matvec: Callable[[jax.Array], jax.Array]
-    rmatvec: Callable[[jax.Array], jax.Array]
-    bias_contribution: Callable[[], jax.Array]
-
-
-def linearize_target(
-    config: ModelConfig,
-    params: Params,
-    inputs: jax.Array,
-    policy: FreezePolicy = FreezePolicy.DETACHED,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
-    tap: Tap | None = None,
-) -> LinearizedTarget:
-    target = target_function(config, params, policy, attention_block, tap)
-    if not config.has_biases:
-        output, matvec = jax.linearize(target, inputs)
-        transpose = jax.linear_transpose(matvec, inputs)
-        return LinearizedTarget(
-            inputs, output, matvec, lambda u: transpose(u)[0], lambda: jnp.zeros_like(output)
-        )
-    beta = jnp.ones((), inputs.dtype)
-    output, joint = jax.linearize(target, inputs, beta)
-    transpose = jax.linear_transpose(joint, inputs, beta)
-    no_beta = jnp.zeros((), inputs.dtype)
-    return LinearizedTarget(
-        inputs,
-        output,
-        lambda v: joint(v, no_beta),
-        lambda u: transpose(u)[0],
-        lambda: joint(jnp.zeros_like(inputs), jnp.ones((), inputs.dtype)),
-    )
-
-
-def on_token(vectors: jax.Array, token: jax.Array) -> jax.Array:
-    """`vectors` (N, d) with every row but `token`'s zeroed: J applied to it is J_t·v_t."""
-    keep = (jnp.arange(vectors.shape[0]) == token)[:, None]
-    return vectors * keep.astype(vectors.dtype)
-
-
-def _chunk_size(total: int, chunk: int | None) -> int | None:
+def chunk_size(total: int, chunk: int | None) -> int | None:
+    """The batch of `map_in_batches`: None (all at once) when the chunk covers everything."""
     return None if chunk is None or chunk >= total else chunk
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk", "attention_block", "tap"))
-def contributions(
-    params: Params,
-    inputs: jax.Array,
-    config: ModelConfig,
-    policy: FreezePolicy = FreezePolicy.DETACHED,
-    chunk: int | None = 64,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
-    tap: Tap | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(y, c, c_bias) with c_t = J_t·x_t, shape (N, d). Under DETACHED, Σ_t c_t + c_bias = y
-    (c_bias = 0 for bias-free models).
-
-    Picks the cheaper side: N forward-mode products (one per token) when N ≤ d,
-    otherwise d transposed products (one per output coordinate), each reduced against
-    X on the fly so memory stays O(chunk · N · d)."""
-    op = linearize_target(config, params, inputs, policy, attention_block, tap)
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _contributions(jacobian: DetachedJacobian, chunk: int | None) -> jax.Array:
+    inputs = jacobian.inputs
     n, d = inputs.shape
     if n <= d:
 
         def one_token(t: jax.Array) -> jax.Array:
-            return op.matvec(on_token(inputs, t))
+            return jacobian.matvec(on_token(inputs, t))
 
-        c = map_in_batches(one_token, jnp.arange(n), _chunk_size(n, chunk))
-    else:
+        return map_in_batches(one_token, jnp.arange(n), chunk_size(n, chunk))
 
-        def one_row(i: jax.Array) -> jax.Array:
-            rows = op.rmatvec(jax.nn.one_hot(i, d, dtype=op.output.dtype))  # (N, d) = J[i]
-            return jnp.sum(rows * inputs, axis=-1)  # (N,)
+    def one_row(i: jax.Array) -> jax.Array:
+        rows = jacobian.rmatvec(jax.nn.one_hot(i, d, dtype=jacobian.dtype))  # (N, d) = J[i]
+        return jnp.sum(rows * inputs, axis=-1)  # (N,)
 
-        c = map_in_batches(one_row, jnp.arange(d), _chunk_size(d, chunk)).T
-    return op.output, c, op.bias_contribution()
+    return map_in_batches(one_row, jnp.arange(d), chunk_size(d, chunk)).T
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk", "attention_block", "tap"))
-def materialize(
-    params: Params,
-    inputs: jax.Array,
-    config: ModelConfig,
-    policy: FreezePolicy = FreezePolicy.DETACHED,
-    chunk: int | None = 64,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
-    tap: Tap | None = None,
+def contributions(
+    jacobian: DetachedJacobian, chunk: int | None = 64, products: Products | None = None
 ) -> jax.Array:
-    """The dense J, shape (d, N, d) with J[i, t, j] = ∂y_i/∂X_tj (small inputs only)."""
-    op = linearize_target(config, params, inputs, policy, attention_block, tap)
-    d = op.output.shape[0]
-    basis = jnp.eye(d, dtype=op.output.dtype)
-    return map_in_batches(op.rmatvec, basis, _chunk_size(d, chunk))
+    """c (N, d) with c_t = J_t·x_t; under DETACHED, Σ_t c_t + c_bias = y.
+
+    Picks the cheaper side: N forward-mode products (one per token) when N ≤ d,
+    otherwise d transposed products (one per output coordinate), each reduced against
+    X on the fly so memory stays O(chunk · N · d)."""
+    n, d = jacobian.inputs.shape
+    if products is not None:
+        if n <= d:
+            products.matvecs += n
+        else:
+            products.rmatvecs += d
+    return _contributions(jacobian, chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _rows(jacobian: DetachedJacobian, basis: jax.Array, chunk: int | None) -> jax.Array:
+    return map_in_batches(jacobian.rmatvec, basis.astype(jacobian.dtype), chunk_size(basis.shape[0], chunk))
+
+
+def rows(
+    jacobian: DetachedJacobian,
+    basis: jax.Array | None = None,
+    chunk: int | None = 64,
+    products: Products | None = None,
+) -> jax.Array:
+    """B·J as (b, N, d): rows[i, t] = J_tᵀ b_i, one transposed product per row of the
+    basis B (b, d); the identity (default) gives the dense J, rows[i, t, j] = ∂y_i/∂X_tj."""
+    if basis is None:
+        basis = jnp.eye(jacobian.output.shape[0], dtype=jacobian.dtype)
+    if products is not None:
+        products.rmatvecs += basis.shape[0]
+    return _rows(jacobian, basis, chunk)
+
+
+def contributions_from_rows(dense: jax.Array, inputs: jax.Array) -> jax.Array:
+    """c_t = J_t·x_t (N, d) from J's rows (d, N, d): no product needed."""
+    return jnp.einsum("itj,tj->ti", dense, inputs.astype(dense.dtype), precision=jax.lax.Precision.HIGHEST)
+
+
+def block_from_rows(dense: jax.Array, token: int) -> jax.Array:
+    """J_t (d_out × d_in) from J's rows (d, N, d)."""
+    return dense[:, token, :]
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _token_block(jacobian: DetachedJacobian, token: jax.Array, chunk: int | None) -> jax.Array:
+    inputs = jacobian.inputs
+    d = inputs.shape[1]
+
+    def column(unit: jax.Array) -> jax.Array:
+        return jacobian.matvec(on_token(jnp.broadcast_to(unit, inputs.shape), token))
+
+    return map_in_batches(column, jnp.eye(d, dtype=inputs.dtype), chunk_size(d, chunk)).T
+
+
+def token_block(
+    jacobian: DetachedJacobian, token: int, chunk: int | None = 64, products: Products | None = None
+) -> jax.Array:
+    """One block J_t (d × d) from d forward products whose tangent lives on token t
+    (for when J's rows are not at hand: see `block_from_rows`)."""
+    if products is not None:
+        products.matvecs += jacobian.inputs.shape[1]
+    return _token_block(jacobian, jnp.asarray(token), chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,24 +132,3 @@ def certify(
     predicted = int(jnp.argmax(logits_of(y)))
     reconstructed = int(jnp.argmax(logits_of(total)))
     return Certificate(float(error), predicted == reconstructed, predicted, reconstructed)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "policy", "chunk", "attention_block"))
-def token_block(
-    params: Params,
-    inputs: jax.Array,
-    token: jax.Array,
-    config: ModelConfig,
-    policy: FreezePolicy = FreezePolicy.DETACHED,
-    chunk: int | None = 64,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
-) -> jax.Array:
-    """One block J_t (d × d) from d forward products whose tangent lives on token t."""
-    op = linearize_target(config, params, inputs, policy, attention_block)
-    d = inputs.shape[1]
-
-    def column(unit: jax.Array) -> jax.Array:
-        return op.matvec(on_token(jnp.broadcast_to(unit, inputs.shape), token))
-
-    columns = map_in_batches(column, jnp.eye(d, dtype=inputs.dtype), _chunk_size(d, chunk))
-    return columns.T

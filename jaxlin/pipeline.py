@@ -27,11 +27,19 @@ from jaxlin.decoding import (
 )
 from jaxlin.devices import batch_devices, batch_mesh, replicated
 from jaxlin.errors import JaxlinError
+from jaxlin.jacobian import Products, linearize
 from jaxlin.layers import sweep
 from jaxlin.loading import LoadedModel, load_model
 from jaxlin.memory import linearization_bytes, product_bytes, require_memory
 from jaxlin.model_source import read_model_config
-from jaxlin.operator import certify, contributions, materialize, token_block
+from jaxlin.operator import (
+    block_from_rows,
+    certify,
+    contributions,
+    contributions_from_rows,
+    rows,
+    token_block,
+)
 from jaxlin.outputs import (
     OutputClaim,
     RunKind,
@@ -57,10 +65,10 @@ from jaxlin.run_config import AnalysisSection, ConfigError, RunConfig, SteeringS
 from jaxlin.spectral import (
     TOKEN_GROUP_BYTES,
     check_request,
-    dense_top_k,
     frobenius_estimate,
     krylov_basis,
-    per_token_top_k,
+    per_token_from_rows,
+    rows_top_k,
     top_k,
 )
 from jaxlin.steering import generate, prepare
@@ -309,9 +317,24 @@ def analyse(
     block, chunk = options.attention_block, options.chunk
     inputs = model_fns.embed(config, params, jnp.asarray(ids))
     arrays: dict[str, np.ndarray] = {"token_ids": ids, "inputs": np.asarray(inputs, dtype=np.float32)}
+    products = Products()
+    # J's rows, when an analysis needs them all (exact per-token spectra, a dense SVD),
+    # are computed once: the contributions, the whole-J spectrum, every J_t and the
+    # focus block are then read off them with no further product.
+    method = options.method
+    if method == "auto":
+        method = "rows" if options.per_token.method == "exact" else "lanczos"
+    keep_rows = method in ("rows", "dense") or options.per_token.method == "exact"
 
-    with timer.step(f"detached Jacobian contributions ({n} tokens)"):
-        y, c, c_bias = contributions(params, inputs, config, FreezePolicy.DETACHED, chunk, block)
+    with timer.step(f"detached Jacobian ({n} tokens)" + (": all d rows" if keep_rows else "")):
+        jacobian = linearize(params, inputs, config, FreezePolicy.DETACHED, block, products=products)
+        dense = rows(jacobian, None, chunk, products) if keep_rows else None
+        c = (
+            contributions(jacobian, chunk, products)
+            if dense is None
+            else contributions_from_rows(dense, inputs)
+        )
+        y, c_bias = jacobian.output, jacobian.bias
         certificate = certify(y, c, lambda h: model_fns.logits(config, params, h), c_bias)
     y_np = np.asarray(y, dtype=np.float64)
     c_np = np.asarray(c, dtype=np.float64)
@@ -319,32 +342,30 @@ def analyse(
     arrays.update(y=y_np, contributions=c_np, bias_contribution=bias_np)
 
     ordinary_error = None
+    ordinary = None
     if options.ordinary_jacobian and n <= options.max_ordinary_tokens:
         with timer.step("ordinary Jacobian contributions"):
-            _, c_ord, c_bias_ord = contributions(params, inputs, config, FreezePolicy.ORDINARY, chunk)
+            ordinary = linearize(params, inputs, config, FreezePolicy.ORDINARY, block, products=products)
+            c_ord = contributions(ordinary, chunk, products)
             arrays["ordinary_contributions"] = np.asarray(c_ord, dtype=np.float64)
-            arrays["ordinary_bias_contribution"] = np.asarray(c_bias_ord, dtype=np.float64)
+            arrays["ordinary_bias_contribution"] = np.asarray(ordinary.bias, dtype=np.float64)
             ordinary_total = arrays["ordinary_contributions"].sum(0) + arrays["ordinary_bias_contribution"]
             ordinary_error = float(np.linalg.norm(ordinary_total - y_np) / np.linalg.norm(y_np))
 
-    if options.method == "dense":
-        with timer.step(f"dense SVD of J ({d} × {n}·{d})"):
-            triplets = dense_top_k(
-                np.asarray(materialize(params, inputs, config, chunk=chunk)), options.top_k
-            )
+    if dense is not None and method != "lanczos":
+        with timer.step(f"exact top-{options.top_k} of J from its rows (J·Jᵀ, {d} × {d})"):
+            triplets = rows_top_k(dense, options.top_k)
     else:
         with timer.step(f"Lanczos top-{options.top_k} of J"):
             triplets = top_k(
-                params,
-                inputs,
-                config,
+                jacobian,
                 options.top_k,
                 options.tolerance,
                 options.krylov_depth,
                 options.seed,
                 min(chunk, options.top_k),
-                block,
                 progress,
+                products,
             )
     oriented_u = orient_to(triplets.U.T, y_np)
     arrays.update(U=oriented_u.T, S=triplets.S, V=triplets.V.astype(np.float32), bounds=triplets.bounds)
@@ -355,12 +376,11 @@ def analyse(
         k_t = options.per_token.top_k
         with timer.step(f"per-token top-{k_t} for all {n} tokens ({options.per_token.method})"):
             if options.per_token.method == "exact":
-                basis = jnp.eye(d, dtype=jnp.promote_types(model.dtype, jnp.float32))
+                basis, projected = jnp.eye(d, dtype=jnp.promote_types(model.dtype, jnp.float32)), dense
             else:
-                basis = krylov_basis(params, inputs, config, options.per_token.rank, options.seed, block)
-            left, sigma, right, bounds, frob_sq = per_token_top_k(
-                params, inputs, basis, config, k_t, chunk, block
-            )
+                basis = krylov_basis(jacobian, options.per_token.rank, options.seed, products)
+                projected = rows(jacobian, basis, chunk, products)
+            left, sigma, right, bounds, frob_sq = per_token_from_rows(projected, basis, k_t)
         arrays.update(
             per_token_U=np.asarray(left),
             per_token_S=np.asarray(sigma),
@@ -400,7 +420,7 @@ def analyse(
     if token_frobenius is None:
         with timer.step(f"Hutchinson estimate of ‖J_t‖_F ({options.frobenius_samples} samples)"):
             estimate = frobenius_estimate(
-                params, inputs, jax.random.key(options.seed), config, options.frobenius_samples, chunk, block
+                jacobian, jax.random.key(options.seed), options.frobenius_samples, products
             )
             token_frobenius = np.sqrt(np.maximum(np.asarray(estimate, np.float64), 0.0))
         frobenius_method = f"Hutchinson estimate, {options.frobenius_samples} samples"
@@ -412,15 +432,15 @@ def analyse(
     skip = 1 if add_bos and n > 1 and tokenizer.bos_token_id is not None else 0
     focus = skip + int(np.argmax(np.linalg.norm(c_np[skip:], axis=-1)))
     with timer.step(f"Jacobian block of token {focus}"):
-        arrays["focus_block"] = np.asarray(
-            token_block(params, inputs, jnp.asarray(focus), config, chunk=chunk, attention_block=block),
-            np.float32,
+        focus_block = (
+            token_block(jacobian, focus, chunk, products) if dense is None else block_from_rows(dense, focus)
         )
-        if "ordinary_contributions" in arrays:
+        arrays["focus_block"] = np.asarray(focus_block, np.float32)
+        if ordinary is not None:
             arrays["focus_block_ordinary"] = np.asarray(
-                token_block(params, inputs, jnp.asarray(focus), config, FreezePolicy.ORDINARY, chunk),
-                np.float32,
+                token_block(ordinary, focus, chunk, products), np.float32
             )
+        del dense  # the rows are the largest array of the run; the layer sweep needs the memory
     arrays["focus_position"] = np.asarray(focus)
     right_tokens = _decode_right_vectors(
         tokenizer, triplets.V, oriented_u, triplets.U.T, params, ids, options.decode_top_tokens
@@ -448,8 +468,9 @@ def analyse(
         "bias_contribution_norm": float(np.linalg.norm(bias_np)),
         "ordinary_jacobian_relative_error": ordinary_error,
         "singular_values": triplets.S.tolist(),
+        "products": products.as_dict(),
         "spectrum": {
-            "method": options.method,
+            "method": method,
             "residual_bounds": triplets.bounds.tolist(),
             "krylov_depth": triplets.depth,
             "converged": triplets.converged,

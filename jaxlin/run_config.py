@@ -78,8 +78,10 @@ class LayersSection(_Strict):
 
 
 class AnalysisSection(_Strict):
-    method: Literal["lanczos", "dense"] = Field(
-        "lanczos", description="whole-J top-k: matrix-free Lanczos on J·Jᵀ, or a dense SVD (short inputs)"
+    method: Literal["auto", "lanczos", "dense"] = Field(
+        "auto",
+        description="whole-J top-k: lanczos (matrix-free, on J·Jᵀ), dense (from J's d rows: exact, short "
+        "inputs), auto (from the rows when exact per-token spectra compute them anyway, else lanczos)",
     )
     top_k: int = Field(8, ge=1, description="singular triplets of the whole J to report")
     tolerance: float | None = Field(

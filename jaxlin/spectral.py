@@ -31,11 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from matfree import decomp
 
-from jaxlin._config import ModelConfig
 from jaxlin.devices import map_in_batches, map_matrices
 from jaxlin.errors import JaxlinError
-from jaxlin.model import Params, Tap
-from jaxlin.operator import DEFAULT_ATTENTION_BLOCK, LinearizedTarget, linearize_target
+from jaxlin.jacobian import DetachedJacobian, Products
+from jaxlin.operator import rows
 
 
 class SpectralError(JaxlinError):
@@ -77,7 +76,7 @@ def dense_top_k(jacobian: np.ndarray, k: int) -> Triplets:
     return Triplets(U=u[:, :k], S=s[:k], V=vt[:k].reshape(k, n, d_in), bounds=np.zeros(k))
 
 
-def widened(op: LinearizedTarget) -> tuple[Callable, Callable, jnp.dtype]:
+def widened(op: DetachedJacobian) -> tuple[Callable, Callable, jnp.dtype]:
     """J·v and Jᵀ·u taking and returning at-least-float32 vectors (a bf16 operator is
     applied in its own dtype; the Krylov arithmetic around it is not)."""
     wide = jnp.promote_types(op.output.dtype, jnp.float32)
@@ -106,21 +105,12 @@ def _triplet_bounds(matvec: Callable, rmatvec: Callable, left: jax.Array, chunk:
     return sigma, right, bounds
 
 
-@functools.partial(jax.jit, static_argnames=("config", "k", "depth", "chunk", "attention_block", "tap"))
+@functools.partial(jax.jit, static_argnames=("k", "depth", "chunk"))
 def lanczos_top_k(
-    params: Params,
-    inputs: jax.Array,
-    key: jax.Array,
-    config: ModelConfig,
-    k: int,
-    depth: int,
-    chunk: int | None = 16,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
-    tap: Tap | None = None,
+    op: DetachedJacobian, key: jax.Array, k: int, depth: int, chunk: int | None = 16
 ) -> tuple[jax.Array, ...]:
-    """One Lanczos run of `depth` steps on J·Jᵀ, linearized inside this jit.
+    """One Lanczos run of `depth` steps on J·Jᵀ.
     Returns (U (k, d), S (k,), V (k, N, d), bounds (k,), lanczos_bounds (k,))."""
-    op = linearize_target(config, params, inputs, attention_block=attention_block, tap=tap)
     matvec, rmatvec, wide = widened(op)
     start = jax.random.normal(key, op.output.shape, wide)
     gram = lambda u: matvec(rmatvec(u))  # noqa: E731  J·Jᵀ·u
@@ -137,30 +127,30 @@ def lanczos_top_k(
 
 
 def top_k(
-    params: Params,
-    inputs: jax.Array,
-    config: ModelConfig,
+    op: DetachedJacobian,
     k: int,
     tolerance: float | None = None,
     depth: int | None = None,
     seed: int = 0,
     chunk: int | None = 16,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
     progress: Callable[[str], None] | None = None,
-    tap: Tap | None = None,
+    products: Products | None = None,
 ) -> Triplets:
     """Top-k singular triplets of the whole J with residual bounds ≤ tolerance·σ_i,
     growing the Krylov depth (×1.5, up to d, where Lanczos is exact) until they are met.
     Deterministic for a given seed."""
-    d = config.hidden_size
-    tolerance = default_tolerance(inputs.dtype) if tolerance is None else tolerance
+    d = op.output.shape[0]
+    tolerance = default_tolerance(op.dtype) if tolerance is None else tolerance
     check_request(k, tolerance, d)
     # Start deep enough that typical top-k converge in one run (each restart recomputes
     # from scratch: matfree's Lanczos cannot be continued), then grow by half.
     depth = min(d, depth or max(3 * k + 24, 48))
     key = jax.random.key(seed)
     while True:
-        u, s, v, bounds, _ = lanczos_top_k(params, inputs, key, config, k, depth, chunk, attention_block, tap)
+        u, s, v, bounds, _ = lanczos_top_k(op, key, k, depth, chunk)
+        if products is not None:  # depth J·Jᵀ steps, then one Jᵀ and one J pass of k vectors
+            products.matvecs += depth + k
+            products.rmatvecs += depth + k
         s_np, bounds_np = np.asarray(s, np.float64), np.asarray(bounds, np.float64)
         worst = float(np.max(bounds_np / np.maximum(s_np, np.finfo(np.float64).tiny)))
         converged = worst <= tolerance
@@ -187,19 +177,24 @@ def token_group_size(n: int, b: int, d: int, itemsize: int) -> int:
     return -(-n // groups)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "k", "chunk", "attention_block", "tap", "token_group"))
 def per_token_top_k(
-    params: Params,
-    inputs: jax.Array,
+    op: DetachedJacobian,
     basis: jax.Array,
-    config: ModelConfig,
     k: int,
     chunk: int | None = 64,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
-    tap: Tap | None = None,
     token_group: int | None = None,
+    products: Products | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Top-k triplets of every block B·J_t (t = 1..N) from one batched transposed pass.
+    """Top-k triplets of every block B·J_t (t = 1..N) from one batched transposed pass
+    (`rows`), decomposed by `per_token_from_rows`."""
+    return per_token_from_rows(rows(op, basis, chunk, products), basis, k, token_group)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "token_group"))
+def per_token_from_rows(
+    projected: jax.Array, basis: jax.Array, k: int, token_group: int | None = None
+) -> tuple[jax.Array, ...]:
+    """Top-k triplets of every block B·J_t from the rows B·J (b, N, d).
 
     `basis` (b, d) has orthonormal rows. With the identity (b = d) the blocks are the
     exact J_t. Returns U (N, k, d) left vectors in output space, S (N, k), V (N, k, d),
@@ -207,10 +202,9 @@ def per_token_top_k(
     `_triplet_bounds`), and the squared Frobenius norms ‖B·J_t‖² (N,). Memory: the
     b·N·d rows, plus one group of tokens' Gram matrices at a time (`token_group` tokens;
     default `token_group_size`)."""
-    op = linearize_target(config, params, inputs, attention_block=attention_block, tap=tap)
-    _, rmatvec, wide = widened(op)
+    wide = jnp.promote_types(projected.dtype, jnp.float32)
+    rows = projected.astype(wide)  # rows[i, t] = J_tᵀ b_i
     basis = basis.astype(wide)
-    rows = map_in_batches(rmatvec, basis, chunk)  # (b, N, d): rows[i, t] = J_tᵀ b_i
     b, n, d = rows.shape
     group = min(n, token_group or token_group_size(n, b, d, jnp.dtype(wide).itemsize))
     # Group starts; the last group is moved back to end at N (it overlaps the one before).
@@ -236,23 +230,21 @@ def per_token_top_k(
     return tuple(out.reshape(-1, *out.shape[2:])[flat_index] for out in grouped)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "samples", "chunk", "attention_block", "tap"))
 def frobenius_estimate(
-    params: Params,
-    inputs: jax.Array,
-    key: jax.Array,
-    config: ModelConfig,
-    samples: int,
-    chunk: int | None = 64,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
-    tap: Tap | None = None,
+    op: DetachedJacobian, key: jax.Array, samples: int, products: Products | None = None
 ) -> jax.Array:
     """Hutchinson estimate of ‖J_t‖_F² for every token at once (N,): with Rademacher ω in
     output space, E‖J_tᵀω‖² = ‖J_t‖_F² (matfree's Monte-Carlo estimator, one batched
     transposed pass of `samples` vectors)."""
+    if products is not None:
+        products.rmatvecs += samples
+    return _frobenius_estimate(op, key, samples)
+
+
+@functools.partial(jax.jit, static_argnames=("samples",))
+def _frobenius_estimate(op: DetachedJacobian, key: jax.Array, samples: int) -> jax.Array:
     from matfree import stochtrace
 
-    op = linearize_target(config, params, inputs, attention_block=attention_block, tap=tap)
     _, rmatvec, wide = widened(op)
 
     def per_token_energy(matvec: Callable, omega: jax.Array) -> jax.Array:
@@ -260,25 +252,43 @@ def frobenius_estimate(
 
     sampler = stochtrace.sampler_signs(jnp.zeros(op.output.shape, wide), num=samples)
     estimator = stochtrace.estimator_monte_carlo(per_token_energy, sampler=sampler)
-    del chunk  # the estimator vmaps all samples in one pass
-    return estimator(rmatvec, key)
+    return estimator(rmatvec, key)  # all samples vmapped in one pass
 
 
 def krylov_basis(
-    params: Params,
-    inputs: jax.Array,
-    config: ModelConfig,
-    rank: int,
-    seed: int = 0,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
-    tap: Tap | None = None,
+    op: DetachedJacobian, rank: int, seed: int = 0, products: Products | None = None
 ) -> jax.Array:
     """An orthonormal (rank, d) basis of J's dominant left subspace: the top Ritz vectors
     of one Lanczos run (depth rank + 16, capped at d). Used to project every J_t."""
-    depth = min(config.hidden_size, rank + 16)
-    left, *_ = lanczos_top_k(
-        params, inputs, jax.random.key(seed), config, rank, depth, 16, attention_block, tap
-    )
+    depth = min(op.output.shape[0], rank + 16)
+    if products is not None:
+        products.matvecs += depth + rank
+        products.rmatvecs += depth + rank
+    left, *_ = lanczos_top_k(op, jax.random.key(seed), rank, depth, 16)
     # Ritz vectors are orthonormal up to rounding; re-orthonormalize for a clean projector.
     q, _ = jnp.linalg.qr(left.T)
     return q.T
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _rows_top_k(dense: jax.Array, k: int) -> tuple[jax.Array, ...]:
+    wide = jnp.promote_types(dense.dtype, jnp.float32)
+    d, n, d_in = dense.shape
+    flat = dense.astype(wide).reshape(d, n * d_in)
+    gram = jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)  # J·Jᵀ, exact up to rounding
+    _, eigenvectors = jnp.linalg.eigh(gram)
+    left = eigenvectors[:, ::-1][:, :k].T  # (k, d) unit vectors
+    matvec = lambda v: flat @ v.reshape(-1)  # noqa: E731
+    rmatvec = lambda u: (u @ flat).reshape(n, d_in)  # noqa: E731
+    sigma, right, bounds = _triplet_bounds(matvec, rmatvec, left, k)  # one vectorized batch
+    order = jnp.argsort(sigma)[::-1]
+    return left[order], sigma[order], right[order], bounds[order]
+
+
+def rows_top_k(dense: jax.Array, k: int) -> Triplets:
+    """Top-k singular triplets of J from its rows (d, N, d): the eigendecomposition of the
+    d × d Gram matrix J·Jᵀ (no product through the network), with the same rigorous
+    residual bounds as `top_k` (exact up to rounding, like Lanczos at full depth)."""
+    check_request(k, None, dense.shape[0])
+    u, s, v, bounds = _rows_top_k(dense, k)
+    return Triplets(np.asarray(u).T, np.asarray(s, np.float64), np.asarray(v), np.asarray(bounds, np.float64))

@@ -22,15 +22,16 @@ import numpy as np
 
 from jaxlin._config import ModelConfig
 from jaxlin._modules import Transformer
+from jaxlin.jacobian import linearize
 from jaxlin.model import Params, Tap, embed, layer_slice, module
-from jaxlin.operator import materialize
+from jaxlin.operator import rows
 
 
 def concept_jacobian(config: ModelConfig, params: Params, concept_ids: np.ndarray, layer: int) -> jax.Array:
     """J_S as (T_S, d, d) blocks: block k maps concept token k's embedding to the
     residual stream after `layer` at the last concept token."""
     inputs = embed(config, params, jnp.asarray(concept_ids))
-    dense = materialize(params, inputs, config, tap=Tap(layer, "residual", final_norm=False))
+    dense = rows(linearize(params, inputs, config, tap=Tap(layer, "residual", final_norm=False)))
     return jnp.moveaxis(dense, 1, 0)
 
 

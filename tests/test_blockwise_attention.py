@@ -11,7 +11,7 @@ import pytest
 from converters.hf import load_hf_model
 from jaxlin import model as model_fns
 from jaxlin._policy import FreezePolicy
-from jaxlin.operator import linearize_target, target_function
+from jaxlin.jacobian import linearize, target_function
 
 N = 41  # longer than the windows (8, 6) and than several blocks
 
@@ -36,8 +36,8 @@ def test_blockwise_operator_equals_naive(variant, block, tiny_model_dir):
 
     @jax.jit
     def products(inputs, v, u):
-        naive = linearize_target(model.config, model.params, inputs, attention_block=None)
-        blockwise = linearize_target(model.config, model.params, inputs, attention_block=block)
+        naive = linearize(model.params, inputs, model.config, attention_block=None)
+        blockwise = linearize(model.params, inputs, model.config, attention_block=block)
         return (
             naive.output,
             blockwise.output,

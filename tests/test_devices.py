@@ -29,8 +29,9 @@ from jax.sharding import AxisType
 from converters.hf import load_hf_model
 from jaxlin import model as model_fns
 from jaxlin.devices import batch_mesh, map_in_batches, map_matrices
+from jaxlin.jacobian import linearize
 from jaxlin.layers import layer_gram
-from jaxlin.operator import contributions, materialize
+from jaxlin.operator import contributions, rows
 from jaxlin.spectral import lanczos_top_k, per_token_top_k
 
 
@@ -71,12 +72,13 @@ def check_analyses_split_across_devices(model_dir: Path) -> None:
         return layer_gram(params, x, layer, config, "mlp", True, False, 2, 5, rows_in_memory=rows_in_memory)
 
     def analyses() -> dict[str, jax.Array]:
+        jacobian = linearize(params, x, config)
         return {
             # chunk 6 does not divide d
-            "materialize": materialize(params, x, config, chunk=6),
-            "contributions": contributions(params, x, config, chunk=6)[1],
-            "per_token_sigma": per_token_top_k(params, x, jnp.eye(d), config, 3, chunk=8)[1],
-            "top_k_sigma": lanczos_top_k(params, x, jax.random.key(0), config, 3, 12)[1],
+            "rows": rows(jacobian, chunk=6),
+            "contributions": contributions(jacobian, chunk=6),
+            "per_token_sigma": per_token_top_k(jacobian, jnp.eye(d), 3, chunk=8)[1],
+            "top_k_sigma": lanczos_top_k(jacobian, jax.random.key(0), 3, 12)[1],
             "layer_gram_streamed": tap(rows_in_memory=False).eigenvalues,
             "layer_gram_rows": tap(rows_in_memory=True).eigenvalues,
         }

@@ -14,6 +14,7 @@ import pytest
 from converters.gguf import load_gguf_tokenizer
 from converters.gguf_model import load_gguf_model
 from jaxlin import model as model_fns
+from jaxlin.jacobian import linearize
 from jaxlin.operator import certify, contributions
 
 SHORT = "The bridge out of Marin is the Golden"
@@ -79,7 +80,8 @@ def test_port_matches_hf_on_real_gemma(length, jax_gemma, hf_gemma, tokenizer):
 def test_real_gemma_reconstruction_float32(jax_gemma, tokenizer):
     config, params = jax_gemma.config, jax_gemma.params
     inputs = model_fns.embed(config, params, jnp.asarray(token_ids(tokenizer, SHORT)))
-    y, c, _ = contributions(params, inputs, config)
+    jacobian = linearize(params, inputs, config)
+    y, c = jacobian.output, contributions(jacobian)
     certificate = certify(y, c, lambda h: model_fns.logits(config, params, h))
     assert certificate.relative_error <= 1e-5
     assert certificate.argmax_matches

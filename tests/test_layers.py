@@ -8,9 +8,10 @@ import pytest
 
 from converters.hf import load_hf_model
 from jaxlin import model as model_fns
+from jaxlin.jacobian import linearize
 from jaxlin.layers import sweep
 from jaxlin.model import Tap, tap_input
-from jaxlin.operator import materialize
+from jaxlin.operator import rows
 from jaxlin.pipeline import _layer_dynamics
 from jaxlin.run_config import AnalysisSection
 
@@ -46,7 +47,9 @@ def test_sweep_matches_dense_per_tap(variant, local, rows_in_memory, tiny_model_
     for result in results:
         assert result.reconstruction_error <= 1e-12
         tap = Tap(result.layer, result.kind, final_norm=True, local=local)
-        dense = np.asarray(materialize(params, tap_input(config, params, embeddings, tap), config, tap=tap))
+        dense = np.asarray(
+            rows(linearize(params, tap_input(config, params, embeddings, tap), config, tap=tap))
+        )
         reference = np.linalg.svd(dense.reshape(dense.shape[0], -1), compute_uv=True, full_matrices=False)
         s_ref = reference[1]
         np.testing.assert_allclose(result.singular_values[:8], s_ref[:8], rtol=1e-9)

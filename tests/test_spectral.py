@@ -10,7 +10,8 @@ from conftest import VARIANTS
 
 from converters.hf import load_hf_model
 from jaxlin import model as model_fns
-from jaxlin.operator import materialize
+from jaxlin.jacobian import linearize
+from jaxlin.operator import rows
 from jaxlin.spectral import (
     SpectralError,
     dense_top_k,
@@ -18,6 +19,7 @@ from jaxlin.spectral import (
     krylov_basis,
     lanczos_top_k,
     per_token_top_k,
+    rows_top_k,
     top_k,
 )
 
@@ -34,8 +36,8 @@ def cases(tiny_model_dir):
             model = load_hf_model(tiny_model_dir(variant), dtype)
             ids = np.random.default_rng(21).integers(0, 128, size=N)
             inputs = model_fns.embed(model.config, model.params, jnp.asarray(ids))
-            dense = np.asarray(materialize(model.params, inputs, model.config), np.float64)
-            built[(variant, dtype)] = (model, inputs, dense)
+            jacobian = linearize(model.params, inputs, model.config)
+            built[(variant, dtype)] = (model, jacobian, np.asarray(rows(jacobian), np.float64))
         return built[(variant, dtype)]
 
     return get
@@ -48,9 +50,9 @@ def subspace_gap(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_whole_jacobian_top_k_matches_dense_svd(variant, cases):
-    model, inputs, dense = cases(variant)
+    model, jacobian, dense = cases(variant)
     reference = dense_top_k(dense, 6)
-    found = top_k(model.params, inputs, model.config, 6)
+    found = top_k(jacobian, 6)
     assert found.converged
     np.testing.assert_allclose(found.S, reference.S, rtol=1e-10)
     assert subspace_gap(found.U, reference.U) <= 1e-7
@@ -63,13 +65,29 @@ def test_whole_jacobian_top_k_matches_dense_svd(variant, cases):
     assert found.V.shape == (6, N, d)
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_whole_jacobian_top_k_from_rows_matches_dense_svd(variant, cases):
+    """The exact route (J·Jᵀ from J's rows, one eigh) against a float64 SVD of J."""
+    model, _, dense = cases(variant)
+    reference = dense_top_k(dense, 6)
+    found = rows_top_k(dense, 6)
+    np.testing.assert_allclose(found.S, reference.S, rtol=1e-10)
+    assert subspace_gap(found.U, reference.U) <= 1e-7
+    assert subspace_gap(found.V.reshape(6, -1).T, reference.V.reshape(6, -1).T) <= 1e-7
+    # Rigorous bounds at rounding level: each σ lies within its bound of a true one.
+    everything = np.linalg.svd(dense.reshape(dense.shape[0], -1), compute_uv=False)
+    for sigma, bound in zip(found.S, found.bounds, strict=True):
+        assert np.min(np.abs(everything - sigma)) <= bound + 100 * EPS64 * everything[0]
+    assert np.all(found.bounds <= 1e-10 * found.S)
+
+
 @pytest.mark.parametrize("depth", [8, 12, 40])
 def test_residual_bounds_are_true_bounds(depth, cases):
     """Each reported σ lies within its bound of a true singular value, converged or
     not (shallow Krylov spaces give loose but still valid bounds)."""
-    model, inputs, dense = cases("gemma3_sliding")
+    model, jacobian, dense = cases("gemma3_sliding")
     everything = np.linalg.svd(dense.reshape(dense.shape[0], -1), compute_uv=False)
-    u, s, v, bounds, _ = lanczos_top_k(model.params, inputs, jax.random.key(3), model.config, 6, depth)
+    u, s, v, bounds, _ = lanczos_top_k(jacobian, jax.random.key(3), 6, depth)
     rounding = 100 * EPS64 * everything[0]
     for sigma, bound in zip(np.asarray(s), np.asarray(bounds), strict=True):
         assert np.min(np.abs(everything - sigma)) <= bound + rounding
@@ -78,18 +96,18 @@ def test_residual_bounds_are_true_bounds(depth, cases):
 
 
 def test_results_are_deterministic_for_a_seed(cases):
-    model, inputs, _ = cases("llama3_rope_tied")
-    first = top_k(model.params, inputs, model.config, 4, seed=5)
-    second = top_k(model.params, inputs, model.config, 4, seed=5)
+    model, jacobian, _ = cases("llama3_rope_tied")
+    first = top_k(jacobian, 4, seed=5)
+    second = top_k(jacobian, 4, seed=5)
     np.testing.assert_array_equal(first.S, second.S)
     np.testing.assert_array_equal(first.U, second.U)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_token_block_matches_dense_svd(variant, cases):
-    model, inputs, dense = cases(variant)
+    model, jacobian, dense = cases(variant)
     d = model.config.hidden_size
-    left, sigma, right, bounds, frob_sq = per_token_top_k(model.params, inputs, jnp.eye(d), model.config, 4)
+    left, sigma, right, bounds, frob_sq = per_token_top_k(jacobian, jnp.eye(d), 4)
     for t in range(N):
         u_ref, s_ref, vt_ref = np.linalg.svd(dense[:, t, :])
         if s_ref[0] == 0:
@@ -107,10 +125,10 @@ def test_every_token_block_matches_dense_svd(variant, cases):
 @pytest.mark.parametrize("variant", ["gemma3_sliding", "llama_gqa_untied"])
 def test_per_token_spectra_in_token_groups_match(variant, cases):
     # Groups of 5 over N tokens: the last group overlaps the one before it.
-    model, inputs, dense = cases(variant)
+    model, jacobian, dense = cases(variant)
     d = model.config.hidden_size
-    whole = per_token_top_k(model.params, inputs, jnp.eye(d), model.config, 4)
-    grouped = per_token_top_k(model.params, inputs, jnp.eye(d), model.config, 4, token_group=5)
+    whole = per_token_top_k(jacobian, jnp.eye(d), 4)
+    grouped = per_token_top_k(jacobian, jnp.eye(d), 4, token_group=5)
     assert N % 5 != 0
     s_ref = np.stack([np.linalg.svd(dense[:, t, :], compute_uv=False)[:4] for t in range(N)])
     np.testing.assert_allclose(np.asarray(grouped[1]), s_ref, rtol=1e-10, atol=1e-12 * s_ref.max())
@@ -125,31 +143,33 @@ def test_per_token_spectra_in_token_groups_match(variant, cases):
 
 
 def test_projected_per_token_spectra_trade_accuracy_for_rank(cases):
-    model, inputs, dense = cases("qwen3_sliding")
+    model, jacobian, dense = cases("qwen3_sliding")
     d = model.config.hidden_size
-    exact = np.asarray(per_token_top_k(model.params, inputs, jnp.eye(d), model.config, 3)[1])
-    full = krylov_basis(model.params, inputs, model.config, d)
+    exact = np.asarray(per_token_top_k(jacobian, jnp.eye(d), 3)[1])
+    full = krylov_basis(jacobian, d)
     np.testing.assert_allclose(
-        np.asarray(per_token_top_k(model.params, inputs, full, model.config, 3)[1]), exact, rtol=1e-9
+        np.asarray(per_token_top_k(jacobian, full, 3)[1]),
+        exact,
+        rtol=1e-9,
     )
-    partial = krylov_basis(model.params, inputs, model.config, 24)
-    projected = np.asarray(per_token_top_k(model.params, inputs, partial, model.config, 3)[1])
+    partial = krylov_basis(jacobian, 24)
+    projected = np.asarray(per_token_top_k(jacobian, partial, 3)[1])
     # A projection can only shrink singular values (interlacing), and rank 24 of 64 keeps most.
     assert np.all(projected <= exact * (1 + 1e-12))
     assert np.median(projected[:, 0] / exact[:, 0]) > 0.5
 
 
 def test_hutchinson_frobenius_estimate(cases):
-    model, inputs, dense = cases("llama_gqa_untied")
-    estimate = np.asarray(frobenius_estimate(model.params, inputs, jax.random.key(0), model.config, 2000))
+    model, jacobian, dense = cases("llama_gqa_untied")
+    estimate = np.asarray(frobenius_estimate(jacobian, jax.random.key(0), 2000))
     exact = np.sum(dense**2, axis=(0, 2))
     assert abs(estimate.sum() / exact.sum() - 1) < 0.05
     assert np.median(np.abs(estimate / exact - 1)) < 0.15
 
 
 def test_bfloat16_operator_keeps_krylov_in_float32(cases):
-    model, inputs, _ = cases("llama_gqa_untied", jnp.bfloat16)
-    found = top_k(model.params, inputs, model.config, 3, tolerance=1e-2)
+    model, jacobian, _ = cases("llama_gqa_untied", jnp.bfloat16)
+    found = top_k(jacobian, 3, tolerance=1e-2)
     assert found.U.dtype == np.float32 and np.all(np.isfinite(found.S))
     reference = cases("llama_gqa_untied")[2]
     s_ref = np.linalg.svd(reference.reshape(reference.shape[0], -1), compute_uv=False)[:3]
@@ -161,6 +181,6 @@ def test_bfloat16_operator_keeps_krylov_in_float32(cases):
     [(65, None, "top_k=65"), (0, None, "top_k=0"), (3, 0.0, "tolerance"), (3, -1e-3, "tolerance")],
 )
 def test_bad_requests_are_refused(k, tolerance, match, cases):
-    model, inputs, _ = cases("llama_gqa_untied")
+    model, jacobian, _ = cases("llama_gqa_untied")
     with pytest.raises(SpectralError, match=match):
-        top_k(model.params, inputs, model.config, k, tolerance)
+        top_k(jacobian, k, tolerance)

@@ -12,8 +12,9 @@ import pytest
 
 from converters.hf import load_hf_model
 from jaxlin import model as model_fns
+from jaxlin.jacobian import linearize
 from jaxlin.model import Tap, tap_input, tap_values
-from jaxlin.operator import certify, contributions, linearize_target
+from jaxlin.operator import certify, contributions
 
 N = 17
 TAP_VARIANTS = ["gemma3_sliding", "gpt2_affine", "olmo2_post_norm", "qwen2_biases_untied"]
@@ -36,7 +37,8 @@ def test_every_tap_reconstructs_exactly(variant, local, tiny_model_dir):
         for layer, final_norm in ((0, False), (config.num_layers - 1, True)):
             tap = Tap(layer, kind, final_norm, local)
             inputs = tap_input(config, params, embeddings, tap)
-            y, c, c_bias = contributions(params, inputs, config, tap=tap)
+            jacobian = linearize(params, inputs, config, tap=tap)
+            y, c, c_bias = jacobian.output, contributions(jacobian), jacobian.bias
             expected = tap_values(config, params, inputs, tap)[-1]
             np.testing.assert_allclose(np.asarray(y), np.asarray(expected), rtol=1e-12, atol=1e-13)
             certificate = certify(y, c, lambda h: h, c_bias)
@@ -47,8 +49,8 @@ def test_last_residual_tap_with_final_norm_is_the_main_target(tiny_model_dir):
     model, embeddings = setup(tiny_model_dir("gemma3_sliding"))
     config, params = model.config, model.params
     tap = Tap(config.num_layers - 1, "residual", final_norm=True)
-    y_tap, c_tap, _ = contributions(params, embeddings, config, tap=tap)
-    y, c, _ = contributions(params, embeddings, config)
+    c_tap = contributions(linearize(params, embeddings, config, tap=tap))
+    c = contributions(linearize(params, embeddings, config))
     np.testing.assert_allclose(np.asarray(c_tap), np.asarray(c), rtol=1e-12, atol=1e-14)
 
 
@@ -65,9 +67,9 @@ def test_cumulative_equals_local_composed_with_previous_cumulative(variant, kind
 
     @jax.jit
     def both(embeddings, v):
-        direct = linearize_target(config, params, embeddings, tap=cumulative).matvec(v)
+        direct = linearize(params, embeddings, config, tap=cumulative).matvec(v)
         h, dh = jax.jvp(lambda x: tap_input(config, params, x, local), (embeddings,), (v,))
-        composed = linearize_target(config, params, h, tap=local).matvec(dh)
+        composed = linearize(params, h, config, tap=local).matvec(dh)
         return direct, composed
 
     direct, composed = both(embeddings, v)
