@@ -110,9 +110,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def save_char_tokenizer(directory: Path) -> None:
+def save_char_tokenizer(directory: Path, add_bos: bool = True) -> None:
     """A character-level tokenizer (98 ids < the tiny vocab of 128) for CLI tests. Like
-    Gemma's and Llama's own tokenizers it adds a BOS token (its post-processor does)."""
+    Gemma's and Llama's own tokenizers it adds a BOS token (its post-processor does)
+    unless add_bos=False (like Qwen's)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -126,7 +127,7 @@ def save_char_tokenizer(directory: Path) -> None:
         bos_token="<bos>",
         eos_token="<eos>",
         unk_token="<unk>",
-        add_bos_token=True,
+        add_bos_token=add_bos,
     ).save_pretrained(directory)
 
 
