@@ -10,6 +10,7 @@ import threading
 from typing import NoReturn
 
 from jaxlin.errors import JaxlinError
+from jaxlin.report import convergence_verdict
 
 
 def _print_many(summary: dict) -> None:
@@ -43,6 +44,9 @@ def _print_report(summary: dict) -> None:
         f"‖J‖_F      {norms['frobenius']:.4f} ({norms['frobenius_method']}); stable rank "
         f"{norms['stable_rank']:.3f}"
     )
+    verdict = convergence_verdict(spectrum)
+    if verdict is not None:
+        print(verdict)
     depth = f", Krylov depth {spectrum['krylov_depth']}" if spectrum["krylov_depth"] else ""
     print(f"top-{len(summary['singular_values'])} singular values of J ({spectrum['method']}{depth}):")
     for entry, bound in zip(spectrum["left_vectors_top_tokens"], spectrum["residual_bounds"], strict=True):

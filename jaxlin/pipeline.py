@@ -92,15 +92,47 @@ class Timer:
         self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def tokenize(tokenizer: Any, text: str, add_bos: bool) -> np.ndarray:
+def tokenize(tokenizer: Any, text: str, add_bos: bool | None) -> np.ndarray:
+    """The token ids of `text`. add_bos=None: exactly what the model's own tokenizer gives
+    (`tokenizer.encode(text)`: its own special tokens — BOS where its config adds one, EOS
+    for some); True/False: the text's tokens alone, with or without the BOS prepended."""
     if not text.strip():
         raise JaxlinError("text is empty")
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
-    if add_bos and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
+    if add_bos is None:
+        ids = list(tokenizer.encode(text))
+    else:
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        if add_bos:
+            if tokenizer.bos_token_id is None:
+                raise JaxlinError("add_bos: true, but the model's tokenizer has no BOS token")
+            ids = [tokenizer.bos_token_id, *ids]
     if not ids:
         raise JaxlinError(f"text {text!r} produced no tokens")
     return np.asarray(ids, dtype=np.int32)
+
+
+def starts_with_bos(tokenizer: Any, ids: np.ndarray) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and len(ids) > 0 and int(ids[0]) == bos
+
+
+def bos_added(tokenizer: Any, text: str, ids: np.ndarray) -> bool:
+    """Whether tokenization put a BOS in front of the text's own tokens (a text that
+    spells the BOS token itself does not count)."""
+    own = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
+
+    def leading(values: np.ndarray) -> int:
+        count = 0
+        while count < len(values) and int(values[count]) == tokenizer.bos_token_id:
+            count += 1
+        return count
+
+    return tokenizer.bos_token_id is not None and leading(ids) > leading(own)
+
+
+def bos_policy(add_bos: bool | None) -> str | bool:
+    """How the tokens were made, as summary.json records it."""
+    return "tokenizer" if add_bos is None else add_bos
 
 
 def token_text(tokenizer: Any, ids: np.ndarray) -> list[str]:
@@ -290,7 +322,7 @@ def analyse(
     loaded: LoadedModel,
     text: str,
     options: AnalysisSection,
-    add_bos: bool = True,
+    add_bos: bool | None = None,
     timer: Timer | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> RunResult:
@@ -429,7 +461,7 @@ def analyse(
 
     # The most important token's block J_t as an image, detached and ordinary.
     # (Past a leading BOS, which often acts as an attention sink with a large ‖c_t‖.)
-    skip = 1 if add_bos and n > 1 and tokenizer.bos_token_id is not None else 0
+    skip = 1 if n > 1 and starts_with_bos(tokenizer, ids) else 0
     focus = skip + int(np.argmax(np.linalg.norm(c_np[skip:], axis=-1)))
     with timer.step(f"Jacobian block of token {focus}"):
         focus_block = (
@@ -458,6 +490,9 @@ def analyse(
         "text": text,
         "n_tokens": n,
         "tokens": token_text(tokenizer, ids),
+        "token_ids": ids.tolist(),
+        "add_bos": bos_policy(add_bos),
+        "bos_added": bos_added(tokenizer, text, ids),
         "dtype": str(jnp.dtype(model.dtype)),
         "jacobian_input": JACOBIAN_INPUT,
         "predicted_token": tokenizer.decode([predicted]),
@@ -474,6 +509,11 @@ def analyse(
             "residual_bounds": triplets.bounds.tolist(),
             "krylov_depth": triplets.depth,
             "converged": triplets.converged,
+            "tolerance": triplets.tolerance,
+            "stop_reason": triplets.stop_reason,
+            "worst_relative_bound": float(
+                np.max(triplets.bounds / np.maximum(triplets.S, np.finfo(np.float64).tiny))
+            ),
             "left_vectors_top_tokens": _decoded(
                 tokenizer, oriented_u, triplets.S, config, params, y_np, options.decode_top_tokens
             ),
@@ -494,8 +534,9 @@ def analyse(
     return RunResult(summary, arrays)
 
 
-def steer(loaded: LoadedModel, section: SteeringSection, add_bos: bool) -> dict[str, Any]:
-    """Baseline and steered greedy continuations, side by side."""
+def steer(loaded: LoadedModel, section: SteeringSection, add_bos: bool | None) -> dict[str, Any]:
+    """Baseline and steered greedy continuations, side by side (both prompts tokenized
+    as the analysed text is)."""
     model, tokenizer = loaded.model, loaded.tokenizer
     concept = tokenize(tokenizer, section.concept, add_bos)
     prompt = tokenize(tokenizer, section.prompt, add_bos)

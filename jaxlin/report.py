@@ -257,16 +257,45 @@ def certificate(s: dict[str, Any]) -> str:
     return key_values(rows)
 
 
+def convergence_verdict(spec: dict[str, Any]) -> str | None:
+    """One line saying whether the Lanczos run converged, where it stopped and why, or that
+    the spectrum is exact (also printed by the CLI); None for a summary that does not
+    record it."""
+    reason, worst, target = spec.get("stop_reason"), spec.get("worst_relative_bound"), spec.get("tolerance")
+    if reason == "exact" and worst is not None:
+        return f"Spectrum: exact, from J's rows (no iteration; worst relative bound {worst:.1e})"
+    if reason not in ("converged", "stalled", "full_depth") or worst is None or target is None:
+        return None
+    depth = spec.get("krylov_depth")
+    if reason == "converged":
+        return f"Lanczos: converged at depth {depth} (worst relative bound {worst:.1e} ≤ target {target:.1e})"
+    why = {
+        "stalled": "the bounds stopped improving: the operator's rounding allows no better",
+        "full_depth": "full depth d reached",
+    }[reason]
+    return (
+        f"Lanczos: NOT converged at depth {depth} "
+        f"(worst relative bound {worst:.1e} > target {target:.1e}; {why})"
+    )
+
+
 def spectrum(s: dict[str, Any]) -> str:
     spec, norms = s.get("spectrum", {}), s.get("norms", {})
     sigmas = s.get("singular_values", [])
     bounds = spec.get("residual_bounds", [])
     decoded = spec.get("left_vectors_top_tokens", [])
+    verdict = convergence_verdict(spec)
+    stopping = (
+        []
+        if verdict is None
+        else [("stopping", f"{badge(spec.get('converged') is True, 'convergence-badge')} {esc(verdict)}")]
+    )
     facts = key_values(
         [
             ("method", fmt(spec.get("method"))),
             ("Krylov depth", fmt(spec.get("krylov_depth"))),
             ("converged", fmt(spec.get("converged"))),
+            *stopping,
             ("‖J‖_F", f"{fmt(norms.get('frobenius'))} ({fmt(norms.get('frobenius_method'))})"),
             ("stable rank ‖J‖_F² / σ₁²", fmt(norms.get("stable_rank"))),
         ]

@@ -85,7 +85,10 @@ class AnalysisSection(_Strict):
     )
     top_k: int = Field(8, ge=1, description="singular triplets of the whole J to report")
     tolerance: float | None = Field(
-        None, gt=0, description="relative residual bound to reach (default: 1e-10 in float64, 1e-4 otherwise)"
+        None,
+        gt=0,
+        description="relative residual bound to reach (default: 1e-10 in float64, 1e-4 in float32, "
+        "4·eps ≈ 3.1e-2 in bfloat16)",
     )
     krylov_depth: int | None = Field(None, ge=1, description="initial Lanczos depth (grown until converged)")
     seed: int = Field(
@@ -128,7 +131,12 @@ class RunConfig(_Strict):
         None, min_length=1, description="many input texts (one run each, resumable)"
     )
     texts_file: str | None = Field(None, description="a UTF-8 file with one input text per non-empty line")
-    add_bos: bool = Field(True, description="prepend the tokenizer's BOS token")
+    add_bos: bool | None = Field(
+        None,
+        description="null: exactly the tokens the model's own tokenizer gives (its special-token policy: "
+        "HF tokenizer_config / GGUF tokenizer.ggml.add_bos_token); true/false: the text's tokens with / "
+        "without the BOS token prepended",
+    )
     analysis: AnalysisSection = AnalysisSection()
     steering: SteeringSection = SteeringSection()
     devices: int | None = Field(

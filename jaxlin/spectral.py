@@ -8,7 +8,8 @@ products it matches Golub–Kahan in time and accuracy, and block Lanczos with b
 products is ~10⁵× less accurate for ~10 % less time per product on CPU. Right vectors
 come from one batched transposed pass, V = JᵀU/σ, and each triplet gets a rigorous
 residual bound from one batched forward pass (see `_triplet_bounds`). matfree has no
-convergence test: `top_k` grows the Krylov depth until the bounds meet the tolerance.
+convergence test: `top_k` grows the Krylov depth until the bounds meet the tolerance,
+or stops (not converged) when they no longer improve: the operator's rounding has a floor.
 
 Every block J_t at once — one transposed pass of a batch of output-space vectors B
 (b × d) gives B·J_t for *all* tokens t together (the transpose separates tokens, the
@@ -53,11 +54,44 @@ class Triplets:
     bounds: np.ndarray | None = None
     depth: int | None = None
     converged: bool = True
+    tolerance: float | None = None
+    stop_reason: str = "exact"  # see STOP_REASONS
+
+
+# Why `top_k` stopped growing the Krylov depth ("exact": a dense SVD, no iteration).
+STOP_REASONS = {
+    "converged": "every relative residual bound met the tolerance",
+    "stalled": "the bounds stopped improving (the operator's rounding floor) before meeting the tolerance",
+    "full_depth": "the Krylov depth reached d, where Lanczos is exact up to rounding",
+    "exact": "exact decomposition of J·Jᵀ from J's rows (no iteration)",
+}
+
+# A depth step (×1.5) that does not improve the worst relative bound by at least this
+# factor, with that bound already within ROUNDING_MARGIN·eps·σ₁ (absolute) of zero, is a
+# stall. Lanczos bounds shrink by orders of magnitude per step until rounding stops them,
+# and there they move by a few percent. Rounding in an operator of norm σ₁ leaves every
+# triplet an absolute residual of order eps·σ₁ (measured: 1-4 eps·σ₁ in bf16 and float32),
+# so a bound far above that is not at the floor: an early plateau (a float64 run went
+# 0.32 → 0.16 from depth 8 to 12, then converged) keeps growing the depth.
+STALL_FACTOR = 2.0
+ROUNDING_MARGIN = 100.0
 
 
 def default_tolerance(dtype: jnp.dtype) -> float:
-    """Relative residual-bound target: what the operator's own rounding allows."""
-    return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-4
+    """Relative residual-bound target: what the operator's own rounding allows.
+
+    float64 and float32 keep the targets every earlier result was computed with (their
+    operators round far below them). A narrower dtype — bfloat16 — applies J in its own
+    precision: each product carries a relative error of order eps, so even an exact
+    triplet has ‖Jv − σu‖ ≈ eps·σ (Gemma 3 270M in bf16 stalls near 9e-3 ≈ 1.2·eps with
+    eps = 2⁻⁷ ≈ 7.8e-3). 4·eps (3.1e-2 for bf16) is the smallest target such an operator
+    meets with margin; anything tighter can only stall."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64:
+        return 1e-10
+    if dtype == jnp.float32:
+        return 1e-4
+    return 4 * float(jnp.finfo(dtype).eps)
 
 
 def check_request(k: int, tolerance: float | None, d: int, field: str = "top_k") -> None:
@@ -137,8 +171,10 @@ def top_k(
     products: Products | None = None,
 ) -> Triplets:
     """Top-k singular triplets of the whole J with residual bounds ≤ tolerance·σ_i,
-    growing the Krylov depth (×1.5, up to d, where Lanczos is exact) until they are met.
-    Deterministic for a given seed."""
+    growing the Krylov depth (×1.5, up to d, where Lanczos is exact) until they are met —
+    or until a step improves the worst bound by less than `STALL_FACTOR` (then the result
+    is the last depth's, `converged=False`, `stop_reason="stalled"`). Deterministic for a
+    given seed."""
     d = op.output.shape[0]
     tolerance = default_tolerance(op.dtype) if tolerance is None else tolerance
     check_request(k, tolerance, d)
@@ -146,6 +182,7 @@ def top_k(
     # from scratch: matfree's Lanczos cannot be continued), then grow by half.
     depth = min(d, depth or max(3 * k + 24, 48))
     key = jax.random.key(seed)
+    previous = math.inf
     while True:
         u, s, v, bounds, _ = lanczos_top_k(op, key, k, depth, chunk)
         if products is not None:  # depth J·Jᵀ steps, then one Jᵀ and one J pass of k vectors
@@ -153,14 +190,35 @@ def top_k(
             products.rmatvecs += depth + k
         s_np, bounds_np = np.asarray(s, np.float64), np.asarray(bounds, np.float64)
         worst = float(np.max(bounds_np / np.maximum(s_np, np.finfo(np.float64).tiny)))
-        converged = worst <= tolerance
         if progress is not None:
             progress(
-                f"Lanczos depth {depth}: worst relative residual bound {worst:.2e} (target {tolerance:.0e})"
+                f"Lanczos depth {depth}: worst relative residual bound {worst:.2e} (target {tolerance:.1e})"
             )
-        if converged or depth >= d:
-            return Triplets(np.asarray(u).T, s_np, np.asarray(v), bounds_np, depth, converged)
+        # The largest absolute bound, in units of the operator's rounding eps·σ₁.
+        in_eps = float(np.max(bounds_np)) / (float(jnp.finfo(op.dtype).eps) * float(s_np[0]))
+        reason = _stop_reason(worst, previous, in_eps, tolerance, depth, d)
+        if reason is not None:
+            converged = reason == "converged"
+            return Triplets(
+                np.asarray(u).T, s_np, np.asarray(v), bounds_np, depth, converged, tolerance, reason
+            )
+        previous = worst
         depth = min(d, depth + max(depth // 2, 1))
+
+
+def _stop_reason(
+    worst: float, previous: float, in_eps: float, tolerance: float, depth: int, d: int
+) -> str | None:
+    """Why to stop at this depth (a key of `STOP_REASONS`), or None to grow it. `worst`
+    and `previous`: the worst relative bound now and one depth before; `in_eps`: the
+    largest absolute bound in units of eps·σ₁."""
+    if worst <= tolerance:
+        return "converged"
+    if depth >= d:
+        return "full_depth"
+    if worst * STALL_FACTOR > previous and in_eps <= ROUNDING_MARGIN:
+        return "stalled"
+    return None
 
 
 # Working memory of the per-token stage: a group of tokens is decomposed at a time, so

@@ -110,8 +110,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def save_char_tokenizer(directory: Path) -> None:
-    """A character-level tokenizer (98 ids < the tiny vocab of 128) for CLI tests."""
+def save_char_tokenizer(directory: Path, add_bos: bool = True) -> None:
+    """A character-level tokenizer (98 ids < the tiny vocab of 128) for CLI tests. Like
+    Gemma's and Llama's own tokenizers it adds a BOS token (its post-processor does)
+    unless add_bos=False (like Qwen's)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -121,7 +123,11 @@ def save_char_tokenizer(directory: Path) -> None:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        add_bos_token=add_bos,
     ).save_pretrained(directory)
 
 
