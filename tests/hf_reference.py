@@ -590,3 +590,21 @@ def hf_forward(model_dir: Path, token_ids: np.ndarray, dtype: str) -> dict[str, 
 def read_config(model_dir: Path) -> dict[str, Any]:
     """The saved ``config.json`` as a dict (convenience for ports and tests)."""
     return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def gguf_model(path: Path) -> PreTrainedModel:
+    """Hugging Face's own float32 model from a GGUF file (its loader dequantizes it)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()
+
+
+def hidden_and_logits(model: PreTrainedModel, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Final hidden states (N, d) and the last token's logits, in float64."""
+    with torch.no_grad():
+        hidden = model.model(torch.as_tensor(ids)[None]).last_hidden_state
+        logits = model.lm_head(hidden[:, -1])
+    return hidden[0].double().numpy(), logits[0].double().numpy()

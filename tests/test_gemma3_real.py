@@ -10,6 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import gguf_model, hidden_and_logits
 
 from converters.gguf import load_gguf_tokenizer
 from converters.gguf_model import load_gguf_model
@@ -36,29 +37,11 @@ def tokenizer(gemma_gguf_path):
 
 @pytest.fixture(scope="module")
 def hf_gemma(gemma_gguf_path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        gemma_gguf_path.parent,
-        gguf_file=gemma_gguf_path.name,
-        dtype=torch.float32,
-        attn_implementation="eager",
-    )
-    return model.eval()
+    return gguf_model(gemma_gguf_path)
 
 
 def token_ids(tokenizer, text: str) -> np.ndarray:
     return np.asarray([tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)])
-
-
-def hf_hidden_and_logits(hf_model, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    with torch.no_grad():
-        hidden = hf_model.model(torch.as_tensor(ids)[None]).last_hidden_state
-        logits = hf_model.lm_head(hidden[:, -1])
-    return hidden[0].double().numpy(), logits[0].double().numpy()
 
 
 @pytest.mark.parametrize("length", ["short", "beyond_sliding_window"])
@@ -67,7 +50,7 @@ def test_port_matches_hf_on_real_gemma(length, jax_gemma, hf_gemma, tokenizer):
     ids = token_ids(tokenizer, text)
     if length == "beyond_sliding_window":
         assert len(ids) > jax_gemma.config.sliding_window + 50
-    ref_hidden, ref_logits = hf_hidden_and_logits(hf_gemma, ids)
+    ref_hidden, ref_logits = hidden_and_logits(hf_gemma, ids)
     config, params = jax_gemma.config, jax_gemma.params
     hidden = model_fns.final_hidden(config, params, model_fns.embed(config, params, jnp.asarray(ids)))
     logits = np.asarray(model_fns.logits(config, params, hidden[-1]), np.float64)

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import gguf_model, hidden_and_logits
 
 from converters.gguf import load_gguf_tokenizer
 from converters.gguf_model import load_gguf_model
@@ -40,25 +41,7 @@ def hf_tokenizer(smollm2_gguf_path):
 
 @pytest.fixture(scope="module")
 def hf_smollm2(smollm2_gguf_path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf_path.parent,
-        gguf_file=smollm2_gguf_path.name,
-        dtype=torch.float32,
-        attn_implementation="eager",
-    )
-    return model.eval()
-
-
-def hf_hidden_and_logits(hf_model, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    with torch.no_grad():
-        hidden = hf_model.model(torch.as_tensor(ids)[None]).last_hidden_state
-        logits = hf_model.lm_head(hidden[:, -1])
-    return hidden[0].double().numpy(), logits[0].double().numpy()
+    return gguf_model(smollm2_gguf_path)
 
 
 def test_smollm2_is_a_llama_gguf(jax_smollm2):
@@ -70,7 +53,7 @@ def test_smollm2_is_a_llama_gguf(jax_smollm2):
 @pytest.mark.parametrize("text", [SHORT, PARAGRAPH * 6 + SHORT], ids=["short", "paragraphs"])
 def test_port_matches_hf_on_real_smollm2(text, jax_smollm2, hf_smollm2, hf_tokenizer):
     ids = np.asarray(hf_tokenizer(text)["input_ids"])
-    ref_hidden, ref_logits = hf_hidden_and_logits(hf_smollm2, ids)
+    ref_hidden, ref_logits = hidden_and_logits(hf_smollm2, ids)
     config, params = jax_smollm2.config, jax_smollm2.params
     hidden = model_fns.final_hidden(config, params, model_fns.embed(config, params, jnp.asarray(ids)))
     logits = np.asarray(model_fns.logits(config, params, hidden[-1]), np.float64)
