@@ -266,6 +266,48 @@ CASES: list[Case] = [
         ("analysis.top_k=65",),
         {"run/notes.txt": "mine\n", "run/data/table.csv": "a,b\n1,2\n"},
     ),
+    # --- the output location (issue 10, item 1): a user's files are never replaced
+    Case(
+        "output_dir_holds_user_files",
+        run_config(),
+        ("output_dir", "is a directory that is not a jaxlin run"),
+        {"run/notes.txt": "my own notes\n", "run/data/table.bin": b"\x00\x01\x02"},
+    ),
+    Case("output_dir_is_a_user_file", run_config(), ("output_dir", "is a file"), {"run": "my file\n"}),
+    Case(
+        "output_dir_under_a_user_file",
+        run_config(output_dir="{tmp}/notes.txt/run"),
+        ("output_dir", "notes.txt"),
+        {"notes.txt": "my file\n"},
+    ),
+    Case(
+        "output_dir_earlier_run_without_overwrite",
+        run_config(),
+        ("output_dir", "earlier jaxlin run", "--overwrite"),
+        {"run/.jaxlin-run": '{"jaxlin_run": 1, "kind": "single"}\n', "run/summary.json": "{}\n"},
+    ),
+    # --- checkpoints that ask to run their own code (issue 10, item 2)
+    Case(
+        "config_json_auto_map",
+        run_config(model={"path": "{tmp}/m"}),
+        ("config.json", "auto_map"),
+        {
+            "m/config.json": json.dumps(
+                {"model_type": "planted", "auto_map": {"AutoConfig": "planted.PlantedConfig"}}
+            ),
+            "m/planted.py": "open('MARKER', 'w').write('ran')\n",
+        },
+    ),
+    Case(
+        "tokenizer_config_auto_map",
+        run_config(model={"path": "{tmp}/m"}),
+        ("tokenizer_config.json", "auto_map"),
+        {
+            "m/config.json": json.dumps({"model_type": "llama"}),
+            "m/tokenizer_config.json": json.dumps({"auto_map": {"AutoTokenizer": ["planted.T", None]}}),
+            "m/planted.py": "open('MARKER', 'w').write('ran')\n",
+        },
+    ),
 ]
 
 
