@@ -18,6 +18,8 @@ import numpy as np
 
 from jaxlin import model as model_fns
 from jaxlin._policy import FreezePolicy
+from jaxlin.ablation import ablate
+from jaxlin.ablation import summary as ablation_summary
 from jaxlin.decoding import (
     dominant_rows,
     nearest_embedding_rows,
@@ -51,6 +53,7 @@ from jaxlin.outputs import (
     write_npz,
 )
 from jaxlin.plots import (
+    ablation_scatter,
     importance_strip,
     jacobian_images,
     layer_dynamics,
@@ -477,6 +480,16 @@ def analyse(
     right_tokens = _decode_right_vectors(
         tokenizer, triplets.V, oriented_u, triplets.U.T, params, ids, options.decode_top_tokens
     )
+    ablation = None
+    if options.ablation and n > 1:
+        with timer.step(f"token ablation, linear vs real ({n} tokens, {2 * n} forwards)"):
+            ablated = ablate(config, params, ids, y, c, min(chunk, 16))
+            ablation = ablation_summary(ablated, lambda i: tokenizer.decode([i]), token_text(tokenizer, ids))
+            arrays.update(
+                ablation_linear=ablated.linear_change,
+                ablation_removed=ablated.removed_change,
+                ablation_zeroed=ablated.zeroed_change,
+            )
     layers = None
     if options.layers.enabled:
         with timer.step(f"layer sweep ({len(options.layers.kinds)} taps × {config.num_layers} layers)"):
@@ -531,6 +544,8 @@ def analyse(
     }
     if layers is not None:
         summary["layers"] = layers
+    if ablation is not None:
+        summary["ablation"] = ablation
     return RunResult(summary, arrays)
 
 
@@ -605,6 +620,8 @@ def write_run(result: RunResult, out_dir: Path, kind: RunKind = "single") -> Pat
             s["tokens"][focus],
             focus,
         )
+        if "ablation" in s:
+            ablation_scatter(staging / "ablation.png", s["ablation"])
         if "layers" in s:
             layer_dynamics(staging / "layers.png", s["layers"])
             layer_paths(staging / "layers_path.png", s["layers"])

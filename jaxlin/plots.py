@@ -235,3 +235,26 @@ def prompt_overview(path: Path, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def ablation_scatter(path: Path, section: dict) -> None:
+    """The linear map's logit change (y − c_t) against the model's, token removed and
+    embedding zeroed, with Spearman's ρ."""
+    rows = section["rows"]
+    linear = np.asarray([r["linear_logit_change"] for r in rows])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for ax, kind in zip(axes, ("removed", "zeroed"), strict=True):
+        real = np.asarray([r[f"{kind}_logit_change"] for r in rows])
+        ax.scatter(linear, real, s=14, color="tab:blue")
+        for r, x, z in zip(rows, linear, real, strict=True):
+            ax.annotate(repr(r["token"])[1:-1] or "␣", (x, z), fontsize=6, alpha=0.7)
+        low, high = float(min(linear.min(), real.min())), float(max(linear.max(), real.max()))
+        ax.plot([low, high], [low, high], color="grey", linewidth=0.8, linestyle="--")
+        rho = section.get(f"spearman_linear_vs_{kind}")
+        ax.set_title(f"token {kind}: Spearman ρ = {rho:.3f}" if rho is not None else f"token {kind}")
+        ax.set_xlabel("linear: Δ logit of the predicted token (y − c_t)")
+        ax.set_ylabel(f"model, token {kind}: Δ logit")
+    fig.suptitle(f"token ablation, predicted token {section.get('predicted_token')!r}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -28,6 +28,7 @@ DEFAULT_THRESHOLD = THRESHOLDS["float32"]
 
 # Optional sections: (summary key, section id, title). Each also claims PNGs named `<key>*.png`.
 OPTIONAL_SECTIONS: tuple[tuple[str, str, str], ...] = (
+    ("ablation", "ablation", "Token ablation: linear vs real"),
     ("layers", "layers", "Layers"),
     ("steering", "steering", "Steering"),
     ("prompts", "prompts", "Prompts"),
@@ -38,6 +39,8 @@ KNOWN_FIGURES: dict[str, str] = {
     "reconstruction.png": "y against Σ_t J_t·x_t (detached, and ordinary if computed)",
     "singular_values.png": "top singular values of J with their residual bounds",
     "per_token.png": "per-token importance ‖c_t‖, ‖J_t‖_F and the spectra of each J_t",
+    "ablation.png": "change of the predicted token's logit when a token is dropped: the linear map's "
+    "y − c_t against the model with the token removed and with its embedding zeroed",
 }
 
 CSS = """
@@ -453,6 +456,24 @@ def steering(value: Any) -> str:
     return "\n".join(parts)
 
 
+def ablation(value: Any) -> str:
+    """The rank correlations first, then one row per token."""
+    if not isinstance(value, dict) or "rows" not in value:
+        return generic(value)
+    facts = key_values(
+        (esc(key.replace("_", " ")), cell(value[key]))
+        for key in (
+            "predicted_token",
+            "spearman_linear_vs_removed",
+            "spearman_linear_vs_zeroed",
+            "top_change_agreement_removed",
+            "top_change_agreement_zeroed",
+        )
+        if key in value
+    )
+    return facts + records_table(value["rows"])
+
+
 def timings(s: dict[str, Any]) -> str:
     seconds = s.get("timings_seconds") or {}
     rows = [[f"<td>{esc(step)}</td>", cell(value)] for step, value in seconds.items()]
@@ -490,7 +511,7 @@ def _build(run_dir: Path, s: dict[str, Any], name: str | None = None) -> str:
     ]
     for key, section_id, title in OPTIONAL_SECTIONS:
         if key in s:
-            renderer = {"steering": steering, "layers": layers}.get(key, generic)
+            renderer = {"steering": steering, "layers": layers, "ablation": ablation}.get(key, generic)
             body = renderer(s[key])
             own = claim(n for n in pngs if n.startswith(key))
             sections.append((section_id, title, own + body))
