@@ -16,6 +16,7 @@ from hf_reference import gguf_model, hidden_and_logits
 from converters.gguf import load_gguf_tokenizer
 from converters.gguf_model import load_gguf_model
 from jaxlin import model as model_fns
+from jaxlin.jacobian import linearize
 from jaxlin.operator import certify, contributions
 
 pytestmark = pytest.mark.slow
@@ -66,7 +67,8 @@ def test_port_matches_hf_on_real_smollm2(text, jax_smollm2, hf_smollm2, hf_token
 def test_real_smollm2_reconstruction_float32(jax_smollm2, hf_tokenizer):
     config, params = jax_smollm2.config, jax_smollm2.params
     inputs = model_fns.embed(config, params, jnp.asarray(hf_tokenizer(SHORT)["input_ids"]))
-    y, c, c_bias = contributions(params, inputs, config)
+    jacobian = linearize(params, inputs, config)
+    y, c, c_bias = jacobian.output, contributions(jacobian), jacobian.bias
     certificate = certify(y, c, lambda h: model_fns.logits(config, params, h), c_bias)
     assert certificate.relative_error <= 1e-5
     assert certificate.argmax_matches
