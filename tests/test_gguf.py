@@ -82,6 +82,18 @@ def byte_level_vocab() -> tuple[list[str], list[str], list[int]]:
 VOCAB = len(byte_level_vocab()[0])
 
 
+def add_byte_level_tokenizer(writer: gguf.GGUFWriter, tokenizer_pre: str) -> None:
+    """The byte-level BPE vocabulary of `byte_level_vocab` as GGUF tokenizer metadata."""
+    tokens, merges, token_types = byte_level_vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokenizer_pre)
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types(token_types)
+    writer.add_bos_token_id(tokens.index("<|bos|>"))
+    writer.add_eos_token_id(tokens.index("<|eos|>"))
+
+
 def write_gguf(
     path: Path,
     arch: str,
@@ -106,14 +118,7 @@ def write_gguf(
     else:  # llama.cpp writes an explicit HF head_dim as key/value length
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    tokens, merges, token_types = byte_level_vocab()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(tokenizer_pre)
-    writer.add_token_list(tokens)
-    writer.add_token_merges(merges)
-    writer.add_token_types(token_types)
-    writer.add_bos_token_id(tokens.index("<|bos|>"))
-    writer.add_eos_token_id(tokens.index("<|eos|>"))
+    add_byte_level_tokenizer(writer, tokenizer_pre)
     if metadata is not None:
         metadata(writer)
     for name, (values, qtype) in tensors.items():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import save_char_tokenizer
-from test_gguf import byte_level_vocab, tiny_checkpoint, write_gguf
+from test_gguf import add_byte_level_tokenizer, byte_level_vocab, tiny_checkpoint, write_gguf
 
 from converters.gguf import load_gguf_tokenizer
 from jaxlin import pipeline
@@ -66,14 +66,7 @@ def write_tokenizer_gguf(path: Path, vocabulary: str, flags: tuple[bool, bool] |
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
     else:
-        tokens, merges, token_types = byte_level_vocab()
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("llama-bpe")
-        writer.add_token_list(tokens)
-        writer.add_token_merges(merges)
-        writer.add_token_types(token_types)
-        writer.add_bos_token_id(tokens.index("<|bos|>"))
-        writer.add_eos_token_id(tokens.index("<|eos|>"))
+        add_byte_level_tokenizer(writer, "llama-bpe")
     if flags is not None:
         writer.add_add_bos_token(flags[0])
         writer.add_add_eos_token(flags[1])
