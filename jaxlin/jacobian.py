@@ -2,10 +2,19 @@
 
 `linearize` runs the nonlinear forward once (`jax.linearize`) inside one jitted program
 and returns a `DetachedJacobian`: a pytree holding the input X (N, d), the target y (d,),
-the bias term c_bias (d,), and the linear maps J·v and Jᵀ·u as `jax.tree_util.Partial`
-values whose leaves are the linearization's residuals. It crosses jit boundaries like
-any array pytree, so every analysis is a jitted function of J and the forward is never
-recomputed: one linearization per input (and tap), however many analyses use it.
+the bias term c_bias (d,), and the linear map J·v as a `jax.tree_util.Partial` whose
+leaves are the linearization's residuals; Jᵀ·u is its transpose, taken where it is used
+(`jax.linear_transpose` of the same residuals, so they are held once). It crosses jit
+boundaries like any array pytree, so every analysis is a jitted function of J and the
+forward is never recomputed: one linearization per input (and tap), however many
+analyses use it.
+
+Residuals that are parameters (the weight matrices the tangent passes through) are not
+returned by the linearizing program: a jitted program's outputs are fresh buffers, so
+they would be a second copy of the layer weights (≈0.5 GB for Gemma 3 270M in float32,
+whatever N). The program returns a `ParamRef` placeholder instead and `linearize` puts
+the caller's own parameter arrays back in its place — the value refers to the weights,
+it does not copy them.
 
 Biases make the detached map affine, y = Σ_t J_t·x_t + c_bias. With every bias scaled by
 a scalar β, the frozen network is jointly linear in (X, β), so linearizing in both at
@@ -72,6 +81,36 @@ def on_token(vectors: jax.Array, token: jax.Array) -> jax.Array:
     return vectors * keep.astype(vectors.dtype)
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ParamRef:
+    """Placeholder (no leaves) for the parameter leaf at `index` of the flattened params."""
+
+    index: int
+
+
+def _refer_to_params(linear: jax.tree_util.Partial, params: Params) -> jax.tree_util.Partial:
+    """`linear` with every residual that IS a parameter (the same traced value) replaced by
+    a `ParamRef`; called inside the linearizing program, where identity is exact."""
+    positions = {id(leaf): index for index, leaf in enumerate(jax.tree_util.tree_leaves(params))}
+
+    def refer(leaf: jax.Array) -> jax.Array | ParamRef:
+        index = positions.get(id(leaf))
+        return leaf if index is None else ParamRef(index)
+
+    return jax.tree_util.tree_map(refer, linear)
+
+
+def _resolve_params(linear: jax.tree_util.Partial, params: Params) -> jax.tree_util.Partial:
+    """The inverse of `_refer_to_params`, outside the program: the caller's arrays back in."""
+    leaves = jax.tree_util.tree_leaves(params)
+
+    def resolve(leaf: jax.Array | ParamRef) -> jax.Array:
+        return leaves[leaf.index] if isinstance(leaf, ParamRef) else leaf
+
+    return jax.tree_util.tree_map(resolve, linear, is_leaf=lambda leaf: isinstance(leaf, ParamRef))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DetachedJacobian:
@@ -82,7 +121,6 @@ class DetachedJacobian:
     output: jax.Array
     bias: jax.Array
     linear: jax.tree_util.Partial  # (tangent of X, tangent of β) → tangent of y
-    transpose: jax.tree_util.Partial  # cotangent of y → (cotangent of X, cotangent of β)
 
     def matvec(self, v: jax.Array) -> jax.Array:
         """J·v for v shaped like X."""
@@ -90,7 +128,8 @@ class DetachedJacobian:
 
     def rmatvec(self, u: jax.Array) -> jax.Array:
         """Jᵀ·u for u shaped like y."""
-        return self.transpose(u)[0]
+        beta = jnp.zeros((), self.inputs.dtype)
+        return jax.linear_transpose(self.linear, self.inputs, beta)(u)[0]
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -114,10 +153,9 @@ def _linearize(
     target = target_function(config, params, policy, attention_block, tap)
     beta = jnp.ones((), inputs.dtype)
     output, linear = jax.linearize(target, inputs, beta)
-    transpose = jax.linear_transpose(linear, inputs, beta)
     # A bias-free network ignores β: its bias term is exactly zero, no product needed.
     bias = linear(jnp.zeros_like(inputs), beta) if config.has_biases else jnp.zeros_like(output)
-    return DetachedJacobian(inputs, output, bias, linear, transpose)
+    return DetachedJacobian(inputs, output, bias, _refer_to_params(linear, params))
 
 
 @dataclasses.dataclass
@@ -145,4 +183,5 @@ def linearize(
     if products is not None:
         products.linearizations += 1
         products.matvecs += int(config.has_biases)
-    return _linearize(params, inputs, config, policy, attention_block, tap)
+    jacobian = _linearize(params, inputs, config, policy, attention_block, tap)
+    return dataclasses.replace(jacobian, linear=_resolve_params(jacobian.linear, params))

@@ -84,3 +84,28 @@ def test_bias_term_costs_one_product_only_where_there_are_biases(tiny_model_dir)
         jacobian = linearize(model.params, inputs, model.config, products=counted)
         assert counted.as_dict() == {"linearizations": 1, "matvecs": int(biased), "rmatvecs": 0}
         assert (float(jnp.linalg.norm(jacobian.bias)) > 0) == biased
+
+
+def test_jacobian_refers_to_the_weights_instead_of_copying_them(tiny_model_dir):
+    # A jitted program's outputs are fresh buffers: weights returned as residuals would be
+    # a second copy of every layer matrix the tangent passes through (≈0.5 GB on Gemma 3
+    # 270M). The value must hold the caller's own arrays, and only N-dependent ones besides.
+    model, inputs, jacobian = jacobian_of(tiny_model_dir)
+    own = {leaf.unsafe_buffer_pointer() for leaf in jax.tree_util.tree_leaves(model.params)}
+    weights = {
+        leaf.shape: leaf for leaf in jax.tree_util.tree_leaves(model.params) if leaf.ndim == 3
+    }  # stacked (layers, in, out) matrices
+    residuals = jax.tree_util.tree_leaves(jacobian.linear)
+    referred = [leaf for leaf in residuals if leaf.unsafe_buffer_pointer() in own]
+    assert referred, "the tangent passes through weight matrices: some residuals must be the weights"
+    for leaf in residuals:
+        if leaf.unsafe_buffer_pointer() in own:
+            continue
+        same = weights.get(leaf.shape)
+        assert same is None or not np.array_equal(np.asarray(leaf), np.asarray(same)), (
+            f"a residual {leaf.shape} is a copy of a weight matrix"
+        )
+    # Still the same map: ⟨u, Jv⟩ = ⟨Jᵀu, v⟩ with the transpose taken from the shared residuals.
+    v = jax.random.normal(jax.random.key(2), inputs.shape, jnp.float64)
+    u = jax.random.normal(jax.random.key(3), (model.config.hidden_size,), jnp.float64)
+    np.testing.assert_allclose(jnp.vdot(u, jacobian.matvec(v)), jnp.vdot(jacobian.rmatvec(u), v), rtol=1e-12)
