@@ -52,6 +52,7 @@ def child(n: int, block: int | None) -> None:
     model = C.load_model()
     x = jax.block_until_ready(C.embeddings(model, n))
     load_peak = C.peak_rss_bytes()
+    C.release_free_heap()
     baseline = C.current_rss_bytes()
     was_reset = reset_peak()
     key = jax.random.key(0)

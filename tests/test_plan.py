@@ -1,0 +1,56 @@
+"""The planner: programs compiled from the model's config alone, and the sizes it reads
+equal to what a real run allocates for the same shapes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from converters.hf import load_hf_model
+from jaxlin import model as model_fns
+from jaxlin.jacobian import linearize
+from jaxlin.plan import Workload, abstract_params, nbytes, plan
+
+TOKENS = np.random.default_rng(3).integers(0, 128, size=11)
+
+
+def own_bytes(jacobian, params) -> int:
+    """Bytes of J's leaves that are not the caller's weight buffers."""
+    weights = {leaf.unsafe_buffer_pointer() for leaf in jax.tree_util.tree_leaves(params)}
+    leaves = jax.tree_util.tree_leaves(jacobian)
+    return sum(leaf.nbytes for leaf in leaves if leaf.unsafe_buffer_pointer() not in weights)
+
+
+@pytest.mark.parametrize("variant", ["gemma3_sliding", "qwen2_biases_untied"])
+def test_plan_sizes_equal_a_real_linearization(variant, tiny_model_dir):
+    model = load_hf_model(tiny_model_dir(variant), jnp.float64)
+    abstract = abstract_params(model.config, jnp.float64)
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(model.params)
+    assert [(a.shape, a.dtype) for a in jax.tree_util.tree_leaves(abstract)] == [
+        (p.shape, p.dtype) for p in jax.tree_util.tree_leaves(model.params)
+    ]
+    inputs = model_fns.embed(model.config, model.params, jnp.asarray(TOKENS))
+    jacobian = linearize(model.params, inputs, model.config)
+    for method in ("lanczos", "rows"):
+        work = Workload(top_k=2, method=method, per_token="exact", ordinary=True)
+        planned = plan(model.config, len(TOKENS), jnp.float64, work)
+        assert planned.weights == nbytes(model.params)
+        assert planned.jacobian == own_bytes(jacobian, model.params)
+        names = [p.name for p in planned.programs]
+        assert names[0] == "linearize" and ("lanczos" in names) == (method == "lanczos")
+        # J's d rows are one program's output: d · N · d numbers.
+        d = model.config.hidden_size
+        rows = next(p for p in planned.programs if p.name == "rows")
+        assert rows.outputs == d * len(TOKENS) * d * 8
+        assert planned.peak >= planned.weights + planned.jacobian + rows.outputs
+        # The ordinary Jacobian's contributions run while both Jacobians are held.
+        ordinary = next(p for p in planned.programs if p.name == "ordinary contributions")
+        assert ordinary.held > planned.jacobian
+
+
+def test_plan_grows_with_the_input(tiny_model_dir):
+    model = load_hf_model(tiny_model_dir("llama_gqa_untied"), jnp.float64)
+    short, long = (plan(model.config, n, jnp.float64, Workload(top_k=2)) for n in (16, 64))
+    assert long.jacobian > short.jacobian and long.peak > short.peak and long.weights == short.weights
