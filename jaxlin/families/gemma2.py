@@ -34,4 +34,19 @@ FAMILY = _base.Family(
     model_types=("gemma2",),
     config_from_hf=config_from_hf,
     layer_tensors={**_base.SHARED_LAYER_TENSORS, **_base.SANDWICH_NORM_LAYER_TENSORS},
+    gguf=_base.GGUFNames(
+        architecture="gemma2",
+        layer_tensors=_base.GGUF_SANDWICH_LAYER_TENSORS,
+        # llama.cpp's Gemma2Model skips lm_head.weight: the output is always the embedding.
+        global_tensors={k: v for k, v in _base.GGUF_GLOBAL_TENSORS.items() if k != "output"},
+        norm_offset=1.0,
+        # Written by llama.cpp's Gemma2Model, used by its graph; transformers' gemma2
+        # mapping drops them and keeps Gemma2Config's defaults (50, 30).
+        extra_config_keys={
+            "attn_logit_softcapping": "attn_logit_softcapping",
+            "final_logit_softcapping": "final_logit_softcapping",
+        },
+        # HF's 27B config: query_pre_attn_scalar 144 = hidden/heads.
+        full_width_attention_scale_layers=46,
+    ),
 )

@@ -45,4 +45,13 @@ FAMILY = _base.Family(
     model_types=("gemma3_text", "gemma3"),
     config_from_hf=config_from_hf,
     layer_tensors={**_base.SHARED_LAYER_TENSORS, **_base.SANDWICH_NORM_LAYER_TENSORS},
+    gguf=_base.GGUFNames(
+        architecture="gemma3",
+        layer_tensors={**_base.GGUF_SANDWICH_LAYER_TENSORS, **_base.GGUF_QK_NORM_TENSORS},
+        norm_offset=1.0,
+        # GGUF's gemma3 is the text model only: HF's text-only config class.
+        model_type="gemma3_text",
+        # HF's 27B config: query_pre_attn_scalar 168 = hidden/heads.
+        full_width_attention_scale_layers=62,
+    ),
 )

@@ -49,4 +49,34 @@ FAMILY = _base.Family(
         **_base.linear_params("mlp.down_proj", "mlp", "down_proj"),
         **_base.PRE_NORM_LAYER_TENSORS,
     },
+    gguf=_base.GGUFNames(
+        architecture="phi3",
+        # HF's fused tensors stay fused: qkv_proj (rows q, k, v) as attn_qkv and gate_up_proj
+        # (rows gate, up) as ffn_up; llama.cpp splits both at run time in the same order.
+        layer_tensors={
+            "attn_norm": "input_layernorm",
+            "attn_qkv": "self_attn.qkv_proj",
+            "attn_output": "self_attn.o_proj",
+            "ffn_norm": "post_attention_layernorm",
+            "ffn_up": "mlp.gate_up_proj",
+            "ffn_down": "mlp.down_proj",
+        },
+        # Long-context Phi-3: longrope's factors become tensors and its attention factor
+        # `rope.scaling.attn_factor` (Phi3MiniModel.generate_extra_tensors): HF's own longrope
+        # parameters come back, so transformers builds the same model.
+        rope_tensors=_base.GGUFRopeTensors(
+            "longrope",
+            {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"},
+            attention_factor_key="rope.scaling.attn_factor",
+        ),
+        # Both written by llama.cpp's Phi3MiniModel, both Phi3Config fields, both dropped by
+        # transformers' phi3 mapping.
+        extra_config_keys={
+            "attention.sliding_window": "sliding_window",
+            "rope.scaling.original_context_length": "original_max_position_embeddings",
+        },
+        zero_means_none=("sliding_window",),  # Phi-4: no window
+        # llama.cpp writes int(partial_rotary_factor * hidden) // heads (Phi-4-mini: 0.75).
+        rotary_fraction_from_rope_dims=True,
+    ),
 )

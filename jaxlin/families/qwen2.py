@@ -26,4 +26,6 @@ FAMILY = _base.Family(
     model_types=("qwen2",),
     config_from_hf=config_from_hf,
     layer_tensors={**_base.SHARED_LAYER_TENSORS, **_base.QKV_BIASES, **_base.PRE_NORM_LAYER_TENSORS},
+    # Llama's names; the q/k/v biases' `.bias` suffix carries over unchanged.
+    gguf=_base.GGUFNames(architecture="qwen2", layer_tensors=_base.GGUF_PRE_NORM_LAYER_TENSORS),
 )
