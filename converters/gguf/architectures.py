@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from converters.gguf.reader import GGUFError, GGUFFile
 from jaxlin.families import FAMILIES, Family
+from jaxlin.families._base import GGUFNames
 
 # general.architecture → the family whose GGUF names it carries.
 GGUF_FAMILIES: dict[str, Family] = {
@@ -30,3 +31,10 @@ def gguf_family(file: GGUFFile) -> Family:
             "merge the shards first (llama-gguf-split --merge)"
         )
     return GGUF_FAMILIES[architecture]
+
+
+def gguf_names(file: GGUFFile) -> GGUFNames:
+    """How llama.cpp's converter wrote the file's family (`gguf_family(file).gguf`)."""
+    names = gguf_family(file).gguf
+    assert names is not None  # GGUF_FAMILIES holds only families with GGUF names
+    return names

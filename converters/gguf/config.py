@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from converters.gguf.architectures import gguf_family
+from converters.gguf.architectures import gguf_names
 from converters.gguf.reader import GGUFError, GGUFFile, GGUFSource, parsed
 from converters.gguf.tensors import check_dequantizable
 
@@ -52,12 +52,6 @@ _SEMANTIC_KEYS_HF_IGNORES: tuple[str, ...] = (
     # OLMo 3 files are "olmo2" with sliding-window layers.
     "attention.sliding_window",
 )
-
-
-def _names(file: GGUFFile) -> GGUFNames:
-    names = gguf_family(file).gguf
-    assert names is not None  # gguf_family only returns families with GGUF names
-    return names
 
 
 def _config_value(value: Any) -> Any:
@@ -210,7 +204,7 @@ def hf_config(file: GGUFFile) -> PretrainedConfig:
     """The HF config of a parsed file, without the warnings of `read_gguf_config`."""
     from transformers import AutoConfig
 
-    names = _names(file)
+    names = gguf_names(file)
     config_dict = _config_dict(file, names)
     rope = _rope_from_tensors(file, names)
     if rope is not None and names.rope_tensors.known_to_transformers:
@@ -247,5 +241,5 @@ def read_gguf_config(source: GGUFSource) -> PretrainedConfig:
     """
     file = parsed(source)
     config = hf_config(file)
-    _warn_about_what_the_config_drops(file, _names(file), config)
+    _warn_about_what_the_config_drops(file, gguf_names(file), config)
     return config

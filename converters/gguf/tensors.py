@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from converters.gguf.architectures import gguf_family
+from converters.gguf.architectures import gguf_family, gguf_names
 from converters.gguf.reader import GGUFError, GGUFSource, GGUFTensor, parsed
 
 if TYPE_CHECKING:
     import gguf
 
     from jaxlin.families import Family
+    from jaxlin.families._base import GGUFNames
 
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
 _GLOBAL_TENSOR = re.compile(r"^(.+)\.(weight|bias)$")
@@ -37,11 +38,9 @@ def check_dequantizable(tensor: GGUFTensor, path: str) -> None:
         ) from None
 
 
-def _hf_name(family: Family, gguf_name: str, path: str) -> tuple[str, bool] | None:
+def _hf_name(family: Family, names: GGUFNames, gguf_name: str, path: str) -> tuple[str, bool] | None:
     """(HF name of a GGUF tensor, whether llama.cpp stored it transposed); None for one
     llama.cpp generated (no HF parameter)."""
-    names = family.gguf
-    assert names is not None  # gguf_family only returns families with GGUF names
     if names.rope_tensors is not None and gguf_name in names.rope_tensors.tensors:
         return None
     if match := _LAYER_TENSOR.match(gguf_name):
@@ -97,8 +96,7 @@ def read_gguf_state_dict(
 
     file = parsed(source)
     family = gguf_family(file)
-    names = family.gguf
-    assert names is not None
+    names = gguf_names(file)
     n_head = n_head_kv = 0
     if names.unpermute_qk:
         n_head = file.int_value(f"{names.architecture}.attention.head_count")
@@ -106,7 +104,7 @@ def read_gguf_state_dict(
         # (transformers instead skips the unpermute when it is absent, leaving q/k scrambled).
         n_head_kv = file.int_value(f"{names.architecture}.attention.head_count_kv", default=n_head)
 
-    plan = [(tensor, _hf_name(family, tensor.name, file.path)) for tensor in file.tensors]
+    plan = [(tensor, _hf_name(family, names, tensor.name, file.path)) for tensor in file.tensors]
     first_of_type: dict[gguf.GGMLQuantizationType, GGUFTensor] = {}
     for tensor, target in plan:
         if target is not None:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from converters.gguf.architectures import gguf_family
+from converters.gguf.architectures import gguf_names
 from converters.gguf.config import hf_config
 from converters.gguf.reader import GGUFError, GGUFFile, GGUFFileNotFoundError, GGUFSource, parsed
 
@@ -48,7 +48,7 @@ def load_gguf_tokenizer(source: GGUFSource) -> PreTrainedTokenizerBase:
         )
 
     file = parsed(source)
-    architecture = gguf_family(file).gguf.architecture
+    architecture = gguf_names(file).architecture
     config = hf_config(file)
 
     # transformers' get_gguf_tokenizer, step for step.

@@ -287,6 +287,11 @@ def rope(
         raise ConfigFieldError(f"config field {field_name!r} ({rope_type}) lacks {missing}") from None
 
 
+def config_rope(hf_config: Any) -> RopeConfig:
+    """The RoPE of a config with one `rope_parameters` dict for every layer."""
+    return rope(field(hf_config, "rope_parameters"), hf_config=hf_config)
+
+
 def rotary_fraction(parameters: Mapping[str, Any] | None, hf_config: Any) -> float:
     """Partial rotary: in rope_parameters (transformers 5) or on the config itself."""
     value = (parameters or {}).get("partial_rotary_factor") or getattr(
@@ -318,6 +323,20 @@ def common_fields(hf_config: Any) -> dict[str, Any]:
         activation=activation(hf_config),
         tie_word_embeddings=bool(field(hf_config, "tie_word_embeddings", False)),
     )
+
+
+def linear_biases(hf_config: Any) -> dict[str, bool]:
+    """The ModelConfig bias flags of a Llama-architecture config: some checkpoints carry
+    biases, `attention_bias` on q/k/v/o and `mlp_bias` on the MLP."""
+    attention = bool(getattr(hf_config, "attention_bias", False))
+    return dict(qkv_bias=attention, out_bias=attention, mlp_bias=bool(getattr(hf_config, "mlp_bias", False)))
+
+
+def sliding(hf_config: Any, every_layer_if_windowed: bool = False) -> dict[str, Any]:
+    """The ModelConfig fields `sliding_layers` and `sliding_window` (None without sliding layers)."""
+    layers = sliding_layers(hf_config, every_layer_if_windowed)
+    window = int(field(hf_config, "sliding_window")) if layers else None
+    return dict(sliding_layers=layers, sliding_window=window)
 
 
 def sliding_layers(hf_config: Any, every_layer_if_windowed: bool = False) -> tuple[bool, ...]:

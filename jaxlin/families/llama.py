@@ -13,11 +13,8 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     return ModelConfig(
         family="llama",
         **_base.common_fields(hf_config),
-        # Some Llama-architecture checkpoints carry biases: attention_bias on q/k/v/o.
-        qkv_bias=bool(getattr(hf_config, "attention_bias", False)),
-        out_bias=bool(getattr(hf_config, "attention_bias", False)),
-        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
-        rope=_base.rope(_base.field(hf_config, "rope_parameters"), hf_config=hf_config),
+        **_base.linear_biases(hf_config),
+        rope=_base.config_rope(hf_config),
     )
 
 

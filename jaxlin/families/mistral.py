@@ -10,18 +10,12 @@ from jaxlin.families import _base
 
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
-    window = getattr(hf_config, "sliding_window", None)
-    sliding = _base.sliding_layers(hf_config, every_layer_if_windowed=True)
     return ModelConfig(
         family="mistral",
         **_base.common_fields(hf_config),
-        # Some Llama-architecture checkpoints carry biases: attention_bias on q/k/v/o.
-        qkv_bias=bool(getattr(hf_config, "attention_bias", False)),
-        out_bias=bool(getattr(hf_config, "attention_bias", False)),
-        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
-        rope=_base.rope(_base.field(hf_config, "rope_parameters"), hf_config=hf_config),
-        sliding_layers=sliding,
-        sliding_window=int(window) if sliding else None,
+        **_base.linear_biases(hf_config),
+        rope=_base.config_rope(hf_config),
+        **_base.sliding(hf_config, every_layer_if_windowed=True),
     )
 
 

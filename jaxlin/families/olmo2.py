@@ -14,7 +14,7 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     return ModelConfig(
         family="olmo2",
         **_base.common_fields(hf_config),
-        rope=_base.rope(_base.field(hf_config, "rope_parameters"), hf_config=hf_config),
+        rope=_base.config_rope(hf_config),
         norm_placement=NormPlacement.POST,
         qk_norm=True,
         qk_norm_per_head=False,

@@ -13,15 +13,12 @@ from jaxlin.families import _base
 def config_from_hf(hf_config: Any) -> ModelConfig:
     _base.reject_if_set(hf_config, "attention_bias")
     parameters = _base.field(hf_config, "rope_parameters")
-    sliding = _base.sliding_layers(hf_config, every_layer_if_windowed=True)
-    window = getattr(hf_config, "sliding_window", None)
     return ModelConfig(
         family="phi3",
         **_base.common_fields(hf_config),
         rope=_base.rope(parameters, hf_config=hf_config),
         rotary_fraction=_base.rotary_fraction(parameters, hf_config),
-        sliding_layers=sliding,
-        sliding_window=int(window) if sliding else None,
+        **_base.sliding(hf_config, every_layer_if_windowed=True),
     )
 
 
@@ -51,15 +48,17 @@ FAMILY = _base.Family(
     },
     gguf=_base.GGUFNames(
         architecture="phi3",
-        # HF's fused tensors stay fused: qkv_proj (rows q, k, v) as attn_qkv and gate_up_proj
-        # (rows gate, up) as ffn_up; llama.cpp splits both at run time in the same order.
+        # Llama's names, but HF's fused tensors stay fused: qkv_proj (rows q, k, v) as attn_qkv
+        # and gate_up_proj (rows gate, up) as ffn_up; llama.cpp splits both at run time in the
+        # same order.
         layer_tensors={
-            "attn_norm": "input_layernorm",
+            **{
+                leaf: hf_name
+                for leaf, hf_name in _base.GGUF_PRE_NORM_LAYER_TENSORS.items()
+                if leaf not in ("attn_q", "attn_k", "attn_v", "ffn_gate")
+            },
             "attn_qkv": "self_attn.qkv_proj",
-            "attn_output": "self_attn.o_proj",
-            "ffn_norm": "post_attention_layernorm",
             "ffn_up": "mlp.gate_up_proj",
-            "ffn_down": "mlp.down_proj",
         },
         # Long-context Phi-3: longrope's factors become tensors and its attention factor
         # `rope.scaling.attn_factor` (Phi3MiniModel.generate_extra_tensors): HF's own longrope

@@ -10,14 +10,12 @@ from jaxlin.families import _base
 
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
-    sliding = _base.sliding_layers(hf_config)
     return ModelConfig(
         family="qwen2",
         **_base.common_fields(hf_config),
-        rope=_base.rope(_base.field(hf_config, "rope_parameters"), hf_config=hf_config),
+        rope=_base.config_rope(hf_config),
         qkv_bias=True,  # HF's Qwen2Attention always has q/k/v biases, never an o_proj bias
-        sliding_layers=sliding,
-        sliding_window=int(hf_config.sliding_window) if sliding else None,
+        **_base.sliding(hf_config),
     )
 
 

@@ -10,14 +10,12 @@ from jaxlin.families import _base
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
     _base.reject_if_set(hf_config, "attention_bias")
-    sliding = _base.sliding_layers(hf_config)
     return ModelConfig(
         family="qwen3",
         **_base.common_fields(hf_config),
-        rope=_base.rope(_base.field(hf_config, "rope_parameters"), hf_config=hf_config),
+        rope=_base.config_rope(hf_config),
         qk_norm=True,
-        sliding_layers=sliding,
-        sliding_window=int(hf_config.sliding_window) if sliding else None,
+        **_base.sliding(hf_config),
     )
 
 
