@@ -3,25 +3,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from jaxlin._config import ModelConfig
-from jaxlin.families import _base
+from jaxlin.families import _base, llama
 
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
-    return ModelConfig(
+    return dataclasses.replace(
+        llama.config_from_hf(hf_config),
         family="mistral",
-        **_base.common_fields(hf_config),
-        **_base.linear_biases(hf_config),
-        rope=_base.config_rope(hf_config),
         **_base.sliding(hf_config, every_layer_if_windowed=True),
     )
 
 
-FAMILY = _base.Family(
+# Llama's tensor table. No GGUF names of its own: llama.cpp writes Mistral as "llama".
+FAMILY = dataclasses.replace(
+    llama.FAMILY,
     name="mistral",
     model_types=("mistral", "ministral"),
     config_from_hf=config_from_hf,
-    layer_tensors={**_base.SHARED_LAYER_TENSORS, **_base.LINEAR_BIASES, **_base.PRE_NORM_LAYER_TENSORS},
+    gguf=None,
 )
