@@ -9,17 +9,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters.gguf import read_gguf_config, read_gguf_state_dict
+from converters.gguf.reader import GGUFSource, parsed
 from converters.params import params_from_tensors
 from jaxlin.families import family_for_hf_config
 from jaxlin.model import Model
 
 
-def load_gguf_model(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32, progress: bool = False) -> Model:
-    hf_config = read_gguf_config(path)
+def load_gguf_model(source: GGUFSource, dtype: jnp.dtype = jnp.float32, progress: bool = False) -> Model:
+    """The model of a GGUF file: a parsed `GGUFFile` (so that its tokenizer can share the
+    one parse) or a path."""
+    file = parsed(source)
+    hf_config = read_gguf_config(file)
     family = family_for_hf_config(hf_config)
     config = family.config_from_hf(hf_config)
     # Dequantize straight to float64 when asked, so nothing is rounded twice.
     read_dtype = np.float64 if jnp.dtype(dtype) == jnp.float64 else np.float32
-    tensors = read_gguf_state_dict(path, dtype=read_dtype, progress=progress)
-    params = params_from_tensors(config, family, list(tensors), tensors.__getitem__, dtype, str(path))
-    return Model(config, params, name=os.path.basename(os.fspath(path)))
+    tensors = read_gguf_state_dict(file, dtype=read_dtype, progress=progress)
+    params = params_from_tensors(config, family, list(tensors), tensors.__getitem__, dtype, file.path)
+    return Model(config, params, name=os.path.basename(file.path))

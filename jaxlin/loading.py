@@ -154,10 +154,11 @@ def _convert(kind: str, path: Path, dtype: Any, progress: bool) -> tuple[Model, 
         from converters.hf import load_hf_model, load_hf_tokenizer
 
         return load_hf_model(path, dtype, progress), load_hf_tokenizer(path)
-    from converters.gguf import load_gguf_tokenizer
+    from converters.gguf import load_gguf_tokenizer, read_gguf
     from converters.gguf_model import load_gguf_model
 
-    return load_gguf_model(path, dtype, progress), load_gguf_tokenizer(path)
+    file = read_gguf(path)  # parsed once, for the model and its tokenizer
+    return load_gguf_model(file, dtype, progress), load_gguf_tokenizer(file)
 
 
 def load_model(

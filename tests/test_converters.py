@@ -95,3 +95,89 @@ def test_orbax_cache_round_trip(tiny_model_dir, tmp_path, dtype):
         np.asarray(third.model.params["final_norm"]["scale"], np.float64),
         np.asarray(first.model.params["final_norm"]["scale"], np.float64),
     )
+
+
+# One HF rope_parameters dict per RoPE variant jaxlin reads (the GGUF-only
+# "frequency_factors" as converters.gguf builds it from llama.cpp's rope_freqs).
+HF_ROPE_PARAMETERS: dict[str, dict] = {
+    "default": {"rope_type": "default", "rope_theta": 100.0},
+    "linear": {"rope_type": "linear", "rope_theta": 100.0, "factor": 4.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 100.0, "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16},
+    "longrope": {
+        "rope_type": "longrope",
+        "rope_theta": 1e4,
+        "original_max_position_embeddings": 16,
+        "short_factor": [1.0, 1.5],
+        "long_factor": [2.0, 4.0],
+    },
+    "frequency_factors": {
+        "rope_type": "frequency_factors",
+        "rope_theta": 1e4,
+        "frequency_factors": [1.0, 8.0],
+    },
+}
+
+
+@pytest.mark.parametrize("rope_type", sorted(HF_ROPE_PARAMETERS))
+def test_each_rope_variant_reads_its_hf_parameters_and_round_trips_through_json(rope_type):
+    from types import SimpleNamespace
+
+    from jaxlin._config import ROPE_TYPES, rope_from_json, rope_to_json
+    from jaxlin.families._base import rope
+
+    assert set(ROPE_TYPES) == set(HF_ROPE_PARAMETERS)  # every variant is exercised here
+    parameters = HF_ROPE_PARAMETERS[rope_type]
+    ours = rope(parameters, hf_config=SimpleNamespace(max_position_embeddings=64))
+    assert type(ours) is ROPE_TYPES[rope_type] and ours.rope_type == rope_type
+    assert ours.theta == parameters["rope_theta"]
+    assert rope_from_json(json.loads(json.dumps(rope_to_json(ours)))) == ours
+    inv_freq = ours.inverse_frequencies(4, 80)
+    assert inv_freq.dtype == np.float64 and inv_freq.shape == (2,) and np.all(inv_freq > 0)
+    if rope_type == "dynamic":  # the context HF grows the base past is the config's
+        assert ours.original_max_position_embeddings == 64
+    if rope_type == "longrope":  # long input: long factors; HF's attention factor from the ratio
+        plain = 1e4 ** -(np.arange(0, 4, 2) / 4)
+        np.testing.assert_array_equal(inv_freq, plain / np.array([2.0, 4.0]))
+        assert ours.factor == 4.0 and ours.attention_factor == np.sqrt(1 + np.log(4.0) / np.log(16))
+
+
+def test_rope_json_written_with_every_field_on_one_type_still_reads():
+    """Params cache entries from before the variants were types carry every field."""
+    from jaxlin._config import LinearRope, rope_from_json
+
+    old = {
+        "theta": 100.0,
+        "rope_type": "linear",
+        "factor": 4.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "attention_factor": 1.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": True,
+        "short_factor": [],
+        "long_factor": [],
+        "frequency_factors": [],
+    }
+    assert rope_from_json(old) == LinearRope(100.0, factor=4.0)
+
+
+def test_unknown_or_incomplete_rope_parameters_name_the_field():
+    from jaxlin.families._base import ConfigFieldError, rope
+
+    with pytest.raises(ConfigFieldError, match=r"rope_type 'ntk' is not supported \(supported: default, "):
+        rope({"rope_type": "ntk", "rope_theta": 1.0})
+    with pytest.raises(ConfigFieldError, match=r"'rope_parameters' \(llama3\) lacks 'low_freq_factor'"):
+        rope({"rope_type": "llama3", "rope_theta": 1.0, "factor": 8.0})
+    with pytest.raises(ConfigFieldError, match="'max_position_embeddings' is missing"):
+        rope({"rope_type": "dynamic", "rope_theta": 1.0, "factor": 2.0}, hf_config=object())

@@ -24,16 +24,16 @@ import pytest
 from hf_reference import _DEFAULTS
 
 from converters.gguf import (
-    _ARCHITECTURES,
-    _GLOBAL_TENSORS,
+    GGUF_FAMILIES,
     SUPPORTED_GGUF_ARCHITECTURES,
     GGUFError,
     GGUFFileNotFoundError,
-    _parse,
     load_gguf_tokenizer,
+    read_gguf,
     read_gguf_config,
     read_gguf_state_dict,
 )
+from jaxlin.families._base import GGUF_GLOBAL_TENSORS
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 F16 = gguf.GGMLQuantizationType.F16
@@ -218,7 +218,7 @@ def test_llama_permutation_is_undone_not_just_consistent(tiny_gguf) -> None:
     # Guard against a round trip that is exact because it does nothing: the file's q/k
     # rows really are in llama.cpp's order, and ours are HF's.
     path, expected = tiny_gguf("llama")
-    raw = {t.name: t for t in _parse(path).tensors}["blk.0.attn_q.weight"].data.view(np.float32)
+    raw = {t.name: t for t in read_gguf(path).tensors}["blk.0.attn_q.weight"].data.view(np.float32)
     q = read_gguf_state_dict(path)["model.layers.0.self_attn.q_proj.weight"]
     assert not np.array_equal(raw, q)
     np.testing.assert_array_equal(raw, llama_cpp_permute(q, HEADS, HEADS))
@@ -248,14 +248,15 @@ def test_dtype_and_progress(tiny_gguf, dtype: type) -> None:
 
 def test_name_tables_agree_with_gguf_tensor_name_map() -> None:
     """Each (GGUF, HF) pair is also what gguf's own HF → GGUF TensorNameMap says."""
-    for arch, spec in _ARCHITECTURES.items():
+    for arch, family in GGUF_FAMILIES.items():
+        spec = family.gguf
         name_map = gguf.get_tensor_name_map(ARCH_IDS[arch], LAYERS)
         for leaf, hf_leaf in spec.layer_tensors.items():
-            hf_name = f"{spec.layer_prefix}.1.{hf_leaf}"
+            hf_name = f"{family.layer_prefix.format(layer=1)}{hf_leaf}"
             assert name_map.get_name(hf_name) == f"blk.1.{leaf}", (arch, leaf)
         for gguf_name, hf_name in spec.global_tensors.items():
             assert name_map.get_name(hf_name) == gguf_name, (arch, hf_name)
-        assert set(spec.global_tensors) <= set(_GLOBAL_TENSORS) or arch == "gpt2"
+        assert set(spec.global_tensors) <= set(GGUF_GLOBAL_TENSORS) or arch == "gpt2"
     # gemma2 has no output tensor in gguf's (and llama.cpp's) tensor list at all.
     assert gguf.MODEL_TENSOR.OUTPUT not in gguf.MODEL_TENSORS[ARCH_IDS["gemma2"]]
     assert set(SUPPORTED_GGUF_ARCHITECTURES) == {
@@ -292,7 +293,7 @@ def test_parser_agrees_with_gguf_reader(tmp_path: Path) -> None:
 
     tensors, _, _ = tiny_checkpoint("llama")
     path = write_gguf(tmp_path / "types.gguf", "llama", tensors, every_type)
-    ours, theirs = _parse(path), gguf.GGUFReader(path)
+    ours, theirs = read_gguf(path), gguf.GGUFReader(path)
     assert ours.metadata == {
         key: field.contents() for key, field in theirs.fields.items() if not key.startswith("GGUF.")
     }
@@ -417,6 +418,30 @@ def test_runtime_needs_no_torch(tiny_gguf) -> None:
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])},
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_full_load_parses_the_file_once(tiny_gguf, monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    """Model (config + tensors) and tokenizer share one parsed header: every parse makes
+    one reader cursor, so counting cursors counts parses, whatever the entry point."""
+    from converters.gguf import reader
+    from jaxlin.loading import load_model
+
+    parses = []
+
+    class CountingCursor(reader._Cursor):
+        def __init__(self, buffer: np.ndarray) -> None:
+            parses.append(buffer.filename)
+            super().__init__(buffer)
+
+    monkeypatch.setattr(reader, "_Cursor", CountingCursor)
+    path, _ = tiny_gguf(arch)
+    loaded = load_model("gguf", path, use_cache=False, progress=False)
+    assert loaded.model.config.family == arch and loaded.tokenizer("the").input_ids
+    assert len(parses) == 1, parses
+    # The count is live: each stage called with a path parses again.
+    read_gguf_config(path)
+    assert len(parses) == 2
 
 
 # --------------------------------------------------------------------------- errors and warnings
@@ -585,7 +610,7 @@ def test_real_gemma_names_shapes_and_norms(gemma_gguf_path: Path, gemma_state_di
     assert {name: values.shape for name, values in gemma_state_dict.items()} == expected
     assert all(values.dtype == np.float32 for values in gemma_state_dict.values())
     # Norms are stored as 1 + w (F32 in the file): we return w.
-    raw = {t.name: t for t in _parse(gemma_gguf_path).tensors}["blk.3.post_ffw_norm.weight"].data.view(
+    raw = {t.name: t for t in read_gguf(gemma_gguf_path).tensors}["blk.3.post_ffw_norm.weight"].data.view(
         np.float32
     )
     np.testing.assert_array_equal(
@@ -628,7 +653,7 @@ def test_real_gemma_tokenizer_matches_transformers(gemma_gguf_path: Path, torch:
 
 @pytest.mark.slow
 def test_real_gemma_parser_agrees_with_gguf_reader(gemma_gguf_path: Path) -> None:
-    ours, theirs = _parse(gemma_gguf_path), gguf.GGUFReader(gemma_gguf_path)
+    ours, theirs = read_gguf(gemma_gguf_path), gguf.GGUFReader(gemma_gguf_path)
     for key, field in theirs.fields.items():
         if not key.startswith("GGUF."):
             assert ours.metadata[key] == field.contents(), key
@@ -932,7 +957,7 @@ def test_new_architectures_round_trip_to_the_hf_state_dict(tiny_arch_gguf, arch:
 
 def test_gpt2_conv1d_layout_and_fused_names(tiny_arch_gguf) -> None:
     path, _, _ = tiny_arch_gguf("gpt2")
-    raw = {t.name: t for t in _parse(path).tensors}
+    raw = {t.name: t for t in read_gguf(path).tensors}
     assert raw["blk.0.attn_qkv.weight"].shape == (3 * 64, 64)  # llama.cpp: nn.Linear (out, in)
     ours = read_gguf_state_dict(path)
     assert ours["transformer.h.0.attn.c_attn.weight"].shape == (64, 3 * 64)  # Conv1D (in, out)
@@ -1143,7 +1168,7 @@ def test_llama_cpp_rope_freqs_are_hf_llama3_scaling(torch: Any, factor: float, h
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from jaxlin._config import RopeConfig
+    from jaxlin._config import FrequencyFactorsRope
 
     rope_parameters = {
         "rope_type": "llama3",
@@ -1163,5 +1188,5 @@ def test_llama_cpp_rope_freqs_are_hf_llama3_scaling(torch: Any, factor: float, h
     factors = llama_cpp_generate_extra_tensors("llama", hparams, gguf.GGUFWriter(None, "llama"))[ROPE_FREQS]
     assert {1.0, factor} < set(factors.tolist())  # every band is populated
     hf_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
-    ours = RopeConfig(500000.0, "frequency_factors", frequency_factors=tuple(factors.tolist()))
+    ours = FrequencyFactorsRope(500000.0, frequency_factors=tuple(factors.tolist()))
     np.testing.assert_allclose(ours.inverse_frequencies(head_dim, 1), hf_inv_freq.double().numpy(), rtol=1e-6)

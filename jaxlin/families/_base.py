@@ -4,13 +4,12 @@ name table of the llama-like block."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from jaxlin._config import Activation, ModelConfig, RopeConfig
+from jaxlin._config import ROPE_TYPES, Activation, ModelConfig, RopeConfig
 from jaxlin.errors import JaxlinError
 
 
@@ -104,10 +103,110 @@ GLOBAL_TENSORS: dict[str, Targets] = {
 }
 
 
+# --------------------------------------------------------------------------- GGUF names
+#
+# How llama.cpp's converter (convert_hf_to_gguf.py) writes a family, as data that
+# `converters.gguf` reads. Names are checked against gguf's own HF → GGUF TensorNameMap in
+# tests/test_gguf.py.
+
+# llama.cpp's names outside the layers (before `.weight`/`.bias`) → HF's, llama-like block.
+GGUF_GLOBAL_TENSORS: dict[str, str] = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    # Absent when llama.cpp tied it to token_embd (then no lm_head, like a tied HF checkpoint).
+    "output": "lm_head",
+}
+
+# llama.cpp's per-layer leaf (between `blk.{i}.` and `.weight`/`.bias`) → HF's (inside the
+# family's layer_prefix): the llama-like block.
+GGUF_DECODER_LAYER_TENSORS: dict[str, str] = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Llama-style blocks: HF's post_attention_layernorm is the norm *before* the MLP: llama.cpp's ffn_norm.
+GGUF_PRE_NORM_LAYER_TENSORS: dict[str, str] = {
+    **GGUF_DECODER_LAYER_TENSORS,
+    "ffn_norm": "post_attention_layernorm",
+}
+GGUF_QK_NORM_TENSORS: dict[str, str] = {
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+# Gemma 2/3: four norms per layer. llama.cpp's ffn_norm is HF's pre_feedforward_layernorm
+# here, not post_attention_layernorm as for Llama.
+GGUF_SANDWICH_LAYER_TENSORS: dict[str, str] = {
+    **GGUF_DECODER_LAYER_TENSORS,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFRopeTensors:
+    """RoPE scaling llama.cpp's converter writes as tensors (gguf's MODEL_TENSOR.ROPE_FREQS,
+    ROPE_FACTORS_LONG/SHORT), not metadata: rebuilt into HF's rope_parameters. No HF
+    parameter holds them, so they are not in the state dict."""
+
+    rope_type: str
+    # GGUF tensor name → the rope parameter its values become (one per rotated pair).
+    tensors: Mapping[str, str]
+    # Metadata key (after `{arch}.`) with the attention factor, where the converter writes one.
+    attention_factor_key: str | None = None
+    # A rope_type transformers does not know is set after the HF config is built (building
+    # with it would warn), so transformers refuses to build a model from it rather than
+    # silently using plain RoPE.
+    known_to_transformers: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFNames:
+    """Everything llama.cpp's converter does differently from HF for one family."""
+
+    architecture: str  # general.architecture
+    layer_tensors: Mapping[str, str]  # llama.cpp leaf → HF name inside the family's layer_prefix
+    global_tensors: Mapping[str, str] = dataclasses.field(default_factory=lambda: GGUF_GLOBAL_TENSORS)
+    # llama.cpp stores every `*norm.weight` as `w + norm_offset` (Gemma's RMSNorm scales
+    # by `1 + w`; llama.cpp's kernel scales by the stored value).
+    norm_offset: float = 0.0
+    # llama.cpp's LlamaModel.permute reorders q/k rows per head from HF's rotate-half
+    # pairing (i, i + d/2) to its interleaved pairing (2i, 2i + 1).
+    unpermute_qk: bool = False
+    # Leaves whose `.weight` llama.cpp stores transposed: GPT-2's Conv1D keeps (in, out),
+    # llama.cpp writes every matrix as nn.Linear's (out, in).
+    transposed: frozenset[str] = frozenset()
+    rope_tensors: GGUFRopeTensors | None = None
+    # Metadata keys (after `{arch}.`) transformers' GGUF_CONFIG_MAPPING misses although the
+    # HF config has the field: applied on top of transformers' mapping.
+    extra_config_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Our own metadata mapping, for an architecture transformers' GGUF_CONFIG_MAPPING lacks.
+    config_mapping: Mapping[str, str | None] | None = None
+    # HF model_type when it is not the architecture's name.
+    model_type: str | None = None
+    # transformers' model_type by exact general.name (its quirk, kept for parity).
+    model_type_by_general_name: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # HF config field → the mapped field whose value it takes.
+    copied_config_fields: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Config fields where llama.cpp writes 0 for HF's None.
+    zero_means_none: tuple[str, ...] = ()
+    # partial_rotary_factor from rope.dimension_count, which transformers' mapping drops.
+    rotary_fraction_from_rope_dims: bool = False
+    # Gemma: the layer count by which llama.cpp recognizes the 27B model, which scales
+    # attention by hidden/heads (the others by head_dim); the file does not say.
+    full_width_attention_scale_layers: int | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """A family: which HF model types it reads, how their config maps onto ModelConfig,
-    and which checkpoint tensors feed which params (names inside `layer_prefix`)."""
+    which checkpoint tensors feed which params (names inside `layer_prefix`), and how
+    llama.cpp names it in a GGUF file (None: no GGUF architecture of its own)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -115,6 +214,7 @@ class Family:
     layer_tensors: Mapping[str, Targets]
     global_tensors: Mapping[str, Targets] = dataclasses.field(default_factory=lambda: GLOBAL_TENSORS)
     layer_prefix: str = "model.layers.{layer}."
+    gguf: GGUFNames | None = None
 
 
 def family_for_hf_config(hf_config: Any) -> Family:
@@ -167,88 +267,29 @@ def activation(hf_config: Any) -> Activation:
 def rope(
     parameters: Mapping[str, Any] | None, field_name: str = "rope_parameters", hf_config: Any = None
 ) -> RopeConfig:
-    """One RopeConfig from HF's (standardized) rope parameters dict, or from the
+    """The RoPE variant HF's (standardized) rope parameters dict names, or the
     "frequency_factors" dict `converters.gguf` builds from llama.cpp's `rope_freqs`."""
     if not parameters or "rope_theta" not in parameters:
         raise ConfigFieldError(f"config field {field_name!r} has no rope_theta: {parameters!r}")
-    theta = float(parameters["rope_theta"])
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigFieldError(
+            f"config field {field_name!r}: rope_type {rope_type!r} is not supported "
+            f"(supported: {', '.join(ROPE_TYPES)})"
+        )
     try:
-        if rope_type == "default":
-            return RopeConfig(theta)
-        if rope_type == "linear":
-            return RopeConfig(theta, "linear", factor=float(parameters["factor"]))
-        if rope_type == "llama3":
-            return RopeConfig(
-                theta,
-                "llama3",
-                factor=float(parameters["factor"]),
-                low_freq_factor=float(parameters["low_freq_factor"]),
-                high_freq_factor=float(parameters["high_freq_factor"]),
-                original_max_position_embeddings=int(parameters["original_max_position_embeddings"]),
-            )
-        if rope_type == "dynamic":
-            # HF's dynamic NTK grows the base past config.max_position_embeddings (it
-            # ignores any original_max_position_embeddings): that is the context kept here.
-            return RopeConfig(
-                theta,
-                "dynamic",
-                factor=float(parameters["factor"]),
-                original_max_position_embeddings=int(field(hf_config, "max_position_embeddings")),
-            )
-        if rope_type == "frequency_factors":
-            return RopeConfig(
-                theta,
-                "frequency_factors",
-                frequency_factors=tuple(float(x) for x in parameters["frequency_factors"]),
-            )
-        original = int(parameters["original_max_position_embeddings"])
-        factor = parameters.get("factor") or field(hf_config, "max_position_embeddings") / original
-        if rope_type == "yarn":
-            return RopeConfig(
-                theta,
-                "yarn",
-                factor=float(factor),
-                original_max_position_embeddings=original,
-                attention_factor=_yarn_attention_factor(parameters, float(factor)),
-                beta_fast=float(parameters.get("beta_fast") or 32),
-                beta_slow=float(parameters.get("beta_slow") or 1),
-                truncate=bool(parameters.get("truncate", True)),
-            )
-        if rope_type == "longrope":
-            attention_factor = parameters.get("attention_factor")
-            if attention_factor is None:
-                attention_factor = (
-                    1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-                )
-            return RopeConfig(
-                theta,
-                "longrope",
-                factor=float(factor),
-                original_max_position_embeddings=original,
-                attention_factor=float(attention_factor),
-                short_factor=tuple(float(x) for x in parameters["short_factor"]),
-                long_factor=tuple(float(x) for x in parameters["long_factor"]),
-            )
+        return ROPE_TYPES[rope_type].from_hf(
+            float(parameters["rope_theta"]),
+            parameters,
+            context=lambda: field(hf_config, "max_position_embeddings"),
+        )
     except KeyError as missing:
         raise ConfigFieldError(f"config field {field_name!r} ({rope_type}) lacks {missing}") from None
-    raise ConfigFieldError(
-        f"config field {field_name!r}: rope_type {rope_type!r} is not supported "
-        "(supported: default, linear, llama3, dynamic, yarn, longrope, frequency_factors)"
-    )
 
 
-def _yarn_attention_factor(parameters: Mapping[str, Any], factor: float) -> float:
-    """YaRN's mscale, as HF computes it when the config does not give it."""
-    if parameters.get("attention_factor") is not None:
-        return float(parameters["attention_factor"])
-
-    def mscale(scale: float, weight: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
-
-    if parameters.get("mscale") and parameters.get("mscale_all_dim"):
-        return mscale(factor, parameters["mscale"]) / mscale(factor, parameters["mscale_all_dim"])
-    return mscale(factor)
+def config_rope(hf_config: Any) -> RopeConfig:
+    """The RoPE of a config with one `rope_parameters` dict for every layer."""
+    return rope(field(hf_config, "rope_parameters"), hf_config=hf_config)
 
 
 def rotary_fraction(parameters: Mapping[str, Any] | None, hf_config: Any) -> float:
@@ -282,6 +323,20 @@ def common_fields(hf_config: Any) -> dict[str, Any]:
         activation=activation(hf_config),
         tie_word_embeddings=bool(field(hf_config, "tie_word_embeddings", False)),
     )
+
+
+def linear_biases(hf_config: Any) -> dict[str, bool]:
+    """The ModelConfig bias flags of a Llama-architecture config: some checkpoints carry
+    biases, `attention_bias` on q/k/v/o and `mlp_bias` on the MLP."""
+    attention = bool(getattr(hf_config, "attention_bias", False))
+    return dict(qkv_bias=attention, out_bias=attention, mlp_bias=bool(getattr(hf_config, "mlp_bias", False)))
+
+
+def sliding(hf_config: Any, every_layer_if_windowed: bool = False) -> dict[str, Any]:
+    """The ModelConfig fields `sliding_layers` and `sliding_window` (None without sliding layers)."""
+    layers = sliding_layers(hf_config, every_layer_if_windowed)
+    window = int(field(hf_config, "sliding_window")) if layers else None
+    return dict(sliding_layers=layers, sliding_window=window)
 
 
 def sliding_layers(hf_config: Any, every_layer_if_windowed: bool = False) -> tuple[bool, ...]:

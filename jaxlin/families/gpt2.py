@@ -95,4 +95,26 @@ FAMILY = _base.Family(
         **_layer_norm("transformer.ln_f", "final_norm"),
         "lm_head.weight": ((("lm_head", "kernel"), _base.linear),),
     },
+    gguf=_base.GGUFNames(
+        architecture="gpt2",
+        layer_tensors={
+            "attn_norm": "ln_1",
+            "attn_qkv": "attn.c_attn",
+            "attn_output": "attn.c_proj",
+            "ffn_norm": "ln_2",
+            "ffn_up": "mlp.c_fc",
+            "ffn_down": "mlp.c_proj",
+        },
+        global_tensors={
+            "token_embd": "transformer.wte",
+            "position_embd": "transformer.wpe",
+            "output_norm": "transformer.ln_f",
+            "output": "lm_head",
+        },
+        # llama.cpp's GPT2Model transposes the c_attn, c_proj and c_fc weights (Conv1D).
+        transposed=frozenset({"attn_qkv", "attn_output", "ffn_up", "ffn_down"}),
+        # transformers maps context_length to `n_ctx`, which GPT2Config keeps but does not
+        # use; the position table's length (wpe rows) is n_positions.
+        copied_config_fields={"n_positions": "n_ctx"},
+    ),
 )

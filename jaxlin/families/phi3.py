@@ -13,15 +13,12 @@ from jaxlin.families import _base
 def config_from_hf(hf_config: Any) -> ModelConfig:
     _base.reject_if_set(hf_config, "attention_bias")
     parameters = _base.field(hf_config, "rope_parameters")
-    sliding = _base.sliding_layers(hf_config, every_layer_if_windowed=True)
-    window = getattr(hf_config, "sliding_window", None)
     return ModelConfig(
         family="phi3",
         **_base.common_fields(hf_config),
         rope=_base.rope(parameters, hf_config=hf_config),
         rotary_fraction=_base.rotary_fraction(parameters, hf_config),
-        sliding_layers=sliding,
-        sliding_window=int(window) if sliding else None,
+        **_base.sliding(hf_config, every_layer_if_windowed=True),
     )
 
 
@@ -49,4 +46,36 @@ FAMILY = _base.Family(
         **_base.linear_params("mlp.down_proj", "mlp", "down_proj"),
         **_base.PRE_NORM_LAYER_TENSORS,
     },
+    gguf=_base.GGUFNames(
+        architecture="phi3",
+        # Llama's names, but HF's fused tensors stay fused: qkv_proj (rows q, k, v) as attn_qkv
+        # and gate_up_proj (rows gate, up) as ffn_up; llama.cpp splits both at run time in the
+        # same order.
+        layer_tensors={
+            **{
+                leaf: hf_name
+                for leaf, hf_name in _base.GGUF_PRE_NORM_LAYER_TENSORS.items()
+                if leaf not in ("attn_q", "attn_k", "attn_v", "ffn_gate")
+            },
+            "attn_qkv": "self_attn.qkv_proj",
+            "ffn_up": "mlp.gate_up_proj",
+        },
+        # Long-context Phi-3: longrope's factors become tensors and its attention factor
+        # `rope.scaling.attn_factor` (Phi3MiniModel.generate_extra_tensors): HF's own longrope
+        # parameters come back, so transformers builds the same model.
+        rope_tensors=_base.GGUFRopeTensors(
+            "longrope",
+            {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"},
+            attention_factor_key="rope.scaling.attn_factor",
+        ),
+        # Both written by llama.cpp's Phi3MiniModel, both Phi3Config fields, both dropped by
+        # transformers' phi3 mapping.
+        extra_config_keys={
+            "attention.sliding_window": "sliding_window",
+            "rope.scaling.original_context_length": "original_max_position_embeddings",
+        },
+        zero_means_none=("sliding_window",),  # Phi-4: no window
+        # llama.cpp writes int(partial_rotary_factor * hidden) // heads (Phi-4-mini: 0.75).
+        rotary_fraction_from_rope_dims=True,
+    ),
 )

@@ -10,14 +10,12 @@ from jaxlin.families import _base
 
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
-    sliding = _base.sliding_layers(hf_config)
     return ModelConfig(
         family="qwen2",
         **_base.common_fields(hf_config),
-        rope=_base.rope(_base.field(hf_config, "rope_parameters"), hf_config=hf_config),
+        rope=_base.config_rope(hf_config),
         qkv_bias=True,  # HF's Qwen2Attention always has q/k/v biases, never an o_proj bias
-        sliding_layers=sliding,
-        sliding_window=int(hf_config.sliding_window) if sliding else None,
+        **_base.sliding(hf_config),
     )
 
 
@@ -26,4 +24,6 @@ FAMILY = _base.Family(
     model_types=("qwen2",),
     config_from_hf=config_from_hf,
     layer_tensors={**_base.SHARED_LAYER_TENSORS, **_base.QKV_BIASES, **_base.PRE_NORM_LAYER_TENSORS},
+    # Llama's names; the q/k/v biases' `.bias` suffix carries over unchanged.
+    gguf=_base.GGUFNames(architecture="qwen2", layer_tensors=_base.GGUF_PRE_NORM_LAYER_TENSORS),
 )

@@ -1,0 +1,140 @@
+"""GGUF tensors → Hugging Face–named, HF-laid-out numpy arrays: the family's llama.cpp
+names (`blk.0.attn_q.weight`) translated, and llama.cpp's conventions undone (Gemma's
+`1 + w` norm weights, Llama's q/k row permutation, GPT-2's Conv1D transposes).
+Dequantization is `gguf.quants.dequantize`, the library llama.cpp writes these files with."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from converters.gguf.architectures import gguf_family, gguf_names
+from converters.gguf.reader import GGUFError, GGUFSource, GGUFTensor, parsed
+
+if TYPE_CHECKING:
+    import gguf
+
+    from jaxlin.families import Family
+    from jaxlin.families._base import GGUFNames
+
+_LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
+_GLOBAL_TENSOR = re.compile(r"^(.+)\.(weight|bias)$")
+
+
+def check_dequantizable(tensor: GGUFTensor, path: str) -> None:
+    """Fail before any real work: dequantize one all-zero block of the tensor's type."""
+    import gguf
+
+    _, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), tensor.tensor_type)
+    except NotImplementedError:
+        raise GGUFError(
+            f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which gguf cannot dequantize"
+        ) from None
+
+
+def _hf_name(family: Family, names: GGUFNames, gguf_name: str, path: str) -> tuple[str, bool] | None:
+    """(HF name of a GGUF tensor, whether llama.cpp stored it transposed); None for one
+    llama.cpp generated (no HF parameter)."""
+    if names.rope_tensors is not None and gguf_name in names.rope_tensors.tensors:
+        return None
+    if match := _LAYER_TENSOR.match(gguf_name):
+        layer, leaf, suffix = match.groups()
+        if leaf in names.layer_tensors:
+            hf_name = f"{family.layer_prefix.format(layer=int(layer))}{names.layer_tensors[leaf]}.{suffix}"
+            return hf_name, suffix == "weight" and leaf in names.transposed
+    elif (match := _GLOBAL_TENSOR.match(gguf_name)) and match.group(1) in names.global_tensors:
+        return f"{names.global_tensors[match.group(1)]}.{match.group(2)}", False
+    raise GGUFError(f"{path}: tensor {gguf_name!r} has no known Hugging Face name")
+
+
+def _unpermute_rows(values: np.ndarray, n_head: int, name: str, path: str) -> np.ndarray:
+    """Inverse of llama.cpp's LlamaModel.permute (convert_hf_to_gguf.py):
+    `w.reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2)`. Only rows move, so
+    weights and biases alike."""
+    rows = values.shape[0]
+    if rows % (2 * n_head):
+        raise GGUFError(f"{path}: tensor {name!r} has {rows} rows, not a multiple of 2 × {n_head} heads")
+    return (
+        values.reshape(n_head, rows // n_head // 2, 2, *values.shape[1:]).swapaxes(1, 2).reshape(values.shape)
+    )
+
+
+def read_gguf_state_dict(
+    source: GGUFSource, dtype: npt.DTypeLike = np.float32, progress: bool = False
+) -> dict[str, np.ndarray]:
+    """All tensors of a GGUF file (a parsed `GGUFFile` or a path), dequantized to `dtype`,
+    under HF names and in HF layouts.
+
+    Names: exactly the HF model class's: 'model.embed_tokens.weight',
+    'model.layers.{i}.self_attn.q_proj.weight' (.bias for Qwen2), ..., 'model.norm.weight';
+    Phi-3's fused 'self_attn.qkv_proj' and 'mlp.gate_up_proj'; GPT-2's 'transformer.wte',
+    'transformer.wpe', 'transformer.h.{i}.attn.c_attn', ..., 'transformer.ln_f'. And
+    'lm_head.weight' only if the file has `output.weight`.
+    Layouts: as HF (nn.Linear weight = (out, in), GPT-2's Conv1D weight = (in, out)).
+    llama.cpp's conventions are undone: Gemma 2/3 norm weights (stored as 1 + w), Llama's
+    q/k row permutation, GPT-2's Conv1D transposes. Generated tensors without HF
+    parameter (Llama 3's `rope_freqs`, Phi-3's `rope_factors_long/short`) are not
+    returned: `read_gguf_config` turns them back into the RoPE configuration.
+
+    Raises GGUFError for an unknown tensor name or a type gguf cannot dequantize, before
+    dequantizing anything. `progress=True` shows a tqdm bar over tensors.
+    """
+    import gguf
+
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f" and dtype.name != "bfloat16":
+        raise TypeError(f"dtype must be a floating-point type, got {dtype}")
+    # The offset is subtracted in float32 (what the file stores norms in) or wider, then
+    # cast once, so nothing is rounded twice.
+    work_dtype = np.float64 if dtype == np.float64 else np.float32
+
+    file = parsed(source)
+    family = gguf_family(file)
+    names = gguf_names(file)
+    n_head = n_head_kv = 0
+    if names.unpermute_qk:
+        n_head = file.int_value(f"{names.architecture}.attention.head_count")
+        # llama.cpp's loader defaults the KV head count to the head count, and so do we
+        # (transformers instead skips the unpermute when it is absent, leaving q/k scrambled).
+        n_head_kv = file.int_value(f"{names.architecture}.attention.head_count_kv", default=n_head)
+
+    plan = [(tensor, _hf_name(family, names, tensor.name, file.path)) for tensor in file.tensors]
+    first_of_type: dict[gguf.GGMLQuantizationType, GGUFTensor] = {}
+    for tensor, target in plan:
+        if target is not None:
+            first_of_type.setdefault(tensor.tensor_type, tensor)
+    for tensor in first_of_type.values():
+        check_dequantizable(tensor, file.path)
+
+    state_dict: dict[str, np.ndarray] = {}
+    if progress:
+        from tqdm.auto import tqdm
+
+        plan = tqdm(plan, desc=f"Reading {Path(file.path).name}", unit="tensor")
+    for tensor, target in plan:
+        if target is None:
+            continue
+        hf_name, transposed = target
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        # F32 comes back as a read-only view of the memory map: copy it out of the file.
+        if np.may_share_memory(values, tensor.data):
+            values = np.array(values, dtype=work_dtype)
+        else:
+            values = values.astype(work_dtype, copy=False)
+        values = values.reshape(tensor.shape)
+        if names.norm_offset and hf_name.endswith("norm.weight"):
+            values = values - names.norm_offset
+        if names.unpermute_qk and ".self_attn.q_proj." in hf_name:
+            values = _unpermute_rows(values, n_head, tensor.name, file.path)
+        elif names.unpermute_qk and ".self_attn.k_proj." in hf_name:
+            values = _unpermute_rows(values, n_head_kv, tensor.name, file.path)
+        if transposed:
+            values = np.ascontiguousarray(values.T)
+        state_dict[hf_name] = values.astype(dtype, copy=False)
+    return state_dict
