@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from matfree import decomp
 
 from jaxlin._policy import FreezePolicy
-from jaxlin.operator import target_function
+from jaxlin.jacobian import target_function
 
 
 def _forward(config: Any, params: Any) -> Any:
