@@ -26,8 +26,8 @@ from jaxlin.outputs import write_file_atomic  # noqa: E402
 from jaxlin.record import (  # noqa: E402
     FIGURES,
     Ablation,
-    AggregateLayerRow,
     LayerRow,
+    LayerTap,
     ManyPromptRecord,
     PromptRow,
     Record,
@@ -128,10 +128,10 @@ def per_token_spectra(
     plt.close(fig)
 
 
-def layer_dynamics(path: Path, rows: Sequence[LayerRow | AggregateLayerRow]) -> None:
+def layer_dynamics(path: Path, rows: Sequence[LayerTap]) -> None:
     """Effective dimensionality per layer (stable rank and entropy rank) for each tap."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    series: dict[tuple[str, str], list[LayerRow | AggregateLayerRow]] = {}
+    series: dict[tuple[str, str], list[LayerTap]] = {}
     for row in rows:
         series.setdefault((row.tap, row.scope), []).append(row)
     for (tap, scope), entries in sorted(series.items()):

@@ -130,14 +130,19 @@ class PerToken(_Fields):
     max_relative_bound: float | None = None
 
 
-class LayerRow(_Fields):
-    """One tap of one layer in the layer sweep."""
+class LayerTap(_Fields):
+    """One tap of one layer and its effective dimensionality (what every layer row has)."""
 
     layer: int
     tap: Literal["residual", "attention", "mlp"]
     scope: Literal["cumulative", "local"]
     stable_rank: float
     entropy_rank: float
+
+
+class LayerRow(LayerTap):
+    """One tap of one layer in the layer sweep."""
+
     sigma_1: float
     reconstruction_relative_error: float
     path_cosines: list[float]
@@ -253,16 +258,11 @@ class PromptRow(_Fields):
     directory: str
 
 
-class AggregateLayerRow(_Fields):
-    """One tap of one layer, averaged over the prompts."""
+class AggregateLayerRow(LayerTap):
+    """One tap of one layer, averaged over the prompts (stable and entropy rank: means)."""
 
-    layer: int
-    tap: Literal["residual", "attention", "mlp"]
-    scope: Literal["cumulative", "local"]
     prompts: int
-    stable_rank: float
     stable_rank_std: float
-    entropy_rank: float
     entropy_rank_std: float
     max_reconstruction_relative_error: float
 
