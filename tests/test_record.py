@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+import sys
 import typing
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,7 +23,11 @@ from jaxlin.plots import DRAW
 from jaxlin.record import (
     FIGURES,
     SCHEMA_VERSION,
+    AblationRow,
+    AggregateLayerRow,
+    LayerRow,
     ManyPromptRecord,
+    PromptRow,
     RecordError,
     RunRecord,
     StopReason,
@@ -169,6 +176,34 @@ def test_every_png_a_run_writes_is_in_its_section_with_its_caption(runs, name):
     parser.feed((run / "report.html").read_text(encoding="utf-8"))
     expected = sorted((FIGURES[n].section, f"{n}: {FIGURES[n].caption}") for n in written)
     assert sorted(parser.alts) == expected
+
+
+def test_the_report_rerenders_a_run_directory(runs, tmp_path):
+    """`python -m jaxlin.report RUN_DIR`: the report from summary.json alone, the same page."""
+    run = tmp_path / "copy"
+    shutil.copytree(runs["lanczos_minimal"], run)
+    before = (run / "report.html").read_text(encoding="utf-8")
+    (run / "report.html").unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxlin.report", str(run)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert (run / "report.html").read_text(encoding="utf-8") == before.replace(
+        f"· {runs['lanczos_minimal'].name}<", f"· {run.name}<"
+    )
+    (run / "summary.json").write_text('{"model": 3}', encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxlin.report", str(run)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode != 0 and done.stderr.startswith(f"jaxlin: error: {run / 'summary.json'}: ")
+    assert "Traceback" not in done.stderr
+
+
+def test_report_columns_are_record_fields():
+    assert set(report.LAYER_COLUMNS) <= LayerRow.model_fields.keys()
+    assert set(report.AGGREGATE_LAYER_COLUMNS) <= AggregateLayerRow.model_fields.keys()
+    assert set(report.ABLATION_COLUMNS) == AblationRow.model_fields.keys()
+    assert set(report.PROMPT_COLUMNS) == PromptRow.model_fields.keys()
 
 
 def test_the_registry_is_complete():
