@@ -7,7 +7,9 @@ fit is refused by name. `schema_version` says which shape a file has.
 
 A record keeps what was recorded: the optional sections (layers, ablation, steering, the
 run's config, …) are absent from summary.json when the run did not produce them, and a
-record dumps exactly the keys it was given (`record_data`).
+record dumps exactly the keys it was given, plus its schema version (`record_data`). The
+run's config and a prompt's fingerprint are typed by `jaxlin.run_config`'s sections, so a
+change there is a change of the record's schema.
 
 `FIGURES` names every figure jaxlin writes, with the report section that shows it and its
 caption; `figure_names(record)` says which of them a run with this record has. The plot
