@@ -10,55 +10,66 @@ import threading
 from typing import NoReturn
 
 from jaxlin.errors import JaxlinError
+from jaxlin.record import ManyPromptRecord, Record, RunRecord, Steering, parse_record
 from jaxlin.report import convergence_verdict
 
 
-def _print_many(summary: dict) -> None:
-    print(f"model      {summary['model']} ({summary['family']}, {summary['dtype']})")
-    print(f"prompts    {summary['n_prompts']} ({summary['prompts_reused']} reused from an earlier run)")
-    for row in summary["prompts"]:
+def _print_many(record: ManyPromptRecord) -> None:
+    print(f"model      {record.model} ({record.family}, {record.dtype})")
+    print(f"prompts    {record.n_prompts} ({record.prompts_reused} reused from an earlier run)")
+    for row in record.prompts:
         print(
-            f"  [{row['index']}] {row['n_tokens']:>4} tokens → {row['predicted_token']!r}  certificate "
-            f"{row['reconstruction_relative_error']:.2e}  stable rank {row['stable_rank']:.2f}"
+            f"  [{row.index}] {row.n_tokens:>4} tokens → {row.predicted_token!r}  certificate "
+            f"{row.reconstruction_relative_error:.2e}  stable rank {row.stable_rank:.2f}"
         )
-    print(f"worst certificate {summary['max_reconstruction_relative_error']:.3e}")
+    print(f"worst certificate {record.max_reconstruction_relative_error:.3e}")
 
 
-def _print_report(summary: dict) -> None:
-    if "n_prompts" in summary:
-        _print_many(summary)
-        return
-    print(f"model      {summary['model']} ({summary['family']}, {summary['dtype']})")
-    print(f"tokens     {summary['n_tokens']}")
-    print(f"predicted  {summary['predicted_token']!r} (id {summary['predicted_token_id']})")
-    ok = "ok" if summary["reconstruction_argmax_matches"] else "MISMATCH"
+def _print_single(record: RunRecord) -> None:
+    print(f"model      {record.model} ({record.family}, {record.dtype})")
+    print(f"tokens     {record.n_tokens}")
+    print(f"predicted  {record.predicted_token!r} (id {record.predicted_token_id})")
+    ok = "ok" if record.reconstruction_argmax_matches else "MISMATCH"
     print(
-        f"certificate  ‖Σ_t J_t·x_t − y‖/‖y‖ = {summary['reconstruction_relative_error']:.3e}; "
+        f"certificate  ‖Σ_t J_t·x_t − y‖/‖y‖ = {record.reconstruction_relative_error:.3e}; "
         f"next-token argmax from Σc: {ok}"
     )
-    if summary["ordinary_jacobian_relative_error"] is not None:
-        print(f"ordinary Jacobian reconstruction error: {summary['ordinary_jacobian_relative_error']:.3e}")
-    spectrum = summary["spectrum"]
-    norms = summary["norms"]
-    print(
-        f"‖J‖_F      {norms['frobenius']:.4f} ({norms['frobenius_method']}); stable rank "
-        f"{norms['stable_rank']:.3f}"
-    )
-    verdict = convergence_verdict(spectrum)
-    if verdict is not None:
-        print(verdict)
-    depth = f", Krylov depth {spectrum['krylov_depth']}" if spectrum["krylov_depth"] else ""
-    print(f"top-{len(summary['singular_values'])} singular values of J ({spectrum['method']}{depth}):")
-    for entry, bound in zip(spectrum["left_vectors_top_tokens"], spectrum["residual_bounds"], strict=True):
-        tokens = ", ".join(repr(t) for t in entry["tokens"])
-        print(f"  σ{entry['index']:<2} = {entry['sigma']:10.4f} ± {bound:.1e}   u → {tokens}")
-    per_token = summary["per_token"]
-    if per_token["method"] != "off":
-        loudest = max(per_token["top_left_vector"], key=lambda e: e["sigma"])
+    if record.ordinary_jacobian_relative_error is not None:
+        print(f"ordinary Jacobian reconstruction error: {record.ordinary_jacobian_relative_error:.3e}")
+    spectrum, norms = record.spectrum, record.norms
+    print(f"‖J‖_F      {norms.frobenius:.4f} ({norms.frobenius_method}); stable rank {norms.stable_rank:.3f}")
+    print(convergence_verdict(spectrum))
+    depth = f", Krylov depth {spectrum.krylov_depth}" if spectrum.krylov_depth else ""
+    print(f"top-{len(record.singular_values)} singular values of J ({spectrum.method}{depth}):")
+    for entry, bound in zip(spectrum.left_vectors_top_tokens, spectrum.residual_bounds, strict=True):
+        tokens = ", ".join(repr(t) for t in entry.tokens)
+        print(f"  σ{entry.index:<2} = {entry.sigma:10.4f} ± {bound:.1e}   u → {tokens}")
+    per_token = record.per_token
+    if per_token.top_left_vector and per_token.singular_values:
+        loudest = max(per_token.top_left_vector, key=lambda e: e.sigma)
         print(
-            f"per-token  top-{len(per_token['singular_values'][0])} of every J_t ({per_token['method']}); "
-            f"largest σ₁(J_t) = {loudest['sigma']:.3f} at token {loudest['token']!r}"
+            f"per-token  top-{len(per_token.singular_values[0])} of every J_t ({per_token.method}); "
+            f"largest σ₁(J_t) = {loudest.sigma:.3f} at token {loudest.token!r}"
         )
+
+
+def _print_steering(steering: Steering) -> None:
+    print(
+        f"steering   concept {steering.concept!r} at layer {steering.layer} ({steering.mode}), "
+        f"prompt {steering.prompt!r}"
+    )
+    for run in steering.runs:
+        print(f"  λ = {run.strength:<5g} → {run.text!r}")
+
+
+def print_summary(record: Record) -> None:
+    """The terminal summary: a renderer of the run record."""
+    if isinstance(record, ManyPromptRecord):
+        _print_many(record)
+    else:
+        _print_single(record)
+    if record.steering is not None:
+        _print_steering(record.steering)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -145,15 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         # One line whatever the message holds (a quoted file name or library text may span lines).
         print(f"jaxlin: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    _print_report(result.summary)
-    if "steering" in result.summary:
-        steering = result.summary["steering"]
-        print(
-            f"steering   concept {steering['concept']!r} at layer {steering['layer']} ({steering['mode']}), "
-            f"prompt {steering['prompt']!r}"
-        )
-        for run in steering["runs"]:
-            print(f"  λ = {run['lambda']:<5g} → {run['text']!r}")
+    print_summary(parse_record(result.summary))
     print(f"wrote      {out_dir}/ (summary.json, arrays.npz, PNG figures)")
     print(f"report     {out_dir / 'report.html'}")
     return 0

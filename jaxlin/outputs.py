@@ -8,8 +8,9 @@ replaced or deleted.
   (`.<name>.lock` beside the output, one run per output at a time) and removes staging
   left by killed runs (`.<name>.partial-*`, `.<name>.old-*`).
 - Directories are written to a staging directory beside the target and renamed over it
-  once complete; single files are written beside their target and renamed over it. A
-  failed run leaves no partial file or directory behind.
+  once complete. Every file (JSON, npz, PNG, HTML, markers) is written by
+  `write_file_atomic`: beside its target, then renamed over it. A failed run leaves no
+  partial file or directory behind.
 - This process's staging paths and locks are kept in a registry so that `abandon` (run by
   the CLI on Ctrl-C, from another thread) can remove them before the process exits.
 
@@ -142,8 +143,10 @@ def _state(path: Path) -> str:
 
 
 def write_file_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
-    """`write(staging_path)` writes the file; it then replaces `path` in one rename. The
-    staging path keeps `path`'s suffix (matplotlib picks the format from it)."""
+    """The one way jaxlin writes a file (JSON, npz, PNG, HTML, markers): `write(staging)`
+    writes it beside `path` under a staging name, and one rename then puts it in place, so
+    `path` is never seen half-written, also inside a staging directory. The staging path
+    keeps `path`'s suffix (matplotlib picks the format from it)."""
     path = Path(path)
     staging = _new_staging(path, ".partial-", directory=False)
     try:
@@ -176,18 +179,19 @@ def json_text(data: dict[str, Any]) -> str:
     return json.dumps(_jsonable(data), indent=2, ensure_ascii=False) + "\n"
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """A JSON file inside a staging directory (not yet visible under its final name)."""
-    Path(path).write_text(json_text(data), encoding="utf-8")
-
-
-def write_npz(path: Path, arrays: dict[str, Any]) -> None:
-    """An .npz inside a staging directory."""
-    np.savez_compressed(path, **{k: np.asarray(v) for k, v in arrays.items()})
-
-
 def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
     return write_text_atomic(path, json_text(data))
+
+
+def write_npz_atomic(path: Path, arrays: dict[str, Any]) -> Path:
+    """An .npz of `arrays` (compressed); a file object, so numpy cannot append `.npz` to
+    the staging name."""
+
+    def write(staging: Path) -> None:
+        with open(staging, "wb") as sink:
+            np.savez_compressed(sink, **{k: np.asarray(v) for k, v in arrays.items()})
+
+    return write_file_atomic(path, write)
 
 
 @contextlib.contextmanager
@@ -198,7 +202,7 @@ def staged_directory(target: Path, kind: RunKind) -> Iterator[Path]:
     staging = _new_staging(target, ".partial-", directory=True)
     try:
         yield staging
-        (staging / MARKER_NAME).write_text(_marker_text(kind), encoding="utf-8")
+        write_text_atomic(staging / MARKER_NAME, _marker_text(kind))
         _publish(staging, target)
     finally:
         _discard(staging)

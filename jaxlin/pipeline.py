@@ -47,22 +47,10 @@ from jaxlin.outputs import (
     RunKind,
     claim_output,
     staged_directory,
-    write_file_atomic,
-    write_json,
-    write_json_atomic,
-    write_npz,
+    write_npz_atomic,
 )
-from jaxlin.plots import (
-    ablation_scatter,
-    importance_strip,
-    jacobian_images,
-    layer_dynamics,
-    layer_paths,
-    per_token_spectra,
-    prompt_overview,
-    reconstruction_scatter,
-    singular_values,
-)
+from jaxlin.plots import write_figures
+from jaxlin.record import parse_record, write_record
 from jaxlin.report import render_report
 from jaxlin.run_config import AnalysisSection, ConfigError, RunConfig, SteeringSection
 from jaxlin.spectral import (
@@ -576,56 +564,14 @@ def steer(loaded: LoadedModel, section: SteeringSection, add_bos: bool | None) -
 
 def write_run(result: RunResult, out_dir: Path, kind: RunKind = "single") -> Path:
     """The run directory, written in staging and renamed into place once complete (see
-    `jaxlin.outputs`); `out_dir` must be absent, empty or a jaxlin run."""
-    s = result.summary
+    `jaxlin.outputs`); `out_dir` must be absent, empty or a jaxlin run. summary.json is the
+    run record (`jaxlin.record`); the figures and the report are rendered from it."""
+    record = parse_record(result.summary)
     with staged_directory(out_dir, kind) as staging:
-        write_json(staging / "summary.json", s)
-        write_npz(staging / "arrays.npz", result.arrays)
-        arrays = result.arrays
-        ordinary = arrays.get("ordinary_contributions")
-        reconstruction_scatter(
-            staging / "reconstruction.png",
-            arrays["y"],
-            arrays["contributions"].sum(0) + arrays["bias_contribution"],
-            None if ordinary is None else ordinary.sum(0) + arrays["ordinary_bias_contribution"],
-            s["reconstruction_relative_error"],
-            s["ordinary_jacobian_relative_error"],
-            f"{s['model']} · {s['n_tokens']} tokens · {s['dtype']}",
-        )
-        singular_values(
-            staging / "singular_values.png",
-            np.asarray(s["singular_values"]),
-            f"top-{len(s['singular_values'])} singular values of J ({s['spectrum']['method']})",
-            result.arrays.get("bounds"),
-        )
-        per_token_spectra(
-            staging / "per_token.png",
-            s["tokens"],
-            result.arrays["token_contribution_norms"],
-            result.arrays["token_frobenius"],
-            result.arrays.get("per_token_S"),
-            f"per-token view · {s['n_tokens']} tokens",
-        )
-        importance_strip(
-            staging / "importance.png",
-            s["tokens"],
-            arrays["token_contribution_norms"],
-            arrays["token_frobenius"],
-        )
-        focus = int(arrays["focus_position"])
-        jacobian_images(
-            staging / "jacobian_block.png",
-            arrays["focus_block"],
-            arrays.get("focus_block_ordinary"),
-            s["tokens"][focus],
-            focus,
-        )
-        if "ablation" in s:
-            ablation_scatter(staging / "ablation.png", s["ablation"])
-        if "layers" in s:
-            layer_dynamics(staging / "layers.png", s["layers"])
-            layer_paths(staging / "layers_path.png", s["layers"])
-        render_report(staging, s, name=out_dir.name)
+        write_record(staging / "summary.json", record)
+        write_npz_atomic(staging / "arrays.npz", result.arrays)
+        write_figures(staging, record, result.arrays)
+        render_report(staging, record, name=out_dir.name)
     return out_dir
 
 
@@ -735,11 +681,10 @@ def run_many(
     summary["timings_seconds"] = timer.seconds
     summary["prompts_reused"] = reused
     summary["devices"] = batch_devices()
-    write_json_atomic(out / "summary.json", summary)
-    if "layers" in summary:
-        write_file_atomic(out / "layers.png", lambda path: layer_dynamics(path, summary["layers"]))
-    write_file_atomic(out / "prompts.png", lambda path: prompt_overview(path, summary["prompts"]))
-    render_report(out, summary)
+    record = parse_record(summary)
+    write_record(out / "summary.json", record)
+    write_figures(out, record, {})
+    render_report(out, record)
     return RunResult(summary, {}), out
 
 

@@ -1,8 +1,14 @@
-"""Figures a person can read: labelled axes, token text rather than ids."""
+"""Figures a person can read: labelled axes, token text rather than ids.
+
+Renderers of the run record: `write_figures` writes the figures `record.figure_names`
+lists for a record (with the arrays of its arrays.npz), each through the atomic writer."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -15,6 +21,21 @@ warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", cat
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from jaxlin.outputs import write_file_atomic  # noqa: E402
+from jaxlin.record import (  # noqa: E402
+    FIGURES,
+    Ablation,
+    LayerRow,
+    LayerTap,
+    ManyPromptRecord,
+    PromptRow,
+    Record,
+    RunRecord,
+    figure_names,
+)
+
+Arrays = Mapping[str, np.ndarray]
 
 
 def reconstruction_scatter(
@@ -107,19 +128,17 @@ def per_token_spectra(
     plt.close(fig)
 
 
-def layer_dynamics(path: Path, rows: list[dict]) -> None:
+def layer_dynamics(path: Path, rows: Sequence[LayerTap]) -> None:
     """Effective dimensionality per layer (stable rank and entropy rank) for each tap."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    series: dict[tuple[str, str], list[dict]] = {}
+    series: dict[tuple[str, str], list[LayerTap]] = {}
     for row in rows:
-        series.setdefault((row["tap"], row["scope"]), []).append(row)
+        series.setdefault((row.tap, row.scope), []).append(row)
     for (tap, scope), entries in sorted(series.items()):
-        layers = [e["layer"] for e in entries]
+        layers = [e.layer for e in entries]
         style = "-" if scope == "cumulative" else "--"
-        axes[0].plot(layers, [e["stable_rank"] for e in entries], style, marker="o", label=f"{tap} ({scope})")
-        axes[1].plot(
-            layers, [e["entropy_rank"] for e in entries], style, marker="o", label=f"{tap} ({scope})"
-        )
+        axes[0].plot(layers, [e.stable_rank for e in entries], style, marker="o", label=f"{tap} ({scope})")
+        axes[1].plot(layers, [e.entropy_rank for e in entries], style, marker="o", label=f"{tap} ({scope})")
     axes[0].set_ylabel("stable rank ‖J‖_F² / σ₁²")
     axes[1].set_ylabel("entropy effective rank exp H(σ²/Σσ²)")
     for ax in axes:
@@ -133,22 +152,22 @@ def layer_dynamics(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def layer_paths(path: Path, rows: list[dict], tap: str = "residual") -> None:
+def layer_paths(path: Path, rows: Sequence[LayerRow], tap: str = "residual") -> None:
     """The 'path': |cos| of each layer's top left singular vectors with the final layer's,
     each point labelled with the top decoded token of that layer's vector."""
-    entries = [r for r in rows if r["tap"] == tap and r["scope"] == "cumulative"] or [
-        r for r in rows if r["scope"] == "cumulative"
+    entries = [r for r in rows if r.tap == tap and r.scope == "cumulative"] or [
+        r for r in rows if r.scope == "cumulative"
     ]
     if not entries:
-        return
+        raise ValueError("the layer path needs cumulative layer rows")
     fig, ax = plt.subplots(figsize=(12, 5))
-    count = len(entries[0]["path_cosines"])
+    count = len(entries[0].path_cosines)
     for i in range(count):
-        layers = [e["layer"] for e in entries]
-        cosines = [e["path_cosines"][i] for e in entries]
+        layers = [e.layer for e in entries]
+        cosines = [e.path_cosines[i] for e in entries]
         ax.plot(layers, cosines, marker="o", label=f"u_{i + 1}")
         for layer, cosine, entry in zip(layers, cosines, entries, strict=True):
-            label = repr(entry["top_tokens"][i][0])[1:-1] if entry["top_tokens"][i] else ""
+            label = repr(entry.top_tokens[i][0])[1:-1] if entry.top_tokens[i] else ""
             ax.annotate(
                 label, (layer, cosine), fontsize=6, rotation=30, xytext=(2, 3), textcoords="offset points"
             )
@@ -156,7 +175,7 @@ def layer_paths(path: Path, rows: list[dict], tap: str = "residual") -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("|cos(u_i at layer, u_i at final layer)|")
     ax.set_ylim(-0.05, 1.1)
-    ax.set_title(f"path of the top left singular vectors ({entries[0]['tap']} taps, cumulative)")
+    ax.set_title(f"path of the top left singular vectors ({entries[0].tap} taps, cumulative)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -219,13 +238,13 @@ def jacobian_images(
     plt.close(fig)
 
 
-def prompt_overview(path: Path, rows: list[dict]) -> None:
+def prompt_overview(path: Path, rows: Sequence[PromptRow]) -> None:
     """Across prompts: reconstruction error (the certificate) and stable rank of J."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    index = [r["index"] for r in rows]
-    axes[0].semilogy(index, [max(r["reconstruction_relative_error"], 1e-300) for r in rows], "o")
+    index = [r.index for r in rows]
+    axes[0].semilogy(index, [max(r.reconstruction_relative_error, 1e-300) for r in rows], "o")
     axes[0].set_ylabel("‖Σ_t J_t·x_t − y‖ / ‖y‖")
-    axes[1].plot(index, [r["stable_rank"] for r in rows], "o")
+    axes[1].plot(index, [r.stable_rank for r in rows], "o")
     axes[1].set_ylabel("stable rank of J")
     for ax in axes:
         ax.set_xlabel("prompt index")
@@ -237,24 +256,114 @@ def prompt_overview(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def ablation_scatter(path: Path, section: dict) -> None:
+def ablation_scatter(path: Path, section: Ablation) -> None:
     """The linear map's logit change (y − c_t) against the model's, token removed and
     embedding zeroed, with Spearman's ρ."""
-    rows = section["rows"]
-    linear = np.asarray([r["linear_logit_change"] for r in rows])
+    rows = section.rows
+    linear = np.asarray([r.linear_logit_change for r in rows])
+    real_changes = {
+        "removed": ([r.removed_logit_change for r in rows], section.spearman_linear_vs_removed),
+        "zeroed": ([r.zeroed_logit_change for r in rows], section.spearman_linear_vs_zeroed),
+    }
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    for ax, kind in zip(axes, ("removed", "zeroed"), strict=True):
-        real = np.asarray([r[f"{kind}_logit_change"] for r in rows])
+    for ax, (kind, (changes, rho)) in zip(axes, real_changes.items(), strict=True):
+        real = np.asarray(changes)
         ax.scatter(linear, real, s=14, color="tab:blue")
         for r, x, z in zip(rows, linear, real, strict=True):
-            ax.annotate(repr(r["token"])[1:-1] or "␣", (x, z), fontsize=6, alpha=0.7)
+            ax.annotate(repr(r.token)[1:-1] or "␣", (x, z), fontsize=6, alpha=0.7)
         low, high = float(min(linear.min(), real.min())), float(max(linear.max(), real.max()))
         ax.plot([low, high], [low, high], color="grey", linewidth=0.8, linestyle="--")
-        rho = section.get(f"spearman_linear_vs_{kind}")
         ax.set_title(f"token {kind}: Spearman ρ = {rho:.3f}" if rho is not None else f"token {kind}")
         ax.set_xlabel("linear: Δ logit of the predicted token (y − c_t)")
         ax.set_ylabel(f"model, token {kind}: Δ logit")
-    fig.suptitle(f"token ablation, predicted token {section.get('predicted_token')!r}")
+    fig.suptitle(f"token ablation, predicted token {section.predicted_token!r}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the record's figures
+
+
+def _reconstruction(path: Path, record: RunRecord, arrays: Arrays) -> None:
+    ordinary = arrays.get("ordinary_contributions")
+    reconstruction_scatter(
+        path,
+        arrays["y"],
+        arrays["contributions"].sum(0) + arrays["bias_contribution"],
+        None if ordinary is None else ordinary.sum(0) + arrays["ordinary_bias_contribution"],
+        record.reconstruction_relative_error,
+        record.ordinary_jacobian_relative_error,
+        f"{record.model} · {record.n_tokens} tokens · {record.dtype}",
+    )
+
+
+def _singular_values(path: Path, record: RunRecord, arrays: Arrays) -> None:
+    singular_values(
+        path,
+        np.asarray(record.singular_values),
+        f"top-{len(record.singular_values)} singular values of J ({record.spectrum.method})",
+        arrays.get("bounds"),
+    )
+
+
+def _per_token(path: Path, record: RunRecord, arrays: Arrays) -> None:
+    per_token_spectra(
+        path,
+        record.tokens,
+        arrays["token_contribution_norms"],
+        arrays["token_frobenius"],
+        arrays.get("per_token_S"),
+        f"per-token view · {record.n_tokens} tokens",
+    )
+
+
+def _importance(path: Path, record: RunRecord, arrays: Arrays) -> None:
+    importance_strip(path, record.tokens, arrays["token_contribution_norms"], arrays["token_frobenius"])
+
+
+def _jacobian_block(path: Path, record: RunRecord, arrays: Arrays) -> None:
+    focus = int(arrays["focus_position"])
+    jacobian_images(
+        path, arrays["focus_block"], arrays.get("focus_block_ordinary"), record.tokens[focus], focus
+    )
+
+
+def _ablation(path: Path, record: RunRecord, arrays: Arrays) -> None:
+    assert record.ablation is not None  # figure_names lists ablation.png only then
+    ablation_scatter(path, record.ablation)
+
+
+def _layers(path: Path, record: Record, arrays: Arrays) -> None:
+    layer_dynamics(path, record.layers or [])
+
+
+def _layers_path(path: Path, record: RunRecord, arrays: Arrays) -> None:
+    layer_paths(path, record.layers or [])
+
+
+def _prompts(path: Path, record: ManyPromptRecord, arrays: Arrays) -> None:
+    prompt_overview(path, record.prompts)
+
+
+# How each figure of `record.FIGURES` is drawn from a record and its arrays.
+DRAW: dict[str, Callable[[Path, Any, Arrays], None]] = {
+    "reconstruction.png": _reconstruction,
+    "singular_values.png": _singular_values,
+    "per_token.png": _per_token,
+    "importance.png": _importance,
+    "jacobian_block.png": _jacobian_block,
+    "ablation.png": _ablation,
+    "layers.png": _layers,
+    "layers_path.png": _layers_path,
+    "prompts.png": _prompts,
+}
+assert DRAW.keys() == FIGURES.keys(), "every registered figure is drawn, and only those"
+
+
+def write_figures(directory: Path, record: Record, arrays: Arrays) -> list[str]:
+    """Every figure of this record (see `record.figure_names`) in `directory`; their names."""
+    names = figure_names(record)
+    for name in names:
+        write_file_atomic(Path(directory) / name, partial(DRAW[name], record=record, arrays=arrays))
+    return names

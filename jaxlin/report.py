@@ -1,6 +1,8 @@
 """A self-contained HTML report of one run directory: every figure embedded as a data URI,
 inline CSS, no JavaScript and no external resources, so it can be mailed, archived or
-opened offline. Built from `summary.json` and the PNGs beside it; the run is not re-done.
+opened offline. A renderer of the run record (`jaxlin.record`): built from the record
+and the PNGs beside it; the run is not re-done. Each figure is shown in the section that
+`record.FIGURES` names for it, with its caption.
 
 `python -m jaxlin.report RUN_DIR` writes RUN_DIR/report.html."""
 
@@ -8,16 +10,31 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import sys
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from jaxlin.errors import JaxlinError
 from jaxlin.outputs import write_text_atomic
+from jaxlin.record import (
+    FIGURES,
+    Ablation,
+    AggregateLayerRow,
+    LayerRow,
+    ManyPromptRecord,
+    PromptRow,
+    Record,
+    RunRecord,
+    Spectrum,
+    Steering,
+    figure_names,
+    parse_record,
+    read_record,
+)
 
 REPORT_NAME = "report.html"
 
@@ -26,21 +43,19 @@ REPORT_NAME = "report.html"
 THRESHOLDS: dict[str, float] = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-1}
 DEFAULT_THRESHOLD = THRESHOLDS["float32"]
 
-# Optional sections: (summary key, section id, title). Each also claims PNGs named `<key>*.png`.
-OPTIONAL_SECTIONS: tuple[tuple[str, str, str], ...] = (
-    ("ablation", "ablation", "Token ablation: linear vs real"),
-    ("layers", "layers", "Layers"),
-    ("steering", "steering", "Steering"),
-    ("prompts", "prompts", "Prompts"),
-)
-
-# Figures written by `pipeline.write_run`, with the section that shows them.
-KNOWN_FIGURES: dict[str, str] = {
-    "reconstruction.png": "y against Σ_t J_t·x_t (detached, and ordinary if computed)",
-    "singular_values.png": "top singular values of J with their residual bounds",
-    "per_token.png": "per-token importance ‖c_t‖, ‖J_t‖_F and the spectra of each J_t",
-    "ablation.png": "change of the predicted token's logit when a token is dropped: the linear map's "
-    "y − c_t against the model with the token removed and with its embedding zeroed",
+# Every report section: id → title (the ids that `record.FIGURES` names).
+SECTION_TITLES: dict[str, str] = {
+    "overview": "Overview",
+    "certificate": "Certificate",
+    "reconstruction": "Reconstruction",
+    "spectrum": "Spectrum of J",
+    "per-token": "Per-token view",
+    "ablation": "Token ablation: linear vs real",
+    "layers": "Layers",
+    "steering": "Steering",
+    "prompts": "Prompts",
+    "config": "Config",
+    "timings": "Timings",
 }
 
 CSS = """
@@ -110,19 +125,13 @@ def fmt(value: Any, spec: str = ".6g") -> str:
     return esc(value)
 
 
-def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, str | int | float | bool)
-
-
-def cell(value: Any) -> str:
-    """A table cell for any value: numbers right-aligned, strings with whitespace kept."""
+def cell(value: str | float | bool | None) -> str:
+    """A table cell: numbers right-aligned, strings with whitespace kept."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         return f'<td class="num">{fmt(value)}</td>'
     if isinstance(value, str):
         return f'<td class="text">{esc(value)}</td>'
-    if _is_scalar(value):
-        return f"<td>{fmt(value)}</td>"
-    return f'<td class="text">{esc(json.dumps(value, ensure_ascii=False))}</td>'
+    return f"<td>{fmt(value)}</td>"
 
 
 # --- building blocks --------------------------------------------------------------------
@@ -142,59 +151,42 @@ def key_values(pairs: Iterable[tuple[str, str]]) -> str:
     return f'<table class="kv"><tbody>{rows}</tbody></table>'
 
 
-def section(section_id: str, title: str, body: str) -> str:
+def fields_table(rows: Sequence[Any], fields: Sequence[str]) -> str:
+    """Records of one type as a table: one column per named field (its name as header)."""
+    return table(fields, ([cell(getattr(row, name)) for name in fields] for row in rows))
+
+
+def section(section_id: str, body: str) -> str:
+    title = SECTION_TITLES[section_id]
     return f'<section id="{esc(section_id)}">\n<h2>{esc(title)}</h2>\n{body}\n</section>'
 
 
-def figure(path: Path, caption: str = "") -> str:
+def figure(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    alt = f"{path.name}: {caption}" if caption else path.name
-    cap = f"<figcaption>{esc(path.name)}{' — ' + esc(caption) if caption else ''}</figcaption>"
+    alt = f"{path.name}: {caption}"
+    cap = f"<figcaption>{esc(path.name)} — {esc(caption)}</figcaption>"
     return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'
 
 
-def _split_fields(records: Sequence[dict], skip: Collection[str] = ()) -> tuple[list[str], list[str]]:
-    """(scalar keys, nested keys) over all records in first-seen order; a key that is
-    nested in any record counts as nested."""
-    keys = list(dict.fromkeys(key for record in records for key in record if key not in skip))
-    nested = [k for k in keys if any(k in r and not _is_scalar(r[k]) for r in records)]
-    return [k for k in keys if k not in nested], nested
-
-
-def records_table(records: Sequence[Any]) -> str:
-    """A list of dicts as one table of their scalar fields (union of keys, first-seen order);
-    large nested fields are left to summary.json rather than flooding the page."""
-    dicts = [r for r in records if isinstance(r, dict)]
-    if len(dicts) != len(records) or not dicts:
-        return yaml_block(records)
-    keys, nested = _split_fields(dicts)
-    rows = [[cell(record.get(k)) for k in keys] for record in dicts]
-    note = ""
-    if nested:
-        note = f'<p class="note">Non-scalar fields omitted (see summary.json): {esc(", ".join(nested))}</p>'
-    return table(keys, rows) + note
+def figures(run_dir: Path, record: Record, section_id: str) -> str:
+    """The figures of this record that `FIGURES` puts in this section, with their captions
+    (a note for one the run directory lacks)."""
+    parts = []
+    for name in figure_names(record):
+        spec = FIGURES[name]
+        if spec.section != section_id:
+            continue
+        path = run_dir / name
+        if path.is_file():
+            parts.append(figure(path, spec.caption))
+        else:
+            parts.append(f'<p class="note">{esc(name)} not found in the run directory.</p>')
+    return "\n".join(parts)
 
 
 def yaml_block(value: Any) -> str:
     text = yaml.safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=False)
     return f"<pre>{esc(text)}</pre>"
-
-
-def generic(value: Any) -> str:
-    """Render an unknown structure: a dict's scalars as key/value rows, its lists of dicts
-    as tables, anything else as YAML."""
-    if isinstance(value, list):
-        return records_table(value)
-    if not isinstance(value, dict):
-        return yaml_block(value)
-    scalars = [(str(k), fmt(v)) for k, v in value.items() if _is_scalar(v)]
-    parts = [key_values(scalars)] if scalars else []
-    for key, item in value.items():
-        if _is_scalar(item):
-            continue
-        parts.append(f"<h3>{esc(key)}</h3>")
-        parts.append(generic(item))
-    return "\n".join(parts)
 
 
 # --- sections ---------------------------------------------------------------------------
@@ -214,42 +206,55 @@ def badge(ok: bool, element_id: str = "") -> str:
     return f'<span{ident} class="badge {"pass" if ok else "fail"}">{"PASS" if ok else "FAIL"}</span>'
 
 
-def overview(s: dict[str, Any]) -> str:
-    predicted = s.get("predicted_token")
-    predicted_html = "—" if predicted is None else token_html(predicted)
-    if s.get("predicted_token_id") is not None:
-        predicted_html += f" (id {fmt(s['predicted_token_id'])})"
+def certificate_value(error: float, dtype: str) -> str:
+    """The certificate with its PASS/FAIL badge and the threshold it is held to."""
+    return (
+        f"{fmt(error, '.3e')} {badge(certificate_passes(error, dtype), 'certificate-badge')} "
+        f'<span class="note">threshold {certificate_threshold(dtype):.0e} for {esc(dtype)}</span>'
+    )
+
+
+def overview(r: RunRecord) -> str:
     return key_values(
         [
-            ("model", fmt(s.get("model"))),
-            ("family", fmt(s.get("family"))),
-            ("dtype", fmt(s.get("dtype"))),
-            ("text", f'<span class="text">{fmt(s.get("text"))}</span>'),
-            ("tokens", f"{fmt(s.get('n_tokens'))}: {tokens_html(s.get('tokens', []))}"),
-            ("predicted next token", predicted_html),
-            ("params from cache", fmt(s.get("params_from_cache"))),
-            ("Jacobian input", fmt(s.get("jacobian_input"))),
+            ("model", fmt(r.model)),
+            ("family", fmt(r.family)),
+            ("dtype", fmt(r.dtype)),
+            ("text", f'<span class="text">{fmt(r.text)}</span>'),
+            ("tokens", f"{fmt(r.n_tokens)}: {tokens_html(r.tokens)}"),
+            ("predicted next token", f"{token_html(r.predicted_token)} (id {fmt(r.predicted_token_id)})"),
+            ("params from cache", fmt(r.params_from_cache)),
+            ("Jacobian input", fmt(r.jacobian_input)),
         ]
     )
 
 
-def certificate(s: dict[str, Any]) -> str:
-    error, dtype = s.get("reconstruction_relative_error"), s.get("dtype")
-    threshold = certificate_threshold(dtype)
-    ok = certificate_passes(error, dtype)
-    argmax = s.get("reconstruction_argmax_matches")
-    ordinary = s.get("ordinary_jacobian_relative_error")
-    if s.get("affine"):
-        bias = f"‖c_bias‖ = {fmt(s.get('bias_contribution_norm'))} (included in the reconstruction)"
+def many_overview(r: ManyPromptRecord) -> str:
+    worst = r.max_reconstruction_relative_error
+    return key_values(
+        [
+            ("model", fmt(r.model)),
+            ("family", fmt(r.family)),
+            ("dtype", fmt(r.dtype)),
+            ("prompts", f"{fmt(r.n_prompts)} ({fmt(r.prompts_reused)} reused from an earlier run)"),
+            ("worst certificate ‖Σ_t J_t·x_t − y‖ / ‖y‖", certificate_value(worst, r.dtype)),
+            ("mean stable rank of J", fmt(r.mean_stable_rank)),
+            ("params from cache", fmt(r.params_from_cache)),
+        ]
+    )
+
+
+def certificate(r: RunRecord) -> str:
+    error, dtype = r.reconstruction_relative_error, r.dtype
+    argmax = r.reconstruction_argmax_matches
+    ordinary = r.ordinary_jacobian_relative_error
+    if r.affine:
+        bias = f"‖c_bias‖ = {fmt(r.bias_contribution_norm)} (included in the reconstruction)"
     else:
         bias = "none: the model has no biases, so J is linear"
     rows = [
-        (
-            "‖Σ_t J_t·x_t − y‖ / ‖y‖",
-            f"{fmt(error, '.3e')} {badge(ok, 'certificate-badge')} "
-            f'<span class="note">threshold {threshold:.0e} for {esc(dtype)}</span>',
-        ),
-        ("next-token argmax from Σ_t c_t", f"{fmt(argmax)} {badge(bool(argmax))}"),
+        ("‖Σ_t J_t·x_t − y‖ / ‖y‖", certificate_value(error, dtype)),
+        ("next-token argmax from Σ_t c_t", f"{fmt(argmax)} {badge(argmax)}"),
         (
             "ordinary Jacobian, same reconstruction",
             f"{fmt(ordinary, '.3e')}"
@@ -260,53 +265,39 @@ def certificate(s: dict[str, Any]) -> str:
     return key_values(rows)
 
 
-def convergence_verdict(spec: dict[str, Any]) -> str | None:
+def convergence_verdict(spec: Spectrum) -> str:
     """One line saying whether the Lanczos run converged, where it stopped and why, or that
-    the spectrum is exact (also printed by the CLI); None for a summary that does not
-    record it."""
-    reason, worst, target = spec.get("stop_reason"), spec.get("worst_relative_bound"), spec.get("tolerance")
-    if reason == "exact" and worst is not None:
+    the spectrum is exact (also printed by the CLI)."""
+    worst, target, depth = spec.worst_relative_bound, spec.tolerance, spec.krylov_depth
+    if spec.stop_reason == "exact":
         return f"Spectrum: exact, from J's rows (no iteration; worst relative bound {worst:.1e})"
-    if reason not in ("converged", "stalled", "full_depth") or worst is None or target is None:
-        return None
-    depth = spec.get("krylov_depth")
-    if reason == "converged":
-        return f"Lanczos: converged at depth {depth} (worst relative bound {worst:.1e} ≤ target {target:.1e})"
+    bar = "no target" if target is None else f"target {target:.1e}"
+    if spec.stop_reason == "converged":
+        return f"Lanczos: converged at depth {depth} (worst relative bound {worst:.1e} ≤ {bar})"
     why = {
         "stalled": "the bounds stopped improving: the operator's rounding allows no better",
         "full_depth": "full depth d reached",
-    }[reason]
-    return (
-        f"Lanczos: NOT converged at depth {depth} "
-        f"(worst relative bound {worst:.1e} > target {target:.1e}; {why})"
-    )
+    }[spec.stop_reason]
+    return f"Lanczos: NOT converged at depth {depth} (worst relative bound {worst:.1e} > {bar}; {why})"
 
 
-def spectrum(s: dict[str, Any]) -> str:
-    spec, norms = s.get("spectrum", {}), s.get("norms", {})
-    sigmas = s.get("singular_values", [])
-    bounds = spec.get("residual_bounds", [])
-    decoded = spec.get("left_vectors_top_tokens", [])
-    verdict = convergence_verdict(spec)
-    stopping = (
-        []
-        if verdict is None
-        else [("stopping", f"{badge(spec.get('converged') is True, 'convergence-badge')} {esc(verdict)}")]
-    )
+def spectrum(r: RunRecord) -> str:
+    spec, norms = r.spectrum, r.norms
     facts = key_values(
         [
-            ("method", fmt(spec.get("method"))),
-            ("Krylov depth", fmt(spec.get("krylov_depth"))),
-            ("converged", fmt(spec.get("converged"))),
-            *stopping,
-            ("‖J‖_F", f"{fmt(norms.get('frobenius'))} ({fmt(norms.get('frobenius_method'))})"),
-            ("stable rank ‖J‖_F² / σ₁²", fmt(norms.get("stable_rank"))),
+            ("method", fmt(spec.method)),
+            ("Krylov depth", fmt(spec.krylov_depth)),
+            ("converged", fmt(spec.converged)),
+            ("stopping", f"{badge(spec.converged, 'convergence-badge')} {esc(convergence_verdict(spec))}"),
+            ("‖J‖_F", f"{fmt(norms.frobenius)} ({fmt(norms.frobenius_method)})"),
+            ("stable rank ‖J‖_F² / σ₁²", fmt(norms.stable_rank)),
         ]
     )
     rows = []
-    for i, sigma in enumerate(sigmas):
-        bound = bounds[i] if i < len(bounds) else None
-        tokens = decoded[i].get("tokens", []) if i < len(decoded) else []
+    for i, sigma in enumerate(r.singular_values):
+        bound = spec.residual_bounds[i] if i < len(spec.residual_bounds) else None
+        decoded = spec.left_vectors_top_tokens
+        tokens = decoded[i].tokens if i < len(decoded) else []
         rows.append(
             [
                 cell(i + 1),
@@ -318,35 +309,31 @@ def spectrum(s: dict[str, Any]) -> str:
     return facts + table(["i", "σ_i", "residual bound", "top tokens of u_i"], rows)
 
 
-def per_token(s: dict[str, Any]) -> str:
-    pt, norms = s.get("per_token", {}), s.get("norms", {})
-    tokens = s.get("tokens", [])
-    contrib = norms.get("token_contribution_norms", [])
-    frob = norms.get("token_frobenius", [])
-    sigmas = pt.get("singular_values", [])
-    lefts = pt.get("top_left_vector", [])
+def per_token(r: RunRecord) -> str:
+    pt, norms = r.per_token, r.norms
+    sigmas = pt.singular_values or []
+    lefts = pt.top_left_vector or []
 
     def at(values: Sequence[Any], t: int) -> Any:
         return values[t] if t < len(values) else None
 
     rows = []
-    for t, token in enumerate(tokens):
-        sigma_row = at(sigmas, t)
-        left = at(lefts, t) or {}
+    for t, token in enumerate(r.tokens):
+        sigma_row, left = at(sigmas, t), at(lefts, t)
         rows.append(
             [
                 cell(t),
                 f"<td>{token_html(token)}</td>",
-                cell(at(contrib, t)),
-                cell(at(frob, t)),
+                cell(at(norms.token_contribution_norms, t)),
+                cell(at(norms.token_frobenius, t)),
                 cell(sigma_row[0] if sigma_row else None),
-                f"<td>{tokens_html(left.get('tokens', []))}</td>",
-                f"<td>{tokens_html(left.get('right_vector_nearest_tokens', []))}</td>",
+                f"<td>{tokens_html(left.tokens if left else [])}</td>",
+                f"<td>{tokens_html(left.right_vector_nearest_tokens if left else [])}</td>",
             ]
         )
     note = (
-        f'<p class="note">Per-token spectra: {fmt(pt.get("method"))}; largest relative residual bound '
-        f"{fmt(pt.get('max_relative_bound'), '.1e')}. ‖J_t‖_F: {fmt(norms.get('frobenius_method'))}. "
+        f'<p class="note">Per-token spectra: {fmt(pt.method)}; largest relative residual bound '
+        f"{fmt(pt.max_relative_bound, '.1e')}. ‖J_t‖_F: {fmt(norms.frobenius_method)}. "
         "Left vectors are read through the unembedding (sign fixed so that u·y ≥ 0); right vectors "
         "as the input-embedding rows nearest by cosine (sign following the left vector).</p>"
     )
@@ -362,171 +349,180 @@ def per_token(s: dict[str, Any]) -> str:
     return note + table(headers, rows)
 
 
-# Layer-row fields shown by `layers` in their own columns (or as the section's grouping).
-_LAYER_DECODED = ("scope", "top_tokens", "right_vector_space", "right_vectors")
+# The scalar fields of a layer row shown as columns, per kind of row.
+LAYER_COLUMNS = ("layer", "tap", "stable_rank", "entropy_rank", "sigma_1", "reconstruction_relative_error")
+AGGREGATE_LAYER_COLUMNS = (
+    "layer",
+    "tap",
+    "prompts",
+    "stable_rank",
+    "stable_rank_std",
+    "entropy_rank",
+    "entropy_rank_std",
+    "max_reconstruction_relative_error",
+)
 
 
-def layers(value: Any) -> str:
-    """The layer sweep, one table per scope (cumulative / local): every scalar field, and the
-    top triplet read as tokens: u₁ through the unembedding, v₁ at its dominant position as
-    the nearest input-embedding rows. Anything else (e.g. rows without a scope) is shown
-    generically."""
-    if not (
-        isinstance(value, list)
-        and value
-        and all(isinstance(r, dict) and {"layer", "scope"} <= r.keys() for r in value)
-    ):
-        return generic(value)
-    scalar_keys, nested = _split_fields(value, skip=_LAYER_DECODED)
-    with_left = any(r.get("top_tokens") for r in value)
-    with_right = any(r.get("right_vectors") for r in value)
-    headers = list(scalar_keys)
-    if with_left:
-        headers.append("top tokens of u₁")
-    if with_right:
-        headers += ["v₁: dominant position (share of ‖v₁‖²)", "v₁: nearest embedding rows", "‖Jv₁ − σ₁u₁‖/σ₁"]
+def _decoded_layer_cells(row: LayerRow) -> list[str]:
+    """The tap's top triplet read as tokens: u₁ through the unembedding, v₁ at its dominant
+    position as the nearest input-embedding rows."""
+    top = row.top_tokens[0] if row.top_tokens else []
+    cells = [f"<td>{tokens_html(top)}</td>"]
+    if not row.right_vectors:
+        return cells + ["<td>—</td>"] * 3
+    first = row.right_vectors[0]
+    where = (
+        f"{fmt(first.dominant_position)} {token_html(first.dominant_token)} "
+        f"({fmt(first.share_of_norm, '.2f')})"
+    )
+    return cells + [
+        f"<td>{where}</td>",
+        f"<td>{tokens_html(first.nearest_tokens)}</td>",
+        f'<td class="num">{fmt(first.relative_residual, ".1e")}</td>',
+    ]
+
+
+def layers(rows: Sequence[LayerRow] | Sequence[AggregateLayerRow]) -> str:
+    """The layer sweep, one table per scope (cumulative / local); a single run's rows also
+    show each tap's top triplet read as tokens."""
+    decoded = all(isinstance(row, LayerRow) for row in rows)
+    columns = LAYER_COLUMNS if decoded else AGGREGATE_LAYER_COLUMNS
+    headers = list(columns)
+    if decoded:
+        headers += [
+            "top tokens of u₁",
+            "v₁: dominant position (share of ‖v₁‖²)",
+            "v₁: nearest embedding rows",
+            "‖Jv₁ − σ₁u₁‖/σ₁",
+        ]
     parts = []
-    for scope in dict.fromkeys(r["scope"] for r in value):
-        rows = []
-        group = [r for r in value if r["scope"] == scope]
+    for scope in dict.fromkeys(row.scope for row in rows):
+        group = [row for row in rows if row.scope == scope]
+        body = []
         for row in group:
-            cells = [cell(row.get(k)) for k in scalar_keys]
-            if with_left:
-                top = row.get("top_tokens") or [[]]
-                cells.append(f"<td>{tokens_html(top[0])}</td>")
-            if with_right:
-                first = (row.get("right_vectors") or [{}])[0]
-                position = first.get("dominant_position")
-                where = "—"
-                if position is not None:
-                    where = (
-                        f"{fmt(position)} {token_html(str(first.get('dominant_token', '')))} "
-                        f"({fmt(first.get('share_of_norm'), '.2f')})"
-                    )
-                cells += [
-                    f"<td>{where}</td>",
-                    f"<td>{tokens_html(first.get('nearest_tokens', []))}</td>",
-                    f'<td class="num">{fmt(first.get("relative_residual"), ".1e")}</td>',
-                ]
-            rows.append(cells)
+            cells = [cell(getattr(row, name)) for name in columns]
+            if isinstance(row, LayerRow):
+                cells += _decoded_layer_cells(row)
+            body.append(cells)
         parts.append(f"<h3>{esc(scope)}</h3>")
-        space = next((r["right_vector_space"] for r in group if r.get("right_vector_space")), None)
-        if with_right and space:
+        first = group[0]
+        if isinstance(first, LayerRow):
             parts.append(
-                f'<p class="note">Right vectors v_i = Jᵀu_i/σ_i live in the {esc(space)}; each is read '
-                "at the token position carrying most of its norm, as the input-embedding rows nearest "
-                "by cosine.</p>"
+                f'<p class="note">Right vectors v_i = Jᵀu_i/σ_i live in the {esc(first.right_vector_space)}; '
+                "each is read at the token position carrying most of its norm, as the input-embedding "
+                "rows nearest by cosine.</p>"
             )
-        parts.append(table(headers, rows))
-    if nested:
+        parts.append(table(headers, body))
+    if decoded:
         parts.append(
-            f'<p class="note">Non-scalar fields omitted (see summary.json): {esc(", ".join(nested))}</p>'
+            '<p class="note">Not shown (see summary.json): path_cosines (also in layers_path.png) and '
+            "each tap's further decoded vectors.</p>"
         )
     return "\n".join(parts)
 
 
-def steering(value: Any) -> str:
+def steering(value: Steering) -> str:
     """Baseline and the λ-continuations in one table so they read side by side."""
-    if not isinstance(value, dict):
-        return generic(value)
-    runs = next(
-        (
-            (key, item)
-            for key, item in value.items()
-            if isinstance(item, list)
-            and item
-            and all(isinstance(r, dict) and "lambda" in r and "text" in r for r in item)
-        ),
-        None,
-    )
-    if runs is None:
-        return generic(value)
-    key, continuations = runs
-    rows = []
-    if "baseline" in value:
-        rows.append(["<td>baseline</td>", cell(value["baseline"])])
-    rows += [[cell(r["lambda"]), cell(r["text"])] for r in continuations]
-    rest = {k: v for k, v in value.items() if k not in (key, "baseline")}
-    extras = [r for r in continuations if set(r) - {"lambda", "text"}]
-    parts = [table(["λ", "text"], rows)]
-    if extras:
-        parts.append(f"<h3>{esc(key)}: all fields</h3>" + records_table(continuations))
-    if rest:
-        parts.append(generic(rest))
-    return "\n".join(parts)
-
-
-def ablation(value: Any) -> str:
-    """The rank correlations first, then one row per token."""
-    if not isinstance(value, dict) or "rows" not in value:
-        return generic(value)
+    rows = [["<td>baseline</td>", cell(value.baseline)]]
+    rows += [[cell(run.strength), cell(run.text)] for run in value.runs]
     facts = key_values(
-        (esc(key.replace("_", " ")), cell(value[key]))
-        for key in (
-            "predicted_token",
-            "spearman_linear_vs_removed",
-            "spearman_linear_vs_zeroed",
-            "top_change_agreement_removed",
-            "top_change_agreement_zeroed",
-        )
-        if key in value
+        [
+            ("concept", f'<span class="text">{fmt(value.concept)}</span>'),
+            ("prompt", f'<span class="text">{fmt(value.prompt)}</span>'),
+            ("layer", fmt(value.layer)),
+            ("mode", fmt(value.mode)),
+        ]
     )
-    return facts + records_table(value["rows"])
+    return facts + table(["λ", "text"], rows)
 
 
-def timings(s: dict[str, Any]) -> str:
-    seconds = s.get("timings_seconds") or {}
+ABLATION_COLUMNS = (
+    "position",
+    "token",
+    "linear_logit_change",
+    "linear_top_token",
+    "removed_logit_change",
+    "removed_top_token",
+    "zeroed_logit_change",
+    "zeroed_top_token",
+)
+
+
+def ablation(value: Ablation) -> str:
+    """The rank correlations first, then one row per token."""
+    facts = key_values(
+        [
+            ("predicted token", token_html(value.predicted_token)),
+            ("spearman linear vs removed", fmt(value.spearman_linear_vs_removed)),
+            ("spearman linear vs zeroed", fmt(value.spearman_linear_vs_zeroed)),
+            ("top change agreement removed", fmt(value.top_change_agreement_removed)),
+            ("top change agreement zeroed", fmt(value.top_change_agreement_zeroed)),
+        ]
+    )
+    return facts + fields_table(value.rows, ABLATION_COLUMNS)
+
+
+PROMPT_COLUMNS = (
+    "index",
+    "text",
+    "n_tokens",
+    "predicted_token",
+    "reconstruction_relative_error",
+    "sigma_1",
+    "stable_rank",
+    "directory",
+)
+
+
+def prompts(rows: Sequence[PromptRow]) -> str:
+    return fields_table(rows, PROMPT_COLUMNS)
+
+
+def config(r: Record) -> str:
+    if r.config is None:
+        return '<p class="note">not recorded</p>'
+    return yaml_block(r.config.model_dump(mode="json"))
+
+
+def timings(seconds: Mapping[str, float]) -> str:
     rows = [[f"<td>{esc(step)}</td>", cell(value)] for step, value in seconds.items()]
-    numbers = [v for v in seconds.values() if isinstance(v, int | float)]
-    if numbers:
-        rows.append(["<th>total</th>", cell(round(sum(numbers), 3))])
+    if seconds:
+        rows.append(["<th>total</th>", cell(round(sum(seconds.values()), 3))])
     return table(["step", "seconds"], rows)
 
 
 # --- the report -------------------------------------------------------------------------
 
 
-def _build(run_dir: Path, s: dict[str, Any], name: str | None = None) -> str:
-    pngs = {p.name: p for p in sorted(run_dir.glob("*.png")) if p.is_file()}
-    shown: set[str] = set()
+def _sections(r: Record) -> list[tuple[str, Callable[[], str]]]:
+    """(section id, body) in page order; the optional ones only when the record has them."""
+    if isinstance(r, ManyPromptRecord):
+        head: list[tuple[str, Callable[[], str]]] = [
+            ("overview", lambda: many_overview(r)),
+            ("prompts", lambda: prompts(r.prompts)),
+        ]
+    else:
+        head = [
+            ("overview", lambda: overview(r)),
+            ("certificate", lambda: certificate(r)),
+            ("reconstruction", lambda: ""),
+            ("spectrum", lambda: spectrum(r)),
+            ("per-token", lambda: per_token(r)),
+        ]
+        if r.ablation is not None:
+            head.append(("ablation", lambda: ablation(r.ablation)))
+    if r.layers:
+        head.append(("layers", lambda: layers(r.layers)))
+    if r.steering is not None:
+        head.append(("steering", lambda: steering(r.steering)))
+    return [*head, ("config", lambda: config(r)), ("timings", lambda: timings(r.timings_seconds))]
 
-    def claim(names: Iterable[str]) -> str:
-        """Figures for one section; each PNG is embedded once, in the first section claiming it."""
-        parts = []
-        for name in names:
-            if name in pngs and name not in shown:
-                shown.add(name)
-                parts.append(figure(pngs[name], KNOWN_FIGURES.get(name, "")))
-        return "\n".join(parts)
 
-    def known(name: str) -> str:
-        return claim([name]) or f'<p class="note">{esc(name)} not found in the run directory.</p>'
-
-    sections = [
-        ("overview", "Overview", overview(s)),
-        ("certificate", "Certificate", certificate(s)),
-        ("reconstruction", "Reconstruction", known("reconstruction.png")),
-        ("spectrum", "Spectrum of J", known("singular_values.png") + spectrum(s)),
-        ("per-token", "Per-token view", known("per_token.png") + per_token(s)),
-    ]
-    for key, section_id, title in OPTIONAL_SECTIONS:
-        if key in s:
-            renderer = {"steering": steering, "layers": layers, "ablation": ablation}.get(key, generic)
-            body = renderer(s[key])
-            own = claim(n for n in pngs if n.startswith(key))
-            sections.append((section_id, title, own + body))
-    config = s.get("config")
-    sections.append(
-        ("config", "Config", yaml_block(config) if config is not None else '<p class="note">not recorded</p>')
-    )
-    sections.append(("timings", "Timings", timings(s)))
-    rest = claim(n for n in pngs if n not in shown)
-    if rest:
-        sections.append(("other-figures", "Other figures", rest))
-
-    nav = " ".join(f'<a href="#{esc(i)}">{esc(t)}</a>' for i, t, _ in sections)
-    body = "\n".join(section(i, t, b) for i, t, b in sections)
-    title = f"jaxlin · {s.get('model', '?')} · {name or run_dir.name}"
+def _build(run_dir: Path, r: Record, name: str | None = None) -> str:
+    sections = _sections(r)
+    nav = " ".join(f'<a href="#{esc(i)}">{esc(SECTION_TITLES[i])}</a>' for i, _ in sections)
+    body = "\n".join(section(i, figures(run_dir, r, i) + render()) for i, render in sections)
+    title = f"jaxlin · {r.model} · {name or run_dir.name}"
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -536,19 +532,23 @@ def _build(run_dir: Path, s: dict[str, Any], name: str | None = None) -> str:
     )
 
 
-def render_report(run_dir: Path, summary: dict | None = None, name: str | None = None) -> Path:
-    """Write run_dir/report.html (self-contained) and return its path. `name` is the run's
-    name in the title (default: the directory's; a run rendered in its staging
-    directory passes its final name)."""
+def render_report(
+    run_dir: Path, record: Record | Mapping[str, Any] | None = None, name: str | None = None
+) -> Path:
+    """Write run_dir/report.html (self-contained) and return its path. `record` defaults
+    to run_dir/summary.json's; `name` is the run's name in the title (default: the
+    directory's; a run rendered in its staging directory passes its final name)."""
     run_dir = Path(run_dir)
-    if summary is None:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    typed = read_record(run_dir / "summary.json") if record is None else parse_record(record)
     path = run_dir / REPORT_NAME
-    write_text_atomic(path, _build(run_dir, summary, name))  # never seen half-written
+    write_text_atomic(path, _build(run_dir, typed, name))  # never seen half-written
     return path
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m jaxlin.report RUN_DIR")
-    print(render_report(Path(sys.argv[1])))
+    try:
+        print(render_report(Path(sys.argv[1])))
+    except JaxlinError as error:
+        sys.exit(f"jaxlin: error: {error}")

@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -16,11 +17,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from jaxlin import outputs
 from jaxlin.cli import main
+from jaxlin.record import ManyPromptRecord
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_ANALYSIS = {
@@ -362,6 +365,103 @@ def test_a_staged_directory_never_replaces_what_jaxlin_did_not_write(tmp_path):
         (staging / "summary.json").write_text('{"new": 1}')
     assert (target / "summary.json").read_text() == "{}"
     assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- the one writer
+
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("summary.json", lambda path: outputs.write_json_atomic(path, {"a": [1, 2]})),
+        ("arrays.npz", lambda path: outputs.write_npz_atomic(path, {"x": np.arange(3)})),
+        ("report.html", lambda path: outputs.write_text_atomic(path, "<p>new</p>")),
+    ],
+)
+def test_every_kind_of_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, name, write):
+    path = tmp_path / name
+    path.write_bytes(b"the previous file")
+
+    def broken_replace(*args) -> None:
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", broken_replace)
+        with pytest.raises(OSError, match="disk full"):
+            write(path)
+    assert path.read_bytes() == b"the previous file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no staging left
+    assert write(path) == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    if name == "arrays.npz":
+        assert np.load(path)["x"].tolist() == [0, 1, 2]  # the name as given, no second .npz
+    else:
+        assert path.read_bytes() != b"the previous file"
+
+
+# The ways a file can be written or moved into place. Only jaxlin.outputs uses them, and
+# plots.py hands matplotlib the staging path it is given; the params cache (loading.py)
+# publishes a directory that orbax and the tokenizer write into, once, by rename.
+WRITES = re.compile(
+    r"os\.replace|os\.rename|\.rename\(|tempfile|write_text\(|write_bytes\(|savez|savefig|"
+    r"\.dump\(|open\([^)]*[\"'][wa]b?[\"']"
+)
+ALLOWED = {"outputs.py": None, "plots.py": {"savefig"}, "loading.py": None}
+
+
+def test_jaxlin_writes_files_one_way():
+    found = {}
+    for source in sorted((REPO / "jaxlin").rglob("*.py")):
+        kinds = {match.group(0) for match in WRITES.finditer(source.read_text(encoding="utf-8"))}
+        allowed = ALLOWED.get(source.name, set())
+        if allowed is None:
+            continue
+        if kinds - allowed:
+            found[str(source.relative_to(REPO))] = sorted(kinds - allowed)
+    assert found == {}
+
+
+def test_figures_are_written_through_the_one_writer(tmp_path, monkeypatch):
+    from jaxlin import plots
+
+    seen = []
+    real = plots.write_file_atomic
+    monkeypatch.setattr(
+        plots, "write_file_atomic", lambda path, write: seen.append(path) or real(path, write)
+    )
+    record = ManyPromptRecord.model_validate(
+        {
+            "model": "m",
+            "family": "gemma3",
+            "dtype": "float32",
+            "text": "1 prompts",
+            "n_prompts": 1,
+            "prompts": [
+                {
+                    "index": 0,
+                    "text": "a",
+                    "n_tokens": 2,
+                    "predicted_token": "b",
+                    "reconstruction_relative_error": 1e-7,
+                    "sigma_1": 1.0,
+                    "stable_rank": 1.0,
+                    "directory": "prompts/0000",
+                }
+            ],
+            "max_reconstruction_relative_error": 1e-7,
+            "mean_stable_rank": 1.0,
+            "config": {"texts": ["a"]},
+            "params_from_cache": False,
+            "checkpoint_sha256": {},
+            "timings_seconds": {},
+            "prompts_reused": 0,
+            "devices": 1,
+        }
+    )
+    assert plots.write_figures(tmp_path, record, {}) == ["prompts.png"]
+    assert seen == [tmp_path / "prompts.png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["prompts.png"]
+    assert (tmp_path / "prompts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------- Ctrl-C

@@ -1,4 +1,4 @@
-"""The HTML report of a run directory, on a synthetic summary and tiny PNGs (no model)."""
+"""The HTML report of a run directory, on synthetic run records and tiny PNGs (no model)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxlin import report  # noqa: E402
-from jaxlin.outputs import write_json  # noqa: E402
+from jaxlin.outputs import write_json_atomic  # noqa: E402
+from jaxlin.record import FIGURES, figure_names, parse_record  # noqa: E402
 from jaxlin.report import render_report  # noqa: E402
 
 REQUIRED = ["overview", "certificate", "reconstruction", "spectrum", "per-token", "config", "timings"]
-OPTIONAL = ["layers", "steering", "prompts"]
+OPTIONAL = ["ablation", "layers", "steering"]
+MANY_REQUIRED = ["overview", "prompts", "config", "timings"]
 NASTY = '<script>&"'
 TOKENS = ["<bos>", "The", " bridge", "\n", NASTY, " Golden"]
 
@@ -30,6 +32,7 @@ def tiny_png(path: Path, value: float) -> None:
     """A few-hundred-byte PNG; `value` makes each file's bytes distinct."""
     fig, ax = plt.subplots(figsize=(1, 1))
     ax.plot([0, 1], [0, value])
+    ax.set_ylim(0, 12)  # fixed axes, so that the line (and the bytes) differ with `value`
     fig.savefig(path, dpi=20)
     plt.close(fig)
 
@@ -42,6 +45,9 @@ def synthetic_summary(**extra: Any) -> dict[str, Any]:
         "text": 'The bridge\n<script>&" Golden',
         "n_tokens": n,
         "tokens": TOKENS,
+        "token_ids": list(range(n)),
+        "add_bos": "tokenizer",
+        "bos_added": True,
         "dtype": "float32",
         "jacobian_input": "raw embedding rows",
         "predicted_token": " Gate",
@@ -52,11 +58,15 @@ def synthetic_summary(**extra: Any) -> dict[str, Any]:
         "bias_contribution_norm": 0.125,
         "ordinary_jacobian_relative_error": 0.97,
         "singular_values": [3.0, 2.0, 1.0],
+        "products": {"linearizations": 2, "matvecs": 40, "rmatvecs": 40},
         "spectrum": {
             "method": "lanczos",
             "residual_bounds": [1e-6, 2e-6, 3e-6],
             "krylov_depth": 32,
             "converged": True,
+            "tolerance": 1e-5,
+            "stop_reason": "converged",
+            "worst_relative_bound": 3e-6,
             "left_vectors_top_tokens": [
                 {
                     "index": i + 1,
@@ -92,31 +102,105 @@ def synthetic_summary(**extra: Any) -> dict[str, Any]:
             "singular_values": [[9.0 + t, 1.0] for t in range(n)],
             "max_relative_bound": 1e-7,
         },
+        "right_vectors_nearest_embeddings": [
+            {
+                "index": i + 1,
+                "dominant_position": 1,
+                "dominant_token": "The",
+                "share_of_norm": 0.5,
+                "nearest_tokens": ["the", NASTY],
+                "cosines": [0.5, 0.25],
+            }
+            for i in range(k)
+        ],
         "timings_seconds": {"loading model": 1.5, "Lanczos top-3 of J": 2.25},
-        "config": {"model": {"source": "hf", "dtype": "float32"}, "text": "The bridge"},
+        "config": {"model": {"source": "embedded", "dtype": "float32"}, "text": "The bridge"},
         "params_from_cache": False,
         **extra,
     }
 
 
-OPTIONAL_VALUES: dict[str, Any] = {
-    "layers": [
-        {"layer": 0, "frobenius": 1.25, "kind": "sliding", "sigmas": [1.0, 0.5]},
-        {"layer": 1, "frobenius": 2.5, "kind": "global", "sigmas": [2.0, 0.5]},
-    ],
-    "steering": {
+def steering_value() -> dict[str, Any]:
+    return {
+        "concept": "The bridge",
+        "prompt": "Here is",
+        "layer": 1,
+        "mode": "jacobian",
         "baseline": "the Golden Gate",
-        "direction": "u_1",
-        "continuations": [
-            {"lambda": -2.0, "text": "the Golden Mile"},
-            {"lambda": 2.0, "text": "a <b>old</b>"},
+        "runs": [
+            {"lambda": 0.0, "text": "the Golden Gate", "token_ids": [1]},
+            {"lambda": -2.0, "text": "the Golden Mile", "token_ids": [2]},
+            {"lambda": 2.0, "text": "a <b>old</b>", "token_ids": [3]},
         ],
-    },
-    "prompts": [
-        {"text": "first prompt", "predicted_token": " A", "reconstruction_relative_error": 1e-7},
-        {"text": "second prompt", "predicted_token": " B", "reconstruction_relative_error": 2e-7},
-    ],
-}
+    }
+
+
+def ablation_value() -> dict[str, Any]:
+    return {
+        "predicted_token": " Gate",
+        "spearman_linear_vs_removed": 0.875,
+        "spearman_linear_vs_zeroed": 0.5,
+        "top_change_agreement_removed": 1.0,
+        "top_change_agreement_zeroed": 0.75,
+        "rows": [
+            {
+                "position": t,
+                "token": tok,
+                "linear_logit_change": 0.5 * t,
+                "linear_top_token": " Gate",
+                "removed_logit_change": 0.25 * t,
+                "removed_top_token": " Gate",
+                "zeroed_logit_change": 0.125 * t,
+                "zeroed_top_token": NASTY,
+            }
+            for t, tok in enumerate(TOKENS)
+        ],
+    }
+
+
+def optional_values() -> dict[str, Any]:
+    """Every optional section of a single run's record."""
+    return {
+        "ablation": ablation_value(),
+        "layers": [layer_row(layer, scope) for scope in ("cumulative", "local") for layer in range(2)],
+        "steering": steering_value(),
+    }
+
+
+def many_summary(**extra: Any) -> dict[str, Any]:
+    """A many-prompt output's record."""
+    return {
+        "model": "tiny <model>",
+        "family": "gemma3",
+        "dtype": "float32",
+        "text": "2 prompts",
+        "n_prompts": 2,
+        "prompts": [
+            {
+                "index": i,
+                "text": text,
+                "n_tokens": 4 + i,
+                "predicted_token": token,
+                "reconstruction_relative_error": 1e-7 * (i + 1),
+                "sigma_1": 3.0,
+                "stable_rank": 1.5,
+                "directory": f"prompts/{i:04d}",
+            }
+            for i, (text, token) in enumerate([("first prompt", " A"), ("second prompt", " B")])
+        ],
+        "max_reconstruction_relative_error": 2e-7,
+        "mean_stable_rank": 1.5,
+        "config": {
+            "model": {"source": "embedded", "dtype": "float32"},
+            "texts": ["first prompt", "second prompt"],
+        },
+        "params_from_cache": False,
+        "checkpoint_sha256": {"model.safetensors": "0" * 64},
+        "timings_seconds": {"loading model": 1.5},
+        "prompts_reused": 1,
+        "devices": 1,
+        **extra,
+    }
 
 
 class Parsed(HTMLParser):
@@ -217,7 +301,7 @@ def tables_of(text: str) -> dict[str, list[list[list[str]]]]:
 def make_run(tmp_path: Path, summary: dict[str, Any], pngs: list[str]) -> Path:
     run = tmp_path / "run"
     run.mkdir()
-    write_json(run / "summary.json", summary)
+    write_json_atomic(run / "summary.json", summary)
     for i, name in enumerate(pngs):
         tiny_png(run / name, 1.0 + i)
     return run
@@ -236,40 +320,60 @@ def render(run: Path, summary: dict[str, Any] | None = None) -> tuple[str, Parse
 STANDARD_PNGS = ["reconstruction.png", "singular_values.png", "per_token.png"]
 
 
-def test_required_sections_and_embedded_figures(tmp_path):
-    pngs = [*STANDARD_PNGS, "layers_norms.png", "zz_extra.png"]
-    summary = synthetic_summary(layers=OPTIONAL_VALUES["layers"])
-    run = make_run(tmp_path, summary, pngs)
-    _, parsed = render(run, summary)
-
-    for section_id in [*REQUIRED, "layers", "other-figures"]:
-        assert parsed.sections.get(section_id), f"section {section_id} missing or without an <h2>"
-    order = list(parsed.sections)
-    assert order[: len(REQUIRED) - 2] == REQUIRED[:-2] and order[-1] == "other-figures"
-
-    # Every PNG exactly once, as a data URI of its exact bytes, in the section that owns it.
-    where: dict[bytes, str | None] = {}
+def embedded(run: Path, parsed: Parsed) -> dict[bytes, tuple[str | None, str]]:
+    """Every embedded PNG's exact bytes → (its section, its alt text); each PNG once."""
+    where: dict[bytes, tuple[str | None, str]] = {}
     for section_id, attributes in parsed.images:
         src = attributes["src"] or ""
         assert src.startswith("data:image/png;base64,")
-        assert attributes.get("alt")
         data = base64.b64decode(src.split(",", 1)[1], validate=True)
         assert data not in where, "a PNG is embedded twice"
-        where[data] = section_id
-    assert len(where) == len(pngs)
-    expected = {
-        "reconstruction.png": "reconstruction",
-        "singular_values.png": "spectrum",
-        "per_token.png": "per-token",
-        "layers_norms.png": "layers",
-        "zz_extra.png": "other-figures",
-    }
-    for name, section_id in expected.items():
-        assert where[(run / name).read_bytes()] == section_id, name
+        where[data] = (section_id, attributes.get("alt") or "")
+    return where
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_every_figure_in_its_section_with_its_caption(tmp_path, many):
+    summary = many_summary(layers=[aggregate_row(0)]) if many else synthetic_summary(**optional_values())
+    names = figure_names(parse_record(summary))
+    # A PNG jaxlin did not write for this record is not claimed by any section.
+    run = make_run(tmp_path, summary, [*names, "zz_extra.png", "layers_norms.png"])
+    text, parsed = render(run, summary)
+
+    required = MANY_REQUIRED if many else REQUIRED
+    for section_id in [*required, "layers"]:
+        assert parsed.sections.get(section_id), f"section {section_id} missing or without an <h2>"
+    assert "other-figures" not in parsed.sections
+    order = list(parsed.sections)
+    assert order[: len(required) - 2] == required[:-2] and order[-2:] == ["config", "timings"]
+
+    where = embedded(run, parsed)
+    assert len(where) == len(names)
+    for name in names:
+        section_id, alt = where[(run / name).read_bytes()]
+        assert section_id == FIGURES[name].section, name
+        assert alt == f"{name}: {FIGURES[name].caption}"
+        assert f"{name} — {report.esc(FIGURES[name].caption)}</figcaption>" in text
+    expected = (
+        {"prompts.png", "layers.png"}
+        if many
+        else {
+            "reconstruction.png",
+            "singular_values.png",
+            "per_token.png",
+            "importance.png",
+            "jacobian_block.png",
+            "ablation.png",
+            "layers.png",
+            "layers_path.png",
+        }
+    )
+    assert set(names) == expected
+    assert {FIGURES[n].section for n in ("importance.png", "jacobian_block.png")} == {"per-token"}
 
 
 def test_self_contained(tmp_path):
-    summary = synthetic_summary(**OPTIONAL_VALUES)
+    summary = synthetic_summary(**optional_values())
     run = make_run(tmp_path, summary, STANDARD_PNGS)
     text, parsed = render(run, summary)
     assert "script" not in parsed.tags and "link" not in parsed.tags
@@ -277,28 +381,48 @@ def test_self_contained(tmp_path):
     assert not re.search(r"https?://", text)
 
 
-@pytest.mark.parametrize("present", [(), ("layers",), ("steering",), ("prompts",), tuple(OPTIONAL)])
+@pytest.mark.parametrize("present", [(), ("ablation",), ("layers",), ("steering",), tuple(OPTIONAL)])
 def test_optional_sections_iff_keys(tmp_path, present):
-    summary = synthetic_summary(**{key: OPTIONAL_VALUES[key] for key in present})
+    summary = synthetic_summary(**{key: optional_values()[key] for key in present})
     run = make_run(tmp_path, summary, STANDARD_PNGS)
     _, parsed = render(run, summary)
     for key in OPTIONAL:
         assert (key in parsed.sections) == (key in present), key
-    # Only the three standard figures: nothing left over for an other-figures section.
     assert "other-figures" not in parsed.sections
     assert set(parsed.sections) == set(REQUIRED) | set(present)
 
 
+@pytest.mark.parametrize("present", [(), ("layers",), ("steering",)])
+def test_many_prompt_sections_iff_keys(tmp_path, present):
+    values = {"layers": [aggregate_row(0), aggregate_row(1)], "steering": steering_value()}
+    summary = many_summary(**{key: values[key] for key in present})
+    run = make_run(tmp_path, summary, [])
+    _, parsed = render(run, summary)
+    assert set(parsed.sections) == set(MANY_REQUIRED) | set(present)
+    assert "second prompt" in parsed.text_by_section["prompts"]
+    assert "prompts.png not found" in parsed.text_by_section["prompts"]
+    assert parsed.badge_text["certificate-badge"] == "PASS"  # the worst prompt's, 2e-7
+
+
 def test_optional_section_contents(tmp_path):
-    summary = synthetic_summary(**OPTIONAL_VALUES)
+    summary = synthetic_summary(**optional_values())
     run = make_run(tmp_path, summary, STANDARD_PNGS)
     text, parsed = render(run, summary)
     layers = parsed.text_by_section["layers"]
-    assert "frobenius" in layers and "sliding" in layers and "sigmas" in layers  # nested field noted
+    assert "stable_rank" in layers and "residual" in layers and "path_cosines" in layers  # noted
     steering = parsed.text_by_section["steering"]
     assert "the Golden Gate" in steering and "the Golden Mile" in steering and "-2" in steering
     assert "a <b>old</b>" in steering and "<b>old" not in text  # escaped, shown as text
-    assert "second prompt" in parsed.text_by_section["prompts"]
+    ablation = parsed.text_by_section["ablation"]
+    assert "0.875" in ablation and NASTY in ablation and "zeroed_top_token" in ablation
+
+
+def test_a_summary_that_is_not_a_record_is_refused(tmp_path):
+    summary = synthetic_summary(frobenius_of_everything=1.0)
+    run = make_run(tmp_path, summary, STANDARD_PNGS)
+    with pytest.raises(report.JaxlinError, match="frobenius_of_everything"):
+        render(run, summary)
+    assert not (run / "report.html").exists()
 
 
 def test_text_is_escaped_and_whitespace_visible(tmp_path):
@@ -410,8 +534,32 @@ def layer_row(layer: int, scope: str) -> dict[str, Any]:
                 "sigma": 3.0,
                 "relative_residual": 2e-9,
             },
-            {"index": 2, "nearest_tokens": ["not shown"]},
+            {
+                "index": 2,
+                "dominant_position": 0,
+                "dominant_token": "x",
+                "share_of_norm": 0.5,
+                "nearest_tokens": ["not shown"],
+                "cosines": [0.5],
+                "sigma": 1.0,
+                "relative_residual": 1e-9,
+            },
         ],
+    }
+
+
+def aggregate_row(layer: int) -> dict[str, Any]:
+    """A layer row of a many-prompt output (averaged over prompts)."""
+    return {
+        "layer": layer,
+        "tap": "residual",
+        "scope": "cumulative",
+        "prompts": 2,
+        "stable_rank": 1.5,
+        "stable_rank_std": 0.25,
+        "entropy_rank": 2.5,
+        "entropy_rank_std": 0.5,
+        "max_reconstruction_relative_error": 1e-7,
     }
 
 
