@@ -34,7 +34,7 @@ from jaxlin.pipeline import tokenize
 from jaxlin.run_config import parse_run_config
 from jaxlin.spectral import top_k
 
-DOCUMENT = "The quick brown fox jumps over the lazy dog; then it naps."  # 60 characters = 61 tokens
+DOCUMENT = "The quick brown fox jumps over the lazy dog; then it naps."  # 58 characters + BOS
 VARIANT = "llama_gqa_untied"
 
 
@@ -208,7 +208,7 @@ def test_cli_run_and_bench(tmp_path, tiny_model_dir, capsys):
     path.write_text(yaml.safe_dump(data))
     assert main(["run", str(path), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "skipped 500: the document has only 61 tokens" in out and "time ∝ length^" in out
+    assert "skipped 500: the document has only 59 tokens" in out and "time ∝ length^" in out
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
     assert summary["kind"] == "length_study" and summary["lengths"] == [5, 9]
     # bench: an ordinary run config (its text is not the document), lengths from the command line
