@@ -506,18 +506,24 @@ def plan_lengths(
 # ----------------------------------------------------------------------------- the study
 
 
-def fingerprint(config: RunConfig, document: Document, settings: StudySettings) -> dict[str, Any]:
-    """What a stored length must match to be reused."""
-    return json.loads(
-        json.dumps(
-            {
-                "model": config.model.model_dump(),
-                "add_bos": config.add_bos,
-                "document_sha256": document.sha256,
-                "settings": dataclasses.asdict(settings),
-            }
-        )
-    )
+def fingerprint(
+    config: RunConfig, document: Document, settings: StudySettings, length: int
+) -> dict[str, Any]:
+    """What a stored length must match to be reused: the settings as they apply to this
+    length (the influence method it resolves to, the samples only when stochastic), so that
+    changing `max_exact_tokens` keeps every length whose method it does not change."""
+    applied = dataclasses.asdict(settings)
+    applied["influence"] = "exact" if settings.exact_influence(length) else "stochastic"
+    del applied["max_exact_tokens"]
+    if applied["influence"] == "exact":
+        del applied["influence_samples"]
+    record = {
+        "model": config.model.model_dump(),
+        "add_bos": config.add_bos,
+        "document_sha256": document.sha256,
+        "settings": applied,
+    }
+    return json.loads(json.dumps(record))
 
 
 def length_path(out: Path, length: int) -> Path:
@@ -605,11 +611,11 @@ def _run(
         raise JaxlinError(f"length_study.lengths: none of {lengths} can run ({skipped[0]['reason']})")
     inputs = model_fns.embed(model.config, params, jnp.asarray(ids[: kept[-1]]))
     texts = token_text(tokenizer, ids[: kept[-1]])
-    expected = fingerprint(config, document, settings)
     (out / "lengths").mkdir(exist_ok=True)
     records, reused = [], []
     for length in kept:
         path = length_path(out, length)
+        expected = fingerprint(config, document, settings, length)
         record = stored_length(path, expected, length)
         if record is not None:
             reused.append(length)

@@ -5,6 +5,7 @@ line with exit status 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -22,11 +23,13 @@ from jaxlin.jacobian import linearize
 from jaxlin.length_study import (
     StudySettings,
     entropy_rank_bounds,
+    fingerprint,
     influence_decay,
     length_path,
     run_study,
     sampled_token_norms,
     stored_length,
+    study_document,
 )
 from jaxlin.loading import load_model
 from jaxlin.operator import certify, contributions, rows
@@ -195,11 +198,21 @@ def test_interrupted_study_resumes_only_the_missing_lengths(tmp_path, tiny_model
         records(out, [7, 12, 20]), records(tmp_path / "fresh", [7, 12, 20]), strict=True
     ):
         assert numbers(resumed) == numbers(whole)
-    # a stored length computed under other settings is not reused
-    expected = json.loads(length_path(out, 7).read_text())["fingerprint"]
-    assert stored_length(length_path(out, 7), expected, 7) is not None
-    other = {**expected, "settings": {**expected["settings"], "sink_tokens": 2}}
-    assert stored_length(length_path(out, 7), other, 7) is None
+    # a stored length is reused under settings that compute it the same way, and only then
+    document = study_document(config.length_study)
+    settings = StudySettings.from_config(config, "study")
+    stored = length_path(out, 7)
+    for changed, reusable in (
+        ({"max_exact_tokens": 7}, True),  # length 7 is still exact
+        ({"influence_samples": 9}, True),  # samples do not enter an exact length
+        ({"max_exact_tokens": 6}, False),  # now stochastic
+        ({"sink_tokens": 2}, False),
+        ({"seed": 1}, False),
+    ):
+        other = fingerprint(config, document, dataclasses.replace(settings, **changed), 7)
+        assert (stored_length(stored, other, 7) is not None) == reusable, changed
+    other_model = parse_run_config({**data, "model": {**data["model"], "dtype": "float32"}})
+    assert stored_length(stored, fingerprint(other_model, document, settings, 7), 7) is None
 
 
 def test_cli_run_and_bench(tmp_path, tiny_model_dir, capsys):
