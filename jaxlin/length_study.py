@@ -6,15 +6,17 @@ Per length (one JSON file each under OUT/lengths/, so an interrupted study resum
 
 - the certificate ‖Σ_t c_t + c_bias − y‖/‖y‖ (with exact influence from the d rows of J;
   otherwise from Σ_t c_t = J·X, one forward product — the same quantity);
-- the top-k singular values of J with rigorous residual bounds (`spectral.top_k`);
+- the top-k singular values of J with rigorous residual bounds (from J's rows when they
+  are computed, `spectral.rows_top_k`, else matrix-free Lanczos, `spectral.top_k`);
 - ‖J‖_F and the stable rank ‖J‖_F²/σ₁²;
-- the entropy effective rank exp H(q), q_i = σ_i²/‖J‖_F² over all d singular values. Only
-  the top k are known (unless k = d), so it is reported as the interval its unknown tail
-  allows: the remainder energy ‖J‖_F² − Σ_{i≤k} σ_i² held by one value (lower bound) or
-  spread evenly over the d − k others (upper bound, each ≤ σ_k², so attainable);
-- per-token influence ‖J_t‖_F and contribution norm ‖c_t‖ for every token: exact from the
-  d transposed products Jᵀe_i (streamed, memory O(chunk·p·d)), or, for long prefixes,
-  unbiased estimates with standard errors: for Gaussian u, E‖J_tᵀu‖² = ‖J_t‖_F² and
+- the entropy effective rank exp H(q), q_i = σ_i²/‖J‖_F² over all d singular values:
+  exact when J's rows give the whole spectrum; otherwise only the top k are known, and it
+  is reported as the interval its unknown tail allows: the remainder energy
+  ‖J‖_F² − Σ_{i≤k} σ_i² held by one value (lower bound) or spread evenly over the d − k
+  others (upper bound, each ≤ σ_k², so attainable);
+- per-token influence ‖J_t‖_F and contribution norm ‖c_t‖ for every token: exact from J's
+  d rows Jᵀe_i (d transposed products, memory d·p·d), or, for long prefixes, unbiased
+  estimates with standard errors: for Gaussian u, E‖J_tᵀu‖² = ‖J_t‖_F² and
   E⟨J_tᵀu, x_t⟩² = ‖J_t x_t‖² = ‖c_t‖², so one product Jᵀu gives every token's term and s
   samples give mean ± std/√s (squared norms are the unbiased quantities);
 - the share of the first `sink_tokens` tokens (the attention sink) in Σ_t ‖J_t‖_F² and
@@ -61,12 +63,15 @@ from jaxlin.devices import batch_devices, map_in_batches, replicated
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import DetachedJacobian, Products, linearize
 from jaxlin.memory import InsufficientMemoryError, linearization_bytes, product_bytes, require_memory
-from jaxlin.operator import Certificate, certify, chunk_size
+from jaxlin.operator import Certificate, certify, chunk_size, contributions_from_rows, rows
 from jaxlin.outputs import claim_output, write_json_atomic
 from jaxlin.run_config import LengthStudySection, RunConfig, read_text_file
-from jaxlin.spectral import top_k, widened
+from jaxlin.spectral import rows_top_k, top_k, widened
 
 StudyKind = Literal["study", "bench"]
+
+# Bumped when a length's record changes meaning or content: older records are recomputed.
+STUDY_VERSION = 2
 
 # Public-domain documents shipped in jaxlin/data (see jaxlin/data/SOURCES.md).
 BUILTIN_DOCUMENTS = {"alice": "alice_ch1-5.txt"}
@@ -157,19 +162,13 @@ def study_document(section: LengthStudySection | None) -> Document:
 # ----------------------------------------------------------------------------- per-token norms
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def _exact_token_norms(jacobian: DetachedJacobian, chunk: int | None) -> tuple[jax.Array, jax.Array]:
-    """‖J_t‖_F² (p,) and c (p, d) from the d rows Jᵀe_i, streamed a chunk at a time."""
-    _, rmatvec, wide = widened(jacobian)
-    inputs = jacobian.inputs.astype(wide)
-    d = jacobian.output.shape[0]
-
-    def one_row(unit: jax.Array) -> tuple[jax.Array, jax.Array]:
-        row = rmatvec(unit)  # (p, d): row i of J, token by token
-        return jnp.sum(row**2, axis=-1), jnp.sum(row * inputs, axis=-1)
-
-    energy, contributions = map_in_batches(one_row, jnp.eye(d, dtype=wide), chunk_size(d, chunk))
-    return jnp.sum(energy, axis=0), contributions.T
+@jax.jit
+def _gram_singular_values(dense: jax.Array) -> jax.Array:
+    """All d singular values of J (descending) from its rows (d, p, d): √eig(J·Jᵀ)."""
+    wide = jnp.promote_types(dense.dtype, jnp.float32)
+    flat = dense.astype(wide).reshape(dense.shape[0], -1)
+    gram = jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram)[::-1], 0.0))
 
 
 @functools.partial(jax.jit, static_argnames=("samples", "chunk"))
@@ -240,6 +239,7 @@ class PrefixMeasures:
     stop_reason: str
     norms: TokenNorms
     products: dict[str, int]
+    all_singular_values: np.ndarray | None = None  # every σ_i, when J's rows were computed
 
 
 def measure_prefix(
@@ -255,29 +255,33 @@ def measure_prefix(
     def logits_of(hidden: jax.Array) -> jax.Array:
         return model_fns.logits(config, params, hidden)
 
+    spectrum = None
     if settings.exact_influence(length):
-        products.rmatvecs += config.hidden_size
-        energy, contributions = _exact_token_norms(jacobian, settings.chunk)
+        dense = rows(jacobian, None, settings.chunk, products)  # (d, p, d): J itself
+        contributions = contributions_from_rows(dense, prefix)
         certificate = certify(jacobian.output, contributions, logits_of, jacobian.bias)
-        influence = np.asarray(energy, np.float64)
+        influence = np.sum(np.asarray(dense, np.float64) ** 2, axis=(0, 2))
         contribution = np.sum(np.asarray(contributions, np.float64) ** 2, axis=-1)
         zeros = np.zeros(length)
         norms = TokenNorms("exact", influence, zeros, contribution, zeros.copy(), float(influence.sum()), 0.0)
+        spectrum = np.asarray(_gram_singular_values(dense), np.float64)
+        triplets = rows_top_k(dense, settings.top_k)
+        del dense
     else:
         key = jax.random.fold_in(jax.random.key(settings.seed), length)
         norms = sampled_token_norms(jacobian, key, settings.influence_samples, settings.chunk, products)
         products.matvecs += 1
         total = jacobian.matvec(prefix)  # Σ_t J_t·x_t in one product
         certificate = certify(jacobian.output, total[None], logits_of, jacobian.bias)
-    triplets = top_k(
-        jacobian,
-        settings.top_k,
-        settings.tolerance,
-        settings.krylov_depth,
-        settings.seed,
-        min(settings.chunk, settings.top_k),
-        products=products,
-    )
+        triplets = top_k(
+            jacobian,
+            settings.top_k,
+            settings.tolerance,
+            settings.krylov_depth,
+            settings.seed,
+            min(settings.chunk, settings.top_k),
+            products=products,
+        )
     return PrefixMeasures(
         length,
         certificate,
@@ -288,6 +292,7 @@ def measure_prefix(
         triplets.stop_reason,
         norms,
         products.as_dict(),
+        spectrum,
     )
 
 
@@ -358,7 +363,10 @@ def length_record(
     norms, sigma = measures.norms, measures.singular_values
     sigma_1 = float(sigma[0])
     influence = np.sqrt(np.maximum(norms.influence_sq, 0.0))
-    lower, upper = entropy_rank_bounds(sigma, norms.frobenius_sq, rank_bound)
+    if measures.all_singular_values is not None:  # the whole spectrum: exact
+        lower = upper = entropy_rank_bounds(measures.all_singular_values, norms.frobenius_sq, rank_bound)[0]
+    else:
+        lower, upper = entropy_rank_bounds(sigma, norms.frobenius_sq, rank_bound)
     loudest = np.argsort(norms.influence_sq)[::-1][:5]
     total = norms.influence_sq.sum()
     certificate = measures.certificate
@@ -476,7 +484,7 @@ def _memory_estimate(config: ModelConfig, length: int, dtype: Any, settings: Stu
     estimate = linearization_bytes(config, length, dtype, block)
     estimate += product_bytes(config, length, dtype, settings.chunk, block)
     if settings.exact_influence(length):
-        estimate += 2 * config.hidden_size * length * wide  # the streamed rows' reductions
+        estimate += config.hidden_size**2 * length * wide  # J's rows, kept for the exact spectrum
     return estimate
 
 
@@ -518,6 +526,7 @@ def fingerprint(
     if applied["influence"] == "exact":
         del applied["influence_samples"]
     record = {
+        "version": STUDY_VERSION,
         "model": config.model.model_dump(),
         "add_bos": config.add_bos,
         "document_sha256": document.sha256,
@@ -701,8 +710,9 @@ DEFINITIONS = {
     "target": "the final-normed hidden state of the prefix's last token (position length − 1)",
     "certificate": "‖Σ_t J_t·x_t + c_bias − y‖/‖y‖",
     "stable_rank": "‖J‖_F² / σ₁²",
-    "entropy_rank": "exp H(σ_i²/‖J‖_F²) over all d singular values, bounded from the top k: tail energy "
-    "in one value (lower) or spread evenly over the other d − k (upper)",
+    "entropy_rank": "exp H(σ_i²/‖J‖_F²) over all d singular values: exact (lower = upper) with exact "
+    "influence; else bounded from the top k: tail energy in one value (lower) or spread evenly over the "
+    "other d − k (upper)",
     "influence": "‖J_t‖_F per token; stochastic: mean of ‖J_tᵀu‖² over Gaussian u ± std/√s (squared norms)",
     "contribution": "‖c_t‖ = ‖J_t·x_t‖; stochastic: mean of ⟨J_tᵀu, x_t⟩² ± std/√s (squared norms)",
     "sink": "share of the first sink_tokens tokens in Σ_t ‖J_t‖_F² (influence) and in Σ_t ‖c_t‖² "
