@@ -375,6 +375,7 @@ def length_record(
         "target_token": token_texts[-1],
         "first_token": token_texts[0],
         "certificate": {
+            "from": "per-token contributions" if norms.method == "exact" else "J·X (one product)",
             "relative_error": certificate.relative_error,
             "argmax_matches": certificate.argmax_matches,
             "predicted_token_id": certificate.predicted_token_id,
@@ -708,7 +709,8 @@ def study_summary(
 
 DEFINITIONS = {
     "target": "the final-normed hidden state of the prefix's last token (position length − 1)",
-    "certificate": "‖Σ_t J_t·x_t + c_bias − y‖/‖y‖",
+    "certificate": "‖Σ_t J_t·x_t + c_bias − y‖/‖y‖: from the per-token c_t with exact influence, else from "
+    "J·X = Σ_t J_t·x_t in one product (which repeats the forward's own arithmetic, so it may be exactly 0)",
     "stable_rank": "‖J‖_F² / σ₁²",
     "entropy_rank": "exp H(σ_i²/‖J‖_F²) over all d singular values: exact (lower = upper) with exact "
     "influence; else bounded from the top k: tail energy in one value (lower) or spread evenly over the "
