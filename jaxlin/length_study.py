@@ -655,6 +655,11 @@ def _run(
     return summary, out
 
 
+def product_count(record: dict[str, Any]) -> int:
+    """Products through J (both directions) that one length made."""
+    return max(1, record["products"]["matvecs"] + record["products"]["rmatvecs"])
+
+
 def study_summary(
     config: RunConfig,
     kind: StudyKind,
@@ -694,6 +699,10 @@ def study_summary(
         "fits": {
             "compute_seconds_vs_length": loglog_fit(lengths, [r["compute_seconds"] for r in records]),
             "seconds_vs_length": loglog_fit(lengths, [r["seconds"] for r in records]),
+            # comparable across lengths whose influence method (and so product count) differs
+            "compute_seconds_per_product_vs_length": loglog_fit(
+                lengths, [r["compute_seconds"] / product_count(r) for r in records]
+            ),
             "peak_memory_vs_length": loglog_fit(lengths, [np.nan if m is None else m for m in memory]),
             "influence_decay_longest": longest["decay"],
         },
@@ -748,7 +757,11 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     for entry in summary["skipped_lengths"]:
         print(f"skipped {entry['length']}: {entry['reason']}")
     fits = summary["fits"]
-    for name, label in (("compute_seconds_vs_length", "time"), ("peak_memory_vs_length", "memory")):
+    for name, label in (
+        ("compute_seconds_vs_length", "time"),
+        ("compute_seconds_per_product_vs_length", "time per product"),
+        ("peak_memory_vs_length", "memory"),
+    ):
         if fits[name] is not None:
             print(f"{label} ∝ length^{fits[name]['slope']:.2f} (R² {fits[name]['r2']:.3f})")
     print(f"wrote      {out}/ (summary.json, lengths/, PNG figures, report.html)")

@@ -131,6 +131,7 @@ def test_each_length_equals_a_separate_linearization(tmp_path, tiny_model_dir, l
     ):
         assert (out / f"{name}.png").stat().st_size > 0
     assert summary["fits"]["compute_seconds_vs_length"] is not None
+    assert summary["fits"]["compute_seconds_per_product_vs_length"] is not None
 
 
 def test_stochastic_influence_is_unbiased_and_within_its_error(loaded):
