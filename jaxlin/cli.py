@@ -138,7 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         help="replace an earlier jaxlin run in the output directory (never anything else)",
     )
     run_parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    bench_parser = commands.add_parser(
+        "bench", help="time and peak memory of the config's analysis at each prefix length"
+    )
+    bench_parser.add_argument("config", help="path to a run config (see configs/)")
+    bench_parser.add_argument("--lengths", type=int, nargs="+", required=True, help="prefix lengths (tokens)")
+    bench_parser.add_argument("--out", help="output directory (default: the config's output_dir + '-bench')")
+    bench_parser.add_argument("--overwrite", action="store_true", help="replace an earlier jaxlin run there")
+    bench_parser.add_argument("--quiet", action="store_true", help="no progress messages")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _study(args, "bench")
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
@@ -151,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.overwrite:
             overrides["overwrite"] = True
         config = load_run_config(args.config, output_dir=args.out, **overrides)
+        if config.length_study is not None:
+            return _study(args, "study", config)
         result, out_dir = run(config, verbose=not args.quiet)
     except JaxlinError as error:
         # One line whatever the message holds (a quoted file name or library text may span lines).
@@ -159,6 +171,25 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(parse_record(result.summary))
     print(f"wrote      {out_dir}/ (summary.json, arrays.npz, PNG figures)")
     print(f"report     {out_dir / 'report.html'}")
+    return 0
+
+
+def _study(args: argparse.Namespace, kind: str, config: object | None = None) -> int:
+    """`jaxlin run` of a config with a length_study section, or `jaxlin bench` (see jaxlin.length_study)."""
+    try:
+        from jaxlin.length_study import print_summary, run_study
+        from jaxlin.run_config import load_run_config
+
+        if kind == "bench" and any(length < 2 for length in args.lengths):
+            raise JaxlinError(f"--lengths: every length must be at least 2 (got {args.lengths})")
+        if config is None:
+            config = load_run_config(args.config, **({"overwrite": True} if args.overwrite else {}))
+        lengths = args.lengths if kind == "bench" else None
+        summary, out_dir = run_study(config, kind, lengths, args.out, verbose=not args.quiet)
+    except JaxlinError as error:
+        print(f"jaxlin: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print_summary(summary, out_dir)
     return 0
 
 

@@ -41,9 +41,12 @@ from jaxlin.errors import JaxlinError
 
 MARKER_NAME = ".jaxlin-run"
 MARKER_VERSION = 1
-# single: one text's run; many: a many-prompt output; prompt: one of its prompts/NNNN.
-RunKind = Literal["single", "many", "prompt"]
-RUN_KINDS = ("single", "many", "prompt")
+# single: one text's run; many: a many-prompt output; prompt: one of its prompts/NNNN;
+# study / bench: a length study or benchmark (jaxlin.length_study), one file per length.
+RunKind = Literal["single", "many", "prompt", "study", "bench"]
+RUN_KINDS = ("single", "many", "prompt", "study", "bench")
+# Kinds written in place and resumed, with the folder of their per-item results.
+IN_PLACE_KINDS = {"many": "prompts", "study": "lengths", "bench": "lengths"}
 
 # Staging names are `.<target name>.partial-<random>[suffix]` (being written) and
 # `.<target name>.old-<random>` (a replaced run on its way out).
@@ -272,11 +275,11 @@ class OutputClaim:
     def _undo_fresh_output(self) -> None:
         """A many-prompt output started by this claim and never given a prompt: remove
         its marker and empty prompts/ directory (and the directory, if it created it)."""
-        if self.kind != "many" or self.resume or run_kind(self.target) != "many":
+        if self.kind not in IN_PLACE_KINDS or self.resume or run_kind(self.target) != self.kind:
             return
-        prompts = self.target / "prompts"
+        prompts = self.target / IN_PLACE_KINDS[self.kind]
         with contextlib.suppress(OSError):
-            if any(p.name not in (MARKER_NAME, "prompts") for p in self.target.iterdir()):
+            if any(p.name not in (MARKER_NAME, prompts.name) for p in self.target.iterdir()):
                 return
             if prompts.is_dir() and any(prompts.iterdir()):
                 return  # a completed prompt: kept, a rerun resumes it
@@ -357,7 +360,7 @@ def _check_existing(target: Path, kind: RunKind, overwrite: bool) -> bool:
             f"output_dir: {target} is {what} that is not a jaxlin run; jaxlin replaces only run "
             "directories it wrote (choose another output_dir)"
         )
-    if kind == "many" and state == "many":
+    if kind in IN_PLACE_KINDS and state == kind:
         return True
     if state in RUN_KINDS and not overwrite:
         raise OutputError(
@@ -396,16 +399,16 @@ def claim_output(target: str | Path, kind: RunKind, overwrite: bool) -> Iterator
         _remove_stale(target.parent, target.name)
         if claim.resume:
             _remove_stale(target, None)
-            _remove_stale(target / "prompts", None)
-        elif kind == "many" and _state(target) in RUN_KINDS:
+            _remove_stale(target / IN_PLACE_KINDS[kind], None)
+        elif kind in IN_PLACE_KINDS and _state(target) in RUN_KINDS:
             # --overwrite of another kind of run by a many-prompt output (written in place).
             retired = _new_staging(target, ".old-", directory=True)
             os.replace(target, retired / "run")
             _discard(retired)
             claim.target_existed = False
-        if kind == "many":
+        if kind in IN_PLACE_KINDS:
             try:
-                ensure_run_directory(target, "many")
+                ensure_run_directory(target, kind)
             except OSError as error:
                 raise OutputError(f"output_dir: cannot write in {target} ({error.strerror})") from None
         yield claim

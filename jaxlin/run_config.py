@@ -5,7 +5,7 @@ int belongs, no string where a number belongs) and floats are finite."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -129,6 +129,59 @@ class SteeringSection(_Strict):
     )
 
 
+class LengthStudySection(_Strict):
+    """One long document, the target at each prefix length (see jaxlin.length_study).
+    Spectra use the analysis section's top_k, tolerance, krylov_depth, seed, chunk and
+    attention_block."""
+
+    document: str | None = Field(None, description="the document's text")
+    document_file: str | None = Field(None, description="a UTF-8 file holding the document")
+    builtin: Literal["alice"] | None = Field(
+        None,
+        description="a public-domain document shipped with jaxlin (alice: Lewis Carroll, Alice's "
+        "Adventures in Wonderland, chapters I-V); the default when neither document nor "
+        "document_file is given",
+    )
+    lengths: list[Annotated[int, Field(ge=2)]] = Field(
+        [64, 128, 256, 512, 1024],
+        min_length=1,
+        description="prefix lengths p (tokens, BOS included): the target is the p-th token's "
+        "final hidden state",
+    )
+    influence: Literal["auto", "exact", "stochastic"] = Field(
+        "auto",
+        description="per-token ‖J_t‖_F and ‖c_t‖: exact (d transposed products), stochastic (unbiased "
+        "estimates with standard errors from `influence_samples` products), auto (exact up to "
+        "max_exact_tokens)",
+    )
+    max_exact_tokens: int = Field(256, ge=1, description="longest prefix for exact influence under auto")
+    influence_samples: int = Field(
+        64, ge=2, le=2**16, description="Gaussian samples of the stochastic influence estimate"
+    )
+    sink_tokens: int = Field(1, ge=1, description="leading tokens counted as the attention sink")
+
+    @field_validator("document")
+    @classmethod
+    def _document_not_empty(cls, text: str | None) -> str | None:
+        if text is not None and not text.strip():
+            raise ValueError("document is empty")
+        return text
+
+    @field_validator("lengths")
+    @classmethod
+    def _lengths_distinct(cls, lengths: list[int]) -> list[int]:
+        if len(set(lengths)) != len(lengths):
+            raise ValueError("lengths has a length given twice")
+        return sorted(lengths)
+
+    @model_validator(mode="after")
+    def _one_document(self) -> LengthStudySection:
+        given = [name for name in ("document", "document_file", "builtin") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of document, document_file, builtin (got {given})")
+        return self
+
+
 class RunConfig(_Strict):
     model: ModelSection = ModelSection()
     text: str | None = Field(None, description="the input text; the CLI's --text overrides it")
@@ -144,6 +197,9 @@ class RunConfig(_Strict):
     )
     analysis: AnalysisSection = AnalysisSection()
     steering: SteeringSection = SteeringSection()
+    length_study: LengthStudySection | None = Field(
+        None, description="run a length/position study (`jaxlin run` then runs it instead of one analysis)"
+    )
     devices: int | None = Field(
         None, ge=1, description="split the batched products across this many devices (default: all)"
     )
@@ -170,6 +226,13 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _one_input(self) -> RunConfig:
         given = [name for name in ("text", "texts", "texts_file") if getattr(self, name) is not None]
+        if self.length_study is not None:
+            if given:
+                raise ValueError(
+                    f"{given[0]} is given but a length study reads its document from length_study "
+                    "(document, document_file or builtin)"
+                )
+            return self
         if len(given) != 1:
             raise ValueError(f"give exactly one of text, texts, texts_file (got {given or 'none'})")
         return self
