@@ -68,8 +68,8 @@ def main() -> None:
     sizes = [9] if args.quick else args.tokens
 
     from jaxlin.loading import load_model
-    from jaxlin.pipeline import analyse
     from jaxlin.run_config import AnalysisSection
+    from jaxlin.runner import analyse
 
     loaded = load_model("embedded", None, "float32", progress=False)
     options = AnalysisSection()

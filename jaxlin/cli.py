@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        from jaxlin.pipeline import run
+        from jaxlin.command import run
         from jaxlin.run_config import load_run_config
 
         overrides: dict[str, object] = (

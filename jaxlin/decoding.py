@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlin._config import ModelConfig
 from jaxlin.model import Params
+from jaxlin.tokens import token_text
 
 
 def unembedding_matrix(config: ModelConfig, params: Params) -> jnp.ndarray:
@@ -64,3 +67,76 @@ def nearest_embedding_rows(
     if not ids:
         return np.zeros((0, count), np.int64), np.zeros((0, count), np.float32)
     return np.concatenate(ids), np.concatenate(cosines)
+
+
+def decode_left_vectors(
+    tokenizer: Any,
+    vectors: np.ndarray,
+    sigmas: np.ndarray,
+    config: ModelConfig,
+    params: Params,
+    y: np.ndarray,
+    count: int,
+) -> list[dict[str, Any]]:
+    """Top tokens of each left singular vector (k, d), oriented so that u·y ≥ 0."""
+    oriented = orient_to(vectors, y)
+    ids, scores = top_tokens(oriented, unembedding_matrix(config, params), count)
+    return [
+        {
+            "index": i + 1,
+            "sigma": float(sigmas[i]),
+            "tokens": token_text(tokenizer, ids[i]),
+            "token_ids": ids[i].tolist(),
+            "scores": scores[i].tolist(),
+        }
+        for i in range(len(vectors))
+    ]
+
+
+def nearest_embedding_tokens(
+    tokenizer: Any, vectors: np.ndarray, params: Params, count: int
+) -> list[list[str]]:
+    """For each row of `vectors` (k, d): the tokens whose input-embedding rows are nearest
+    by cosine similarity."""
+    nearest, _ = nearest_embedding_rows(vectors, params["embedder"]["embedding"], count)
+    return [token_text(tokenizer, row) for row in nearest]
+
+
+def right_vector_entries(
+    tokenizer: Any,
+    positions: np.ndarray,
+    shares: np.ndarray,
+    nearest: np.ndarray,
+    cosines: np.ndarray,
+    ids: np.ndarray,
+) -> list[dict[str, Any]]:
+    """Right singular vectors read at their dominant token positions (see
+    `dominant_rows`), with the input-embedding rows nearest to those rows."""
+    return [
+        {
+            "index": i + 1,
+            "dominant_position": int(t),
+            "dominant_token": tokenizer.decode([int(ids[t])]),
+            "share_of_norm": float(shares[i]),
+            "nearest_tokens": token_text(tokenizer, nearest[i]),
+            "cosines": cosines[i].tolist(),
+        }
+        for i, t in enumerate(positions)
+    ]
+
+
+def decode_right_vectors(
+    tokenizer: Any,
+    right: np.ndarray,
+    oriented_u: np.ndarray,
+    raw_u: np.ndarray,
+    params: Params,
+    ids: np.ndarray,
+    count: int,
+) -> list[dict[str, Any]]:
+    """Each right singular vector v_i (N, d) read at its dominant token: the input-embedding
+    rows nearest to v_i[t] by cosine (sign follows the left vector's orientation)."""
+    signs = np.where(np.sum(oriented_u * raw_u, axis=1) >= 0, 1.0, -1.0)
+    positions, shares, rows = dominant_rows(right)
+    nearest, cosines = nearest_embedding_rows(rows * signs[:, None], params["embedder"]["embedding"], count)
+    return right_vector_entries(tokenizer, positions, shares, nearest, cosines, ids)

@@ -569,8 +569,8 @@ def run_study(
     verbose: bool = True,
 ) -> tuple[dict[str, Any], Path]:
     """The study (or bench) of `config` written to its output directory; returns (summary, dir)."""
+    from jaxlin.command import device_mesh
     from jaxlin.model_source import read_model_config
-    from jaxlin.pipeline import device_mesh
 
     settings = StudySettings.from_config(config, kind)
     lengths = sorted(set(lengths)) if lengths else (config.length_study or LengthStudySection()).lengths
@@ -600,7 +600,7 @@ def _run(
     verbose: bool,
 ) -> tuple[dict[str, Any], Path]:
     from jaxlin.loading import load_model
-    from jaxlin.pipeline import token_text, tokenize
+    from jaxlin.tokens import token_text, tokenize
 
     say = _progress(verbose)
     say("loading model …")

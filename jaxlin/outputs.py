@@ -16,7 +16,7 @@ replaced or deleted.
 
 A many-prompt output (kind "many") is not staged as a whole: its prompts/NNNN
 directories are published one at a time so that a rerun resumes it (see
-`pipeline.run_many`); the aggregate files are replaced atomically.
+`many_prompts.run_many`); the aggregate files are replaced atomically.
 """
 
 from __future__ import annotations

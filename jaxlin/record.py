@@ -318,7 +318,7 @@ def _first_problem(error: ValidationError) -> str:
 
 
 def parse_record(data: Mapping[str, Any] | Record, source: str = "summary") -> Record:
-    """The typed record of a summary (a dict as the pipeline builds it, or summary.json's
+    """The typed record of a summary (a dict as the runner builds it, or summary.json's
     content); one line naming the first field that does not fit otherwise."""
     if isinstance(data, RunRecord | ManyPromptRecord):
         return data

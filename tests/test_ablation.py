@@ -13,7 +13,7 @@ import yaml
 
 from converters.hf import load_hf_model
 from jaxlin import model as model_fns
-from jaxlin.ablation import ablate, spearman
+from jaxlin.analyses.ablation import ablate, spearman
 from jaxlin.cli import main
 from jaxlin.jacobian import linearize
 from jaxlin.operator import contributions

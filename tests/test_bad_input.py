@@ -365,9 +365,9 @@ def _refuse_to_load(*args: Any, **kwargs: Any) -> None:
 def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, tiny_model, capsys, monkeypatch):
     monkeypatch.setenv("JAXLIN_CACHE", str(tmp_path / "cache"))
     if not case.loads_weights:
-        import jaxlin.pipeline
+        import jaxlin.command
 
-        monkeypatch.setattr(jaxlin.pipeline, "load_model", _refuse_to_load)
+        monkeypatch.setattr(jaxlin.command, "load_model", _refuse_to_load)
     _plant(case.files, tmp_path)
     config = _write_config(case, tmp_path, tiny_model)
     before = _snapshot(tmp_path)
@@ -420,8 +420,8 @@ def test_embedded_model_config_is_read_from_the_gguf_header():
 def test_analyse_names_the_field_as_a_second_line_of_defence(tiny_model):
     """Past the early check (a caller of `analyse` directly), k is still refused by name."""
     from jaxlin.loading import load_model
-    from jaxlin.pipeline import analyse
     from jaxlin.run_config import AnalysisSection
+    from jaxlin.runner import analyse
     from jaxlin.spectral import SpectralError
 
     loaded = load_model("hf", tiny_model, "float32", use_cache=False, progress=False)

@@ -236,7 +236,7 @@ class Interrupted(Exception):
 
 
 def test_many_prompts_resume_after_an_interruption(tmp_path, tiny_model_dir, monkeypatch):
-    import jaxlin.pipeline
+    import jaxlin.many_prompts
 
     texts = ["The bridge.", "Golden Gate!", "A painting of the"]
     data = tiny_run_config(tmp_path, tiny_model_dir("gemma3_sliding"))
@@ -247,7 +247,7 @@ def test_many_prompts_resume_after_an_interruption(tmp_path, tiny_model_dir, mon
     reference_out = tmp_path / "uninterrupted"
     assert main(["run", str(config), "--quiet", "--out", str(reference_out)]) == 0
 
-    real_analyse = jaxlin.pipeline.analyse
+    real_analyse = jaxlin.many_prompts.analyse
     calls = []
 
     def failing_analyse(*args, **kwargs):
@@ -256,7 +256,7 @@ def test_many_prompts_resume_after_an_interruption(tmp_path, tiny_model_dir, mon
             raise Interrupted  # the run dies while on the second prompt
         return real_analyse(*args, **kwargs)
 
-    monkeypatch.setattr(jaxlin.pipeline, "analyse", failing_analyse)
+    monkeypatch.setattr(jaxlin.many_prompts, "analyse", failing_analyse)
     with pytest.raises(Interrupted):
         main(["run", str(config), "--quiet"])
     run = tmp_path / "run"
@@ -270,7 +270,7 @@ def test_many_prompts_resume_after_an_interruption(tmp_path, tiny_model_dir, mon
         calls.append(args[1])
         return real_analyse(*args, **kwargs)
 
-    monkeypatch.setattr(jaxlin.pipeline, "analyse", recording_analyse)
+    monkeypatch.setattr(jaxlin.many_prompts, "analyse", recording_analyse)
     assert main(["run", str(config), "--quiet"]) == 0
     assert calls == texts[1:]  # the completed prompt is not recomputed
     assert (run / "prompts" / "0000" / "summary.json").stat().st_mtime_ns == first_written

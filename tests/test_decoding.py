@@ -73,7 +73,7 @@ def test_unembedding_matrix_tied_and_untied():
 
 
 def test_nearest_embedding_rows_by_cosine():
-    from jaxlin.pipeline import nearest_embedding_tokens
+    from jaxlin.decoding import nearest_embedding_tokens
 
     class Tokenizer:
         def decode(self, ids: list[int]) -> str:

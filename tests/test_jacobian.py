@@ -11,8 +11,8 @@ from converters.hf import load_hf_model
 from jaxlin import model as model_fns
 from jaxlin.jacobian import DetachedJacobian, Products, linearize
 from jaxlin.operator import block_from_rows, contributions, contributions_from_rows, rows, token_block
-from jaxlin.pipeline import analyse
 from jaxlin.run_config import AnalysisSection
+from jaxlin.runner import analyse
 
 TOKENS = np.random.default_rng(11).integers(0, 128, size=13)
 

@@ -8,11 +8,11 @@ import pytest
 
 from converters.hf import load_hf_model
 from jaxlin import model as model_fns
+from jaxlin.analyses.layers import dynamics
 from jaxlin.jacobian import linearize
 from jaxlin.layers import sweep
 from jaxlin.model import Tap, tap_input
 from jaxlin.operator import rows
-from jaxlin.pipeline import _layer_dynamics
 from jaxlin.run_config import AnalysisSection
 
 
@@ -109,7 +109,7 @@ def test_layer_right_vectors_decode_to_planted_embedding_rows(tiny_model_dir):
     options = AnalysisSection(
         layers={"enabled": True, "kinds": list(kinds), "local": True}, decode_top_tokens=3
     )
-    rows = _layer_dynamics(config, planted_params, embeddings, ids, Tokenizer(), options, None)
+    rows = dynamics(config, planted_params, embeddings, ids, Tokenizer(), options, None).rows
     assert len(rows) == len(taps)
     for row in rows:
         first = row["right_vectors"][0]

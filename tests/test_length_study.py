@@ -33,9 +33,9 @@ from jaxlin.length_study import (
 )
 from jaxlin.loading import load_model
 from jaxlin.operator import certify, contributions, rows
-from jaxlin.pipeline import tokenize
 from jaxlin.run_config import parse_run_config
 from jaxlin.spectral import top_k
+from jaxlin.tokens import tokenize
 
 DOCUMENT = "The quick brown fox jumps over the lazy dog; then it naps."  # 58 characters + BOS
 VARIANT = "llama_gqa_untied"

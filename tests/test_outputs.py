@@ -63,12 +63,12 @@ def snapshot(root: Path) -> dict[str, tuple[bytes | None, int, int]]:
 @pytest.fixture
 def model_not_loaded(monkeypatch):
     """Fails the test if a run gets as far as loading the model."""
-    import jaxlin.pipeline
+    import jaxlin.command
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(jaxlin.pipeline, "load_model", refuse)
+    monkeypatch.setattr(jaxlin.command, "load_model", refuse)
 
 
 def expect_output_refusal(capsys, argv: list[str], *fragments: str) -> str:
@@ -118,13 +118,13 @@ def test_an_earlier_run_is_replaced_only_with_overwrite(tmp_path, tiny_model_dir
     assert outputs.run_kind(out) == "single"
     before = snapshot(out)
 
-    import jaxlin.pipeline
+    import jaxlin.command
 
-    real_load = jaxlin.pipeline.load_model
-    monkeypatch.setattr(jaxlin.pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    real_load = jaxlin.command.load_model
+    monkeypatch.setattr(jaxlin.command, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     expect_output_refusal(capsys, ["run", str(config), "--text", "second"], str(out), "--overwrite")
     assert snapshot(out) == before and leftovers(tmp_path) == []
-    monkeypatch.setattr(jaxlin.pipeline, "load_model", real_load)
+    monkeypatch.setattr(jaxlin.command, "load_model", real_load)
 
     assert main(["run", str(config), "--quiet", "--text", "second", "--overwrite"]) == 0
     assert json.loads((out / "summary.json").read_text())["text"] == "second"
@@ -215,10 +215,10 @@ def test_a_locked_output_is_refused_and_the_run_there_kept(
 
 WRAPPER = """
 import os, sys, time
-import jaxlin.pipeline as pipeline
+import jaxlin.runner as runner
 from jaxlin.cli import main
 
-real_render = pipeline.render_report
+real_render = runner.render_report
 
 
 def paused(*args, **kwargs):
@@ -229,7 +229,7 @@ def paused(*args, **kwargs):
     return real_render(*args, **kwargs)
 
 
-pipeline.render_report = paused
+runner.render_report = paused
 sys.argv = ["jaxlin", *sys.argv[1:]]
 sys.exit(main())
 """

@@ -113,8 +113,8 @@ def test_dynamic_ntk_rope_below_at_and_past_the_context(tiny_model_dir):
 def test_learned_positions_refuse_inputs_longer_than_the_table(tiny_model_dir, tmp_path):
     from jaxlin.errors import JaxlinError
     from jaxlin.loading import LoadedModel
-    from jaxlin.pipeline import analyse
     from jaxlin.run_config import AnalysisSection
+    from jaxlin.runner import analyse
 
     model = load_hf_model(tiny_model_dir("gpt2_affine"), jnp.float64)
 

@@ -511,7 +511,7 @@ def test_per_token_table_shows_decoded_left_and_right_vectors(tmp_path):
 
 
 def layer_row(layer: int, scope: str) -> dict[str, Any]:
-    """A row as `pipeline._layer_dynamics` writes it."""
+    """A row as `jaxlin.analyses.layers.dynamics` writes it."""
     return {
         "layer": layer,
         "tap": "residual",

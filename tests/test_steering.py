@@ -8,7 +8,7 @@ import pytest
 
 from converters.hf import load_hf_model
 from jaxlin import model as model_fns
-from jaxlin.steering import generate, prepare
+from jaxlin.analyses.steering import generate, prepare
 
 
 def plain_greedy(model, prompt: np.ndarray, count: int) -> list[int]:

@@ -20,12 +20,12 @@ from conftest import save_char_tokenizer
 from test_gguf import add_byte_level_tokenizer, byte_level_vocab, tiny_checkpoint, write_gguf
 
 from converters.gguf import load_gguf_tokenizer
-from jaxlin import pipeline
+from jaxlin.analyses import steering
 from jaxlin.cli import main
 from jaxlin.errors import JaxlinError
 from jaxlin.loading import load_model
-from jaxlin.pipeline import bos_added, steer, tokenize
 from jaxlin.run_config import SteeringSection
+from jaxlin.tokens import bos_added, tokenize
 
 TEXTS = ["the theme", " élan 7", "them\nthe  the"]
 
@@ -195,12 +195,12 @@ def test_steering_prompts_follow_the_same_rule(monkeypatch: pytest.MonkeyPatch, 
         seen["prompt"] = prompt.tolist()
         return []
 
-    monkeypatch.setattr(pipeline, "prepare", prepare)
-    monkeypatch.setattr(pipeline, "generate", generate)
+    monkeypatch.setattr(steering, "prepare", prepare)
+    monkeypatch.setattr(steering, "generate", generate)
     loaded = SimpleNamespace(model=SimpleNamespace(config=None, params=None), tokenizer=tokenizer)
     section = SteeringSection(enabled=True, concept="the theme", prompt="them", lambdas=[0.0])
     for add_bos in (None, True, False):
-        steer(loaded, section, add_bos)
+        steering.steer(loaded, section, add_bos)
         assert seen["concept"] == tokenize(tokenizer, "the theme", add_bos).tolist()
         assert seen["prompt"] == tokenize(tokenizer, "them", add_bos).tolist()
     assert seen["prompt"][0] != tokenizer.bos_token_id  # the last call: add_bos false

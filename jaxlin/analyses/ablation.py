@@ -25,8 +25,13 @@ import numpy as np
 
 from jaxlin import model as model_fns
 from jaxlin._config import ModelConfig
+from jaxlin.analyses.base import Analysis, Context
+from jaxlin.analyses.certificate import CertificateResult
 from jaxlin.devices import map_in_batches
+from jaxlin.jacobian import DetachedJacobian
 from jaxlin.model import Params
+from jaxlin.run_config import AnalysisSection
+from jaxlin.tokens import token_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,3 +170,43 @@ def summary(result: Ablation, decode: Any, tokens: list[str]) -> dict[str, Any]:
         "top_change_agreement_zeroed": float(np.mean(flips["linear"] == flips["zeroed"])),
         "rows": rows,
     }
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AblationResult:
+    ablation: Ablation
+    record: dict[str, Any]  # the run record's "ablation" section (see `summary`)
+
+    def summary_entries(self) -> dict[str, Any]:
+        return {"ablation": self.record}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "ablation_linear": self.ablation.linear_change,
+            "ablation_removed": self.ablation.removed_change,
+            "ablation_zeroed": self.ablation.zeroed_change,
+        }
+
+
+def enabled(options: AnalysisSection, n: int) -> bool:
+    return options.ablation and n > 1
+
+
+def run(jacobian: DetachedJacobian, context: Context) -> AblationResult:
+    n = len(context.ids)
+    tokenizer = context.tokenizer
+    with context.timer.step(f"token ablation, linear vs real ({n} tokens, {2 * n} forwards)"):
+        contributions = context.earlier(CertificateResult).contributions
+        ablated = ablate(
+            context.config,
+            context.params,
+            context.ids,
+            jacobian.output,
+            contributions,
+            min(context.options.chunk, 16),
+        )
+        record = summary(ablated, lambda i: tokenizer.decode([i]), token_text(tokenizer, context.ids))
+    return AblationResult(ablated, record)
+
+
+ANALYSIS = Analysis("ablation", run, enabled=enabled)

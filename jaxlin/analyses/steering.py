@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +23,14 @@ import numpy as np
 
 from jaxlin._config import ModelConfig
 from jaxlin._modules import Transformer
+from jaxlin.analyses.base import RunAnalysis
+from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import linearize
+from jaxlin.loading import LoadedModel
 from jaxlin.model import Params, Tap, embed, layer_slice, module
 from jaxlin.operator import rows
+from jaxlin.run_config import RunConfig, SteeringSection
+from jaxlin.tokens import tokenize
 
 
 def concept_jacobian(config: ModelConfig, params: Params, concept_ids: np.ndarray, layer: int) -> jax.Array:
@@ -137,3 +143,60 @@ def generate(
         if token in stop_ids:
             break
     return generated
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SteeringResult:
+    concept: str
+    prompt: str
+    layer: int
+    mode: str
+    runs: list[dict[str, Any]]  # per strength λ (0 first): the continuation's text and ids
+
+    def summary_entries(self) -> dict[str, Any]:
+        return {
+            "steering": {
+                "concept": self.concept,
+                "prompt": self.prompt,
+                "layer": self.layer,
+                "mode": self.mode,
+                "baseline": self.runs[0]["text"],
+                "runs": self.runs,
+            }
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+
+def steer(loaded: LoadedModel, section: SteeringSection, add_bos: bool | None) -> SteeringResult:
+    """Baseline and steered greedy continuations, side by side (both prompts tokenized
+    as the analysed text is)."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    concept = tokenize(tokenizer, section.concept, add_bos)
+    prompt = tokenize(tokenizer, section.prompt, add_bos)
+    try:
+        setup = prepare(model.config, model.params, concept, section.layer, section.mode)
+    except ValueError as error:
+        raise JaxlinError(f"steering: {error}") from None
+    stop = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
+    runs = []
+    for strength in [0.0, *[x for x in section.lambdas if x != 0.0]]:
+        tokens = generate(model.config, model.params, prompt, section.max_new_tokens, strength, setup, stop)
+        runs.append({"lambda": strength, "text": tokenizer.decode(tokens), "token_ids": tokens})
+    return SteeringResult(section.concept, section.prompt, setup.layer, section.mode, runs)
+
+
+def enabled(config: RunConfig) -> bool:
+    return config.steering.enabled
+
+
+def step(config: RunConfig) -> str:
+    return f"steering ({len(config.steering.lambdas)} strengths)"
+
+
+def run(loaded: LoadedModel, config: RunConfig) -> SteeringResult:
+    return steer(loaded, config.steering, config.add_bos)
+
+
+ANALYSIS = RunAnalysis("steering", run, enabled, step)

@@ -1,0 +1,57 @@
+"""The most important token's block J_t (d × d) as an image, detached and (when the
+ordinary Jacobian is compared) ordinary. The focus token is the one with the largest
+contribution ‖c_t‖, past a leading BOS, which often acts as an attention sink."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from jaxlin.analyses.base import Analysis, Context
+from jaxlin.analyses.certificate import CertificateResult
+from jaxlin.jacobian import DetachedJacobian
+from jaxlin.operator import block_from_rows, token_block
+from jaxlin.tokens import starts_with_bos
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FocusResult:
+    position: int
+    block: np.ndarray  # (d, d) float32
+    ordinary_block: np.ndarray | None  # (d, d) float32
+
+    def summary_entries(self) -> dict[str, Any]:
+        return {}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"focus_block": self.block, "focus_position": np.asarray(self.position)}
+        if self.ordinary_block is not None:
+            arrays["focus_block_ordinary"] = self.ordinary_block
+        return arrays
+
+
+def focus_position(contributions: np.ndarray, starts_with_bos: bool) -> int:
+    """argmax_t ‖c_t‖, past a leading BOS (when there is another token)."""
+    skip = 1 if len(contributions) > 1 and starts_with_bos else 0
+    return skip + int(np.argmax(np.linalg.norm(contributions[skip:], axis=-1)))
+
+
+def run(jacobian: DetachedJacobian, context: Context) -> FocusResult:
+    certificate = context.earlier(CertificateResult)
+    focus = focus_position(certificate.contributions_float64, starts_with_bos(context.tokenizer, context.ids))
+    chunk, products = context.options.chunk, context.products
+    with context.timer.step(f"Jacobian block of token {focus}"):
+        block = (
+            token_block(jacobian, focus, chunk, products)
+            if context.rows is None
+            else block_from_rows(context.rows, focus)
+        )
+        ordinary = None
+        if certificate.ordinary_error is not None:
+            ordinary = np.asarray(token_block(context.ordinary(jacobian), focus, chunk, products), np.float32)
+    return FocusResult(focus, np.asarray(block, np.float32), ordinary)
+
+
+ANALYSIS = Analysis("focus", run, uses_rows=True)

@@ -1,0 +1,69 @@
+"""Norms of J and of its blocks: ‖J_t‖_F per token (exact from the per-token blocks when
+they are exact, else a Hutchinson estimate), ‖J‖_F, the stable rank ‖J‖_F²/σ₁², and
+each token's contribution norm ‖c_t‖."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlin.analyses.base import Analysis, Context
+from jaxlin.analyses.certificate import CertificateResult
+from jaxlin.analyses.per_token import PerTokenResult
+from jaxlin.analyses.spectrum import SpectrumResult
+from jaxlin.jacobian import DetachedJacobian
+from jaxlin.spectral import frobenius_estimate
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NormsResult:
+    token_frobenius: np.ndarray  # (N,) ‖J_t‖_F
+    frobenius_method: str
+    sigma_1: float
+    token_contribution_norms: np.ndarray  # (N,) ‖c_t‖
+
+    @property
+    def frobenius(self) -> float:
+        return float(np.sqrt(np.sum(self.token_frobenius**2)))
+
+    def summary_entries(self) -> dict[str, Any]:
+        return {
+            "norms": {
+                "frobenius": self.frobenius,
+                "frobenius_method": self.frobenius_method,
+                "stable_rank": self.frobenius**2 / self.sigma_1**2,
+                "token_frobenius": self.token_frobenius.tolist(),
+                "token_contribution_norms": self.token_contribution_norms.tolist(),
+            }
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "token_frobenius": self.token_frobenius,
+            "token_contribution_norms": self.token_contribution_norms,
+        }
+
+
+def run(jacobian: DetachedJacobian, context: Context) -> NormsResult:
+    token_frobenius = context.earlier(PerTokenResult).exact_token_frobenius
+    method = "exact (per-token blocks)"
+    if token_frobenius is None:
+        samples = context.options.frobenius_samples
+        with context.timer.step(f"Hutchinson estimate of ‖J_t‖_F ({samples} samples)"):
+            key = jax.random.key(context.options.seed)
+            estimate = frobenius_estimate(jacobian, key, samples, context.products)
+            token_frobenius = np.sqrt(np.maximum(np.asarray(estimate, np.float64), 0.0))
+        method = f"Hutchinson estimate, {samples} samples"
+    contributions = context.earlier(CertificateResult).contributions_float64
+    return NormsResult(
+        token_frobenius=token_frobenius,
+        frobenius_method=method,
+        sigma_1=context.earlier(SpectrumResult).sigma_1,
+        token_contribution_norms=np.linalg.norm(contributions, axis=-1),
+    )
+
+
+ANALYSIS = Analysis("norms", run)

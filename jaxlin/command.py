@@ -1,0 +1,78 @@
+"""`jaxlin run CONFIG` as a function: the output claimed and the request checked before
+anything is loaded, the model loaded and placed, then one input (`jaxlin.runner`) or many
+(`jaxlin.many_prompts`), then the analyses of the run as a whole (steering)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxlin.analyses import Timer
+from jaxlin.devices import batch_devices, batch_mesh, replicated
+from jaxlin.loading import load_model
+from jaxlin.many_prompts import run_many
+from jaxlin.model_source import read_model_config
+from jaxlin.outputs import OutputClaim, RunKind, claim_output
+from jaxlin.run_config import ConfigError, RunConfig
+from jaxlin.runner import RunResult, analyse, analyse_run, write_run
+
+
+def device_mesh(count: int | None) -> Any:
+    """The context the analyses run in: a "batch" mesh over the first `count` devices
+    (default: all), or no mesh when that is one device."""
+    available = jax.devices()
+    if count is not None and count > len(available):
+        raise ConfigError(
+            f"devices: {count} requested, but {len(available)} {available[0].platform} device(s) available"
+        )
+    chosen = available[: count or len(available)]
+    return jax.set_mesh(batch_mesh(chosen)) if len(chosen) > 1 else nullcontext()
+
+
+def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
+    """The output location is checked and locked before anything is loaded (see
+    `jaxlin.outputs.claim_output`)."""
+    texts = config.input_texts()  # read (and checked) before any expensive step
+    # The model's config alone (no weights yet): bad requests are refused before any write.
+    config.check_against(read_model_config(config.model))
+    kind: RunKind = "single" if texts is None else "many"
+    with claim_output(config.output_dir, kind, config.overwrite) as output, device_mesh(config.devices):
+        return _run(config, texts, output, verbose)
+
+
+def _run(
+    config: RunConfig, texts: list[str] | None, output: OutputClaim, verbose: bool
+) -> tuple[RunResult, Path]:
+    timer = Timer(verbose)
+    with timer.step("loading model"):
+        loaded = load_model(
+            config.model.source,
+            config.model.path,
+            config.model.dtype,
+            use_cache=config.model.cache,
+            progress=verbose,
+        )
+    model = dataclasses.replace(loaded.model, params=replicated(loaded.model.params))
+    loaded = dataclasses.replace(loaded, model=model)
+    progress = (
+        (lambda message: print(f"[jaxlin]   {message}", file=sys.stderr, flush=True)) if verbose else None
+    )
+    devices = batch_devices()
+    if progress is not None and devices > 1:
+        progress(f"batched products split across {devices} {jax.devices()[0].platform} devices")
+    if texts is not None:
+        return run_many(config, loaded, texts, timer, progress, output.target)
+    result = analyse(loaded, config.text, config.analysis, config.add_bos, timer, progress)
+    for whole_run in analyse_run(loaded, config, timer):
+        result.summary.update(whole_run.summary_entries())
+        result.arrays.update(whole_run.arrays())
+    result.summary["config"] = config.model_dump()
+    result.summary["params_from_cache"] = loaded.from_cache
+    result.summary["checkpoint_sha256"] = loaded.checkpoint_sha256
+    result.summary["devices"] = batch_devices()
+    return result, write_run(result, output.target)

@@ -1,0 +1,136 @@
+"""The runner of one input: text → token ids → the detached Jacobian (linearized once, its
+rows computed once when an enabled analysis needs them) → the enabled analyses of
+`jaxlin.analyses.INPUT_ANALYSES` in order → summary.json's dict and arrays.npz's arrays,
+and the run directory written from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlin import model as model_fns
+from jaxlin._config import ModelConfig
+from jaxlin._policy import FreezePolicy
+from jaxlin.analyses import INPUT_ANALYSES, RUN_ANALYSES, Analysis, Context, Result, Timer
+from jaxlin.errors import JaxlinError
+from jaxlin.jacobian import Products, linearize
+from jaxlin.loading import LoadedModel
+from jaxlin.memory import linearization_bytes, product_bytes, require_memory
+from jaxlin.operator import rows
+from jaxlin.outputs import RunKind, staged_directory, write_npz_atomic
+from jaxlin.plots import write_figures
+from jaxlin.record import parse_record, write_record
+from jaxlin.report import render_report
+from jaxlin.run_config import AnalysisSection, RunConfig
+from jaxlin.tokens import bos_added, bos_policy, token_text, tokenize
+
+JACOBIAN_INPUT = (
+    "raw embedding rows (before any embedding scale); y = final-normed hidden state of the last token"
+)
+
+
+@dataclasses.dataclass
+class RunResult:
+    summary: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+def memory_estimate(
+    config: ModelConfig, n: int, dtype: Any, options: AnalysisSection, analyses: Sequence[Analysis]
+) -> int:
+    """The linearization, one batch of products, and what each enabled analysis keeps."""
+    estimate = linearization_bytes(config, n, dtype, options.attention_block)
+    estimate += product_bytes(config, n, dtype, options.chunk, options.attention_block)
+    return estimate + sum(analysis.memory_bytes(config, n, dtype, options) for analysis in analyses)
+
+
+def _last_row_user(analyses: Sequence[Analysis]) -> int:
+    """Index of the last analysis that reads J's rows (-1: none): they are dropped after it,
+    since they are the run's largest array and later ones (the layer sweep) need memory."""
+    return max((i for i, analysis in enumerate(analyses) if analysis.uses_rows), default=-1)
+
+
+def analyse(
+    loaded: LoadedModel,
+    text: str,
+    options: AnalysisSection,
+    add_bos: bool | None = None,
+    timer: Timer | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Every enabled analysis of `text`'s detached Jacobian (see the module docstring)."""
+    timer = timer or Timer(verbose=False)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    config, params = model.config, model.params
+    ids = tokenize(tokenizer, text, add_bos)
+    n, d = len(ids), config.hidden_size
+    if config.max_positions is not None and n > config.max_positions:
+        raise JaxlinError(f"the text has {n} tokens; {model.name} has only {config.max_positions} positions")
+    analyses = [analysis for analysis in INPUT_ANALYSES if analysis.enabled(options, n)]
+    for analysis in analyses:
+        analysis.check(options, n, d)
+    require_memory(memory_estimate(config, n, model.dtype, options, analyses), f"the analysis of {n} tokens")
+
+    inputs = model_fns.embed(config, params, jnp.asarray(ids))
+    products = Products()
+    context = Context(model, tokenizer, ids, options, products, timer, progress)
+    keep_rows = any(analysis.needs_rows(options) for analysis in analyses)
+    with timer.step(f"detached Jacobian ({n} tokens)" + (": all d rows" if keep_rows else "")):
+        jacobian = linearize(
+            params, inputs, config, FreezePolicy.DETACHED, options.attention_block, products=products
+        )
+        if keep_rows:
+            context.rows = rows(jacobian, None, options.chunk, products)
+    last_row_user = _last_row_user(analyses)
+    for index, analysis in enumerate(analyses):
+        context.results.append(analysis.run(jacobian, context))
+        if index == last_row_user:
+            context.rows = None
+
+    summary: dict[str, Any] = {
+        "model": model.name,
+        "family": config.family,
+        "text": text,
+        "n_tokens": n,
+        "tokens": token_text(tokenizer, ids),
+        "token_ids": ids.tolist(),
+        "add_bos": bos_policy(add_bos),
+        "bos_added": bos_added(tokenizer, text, ids),
+        "dtype": str(jnp.dtype(model.dtype)),
+        "jacobian_input": JACOBIAN_INPUT,
+    }
+    arrays: dict[str, np.ndarray] = {"token_ids": ids, "inputs": np.asarray(inputs, dtype=np.float32)}
+    for result in context.results:
+        summary.update(result.summary_entries())
+        arrays.update(result.arrays())
+    summary["products"] = products.as_dict()
+    summary["timings_seconds"] = timer.seconds
+    return RunResult(summary, arrays)
+
+
+def analyse_run(loaded: LoadedModel, config: RunConfig, timer: Timer) -> list[Result]:
+    """The enabled analyses of the run as a whole (`RUN_ANALYSES`), each once."""
+    results = []
+    for analysis in RUN_ANALYSES:
+        if analysis.enabled(config):
+            with timer.step(analysis.step(config)):
+                results.append(analysis.run(loaded, config))
+    return results
+
+
+def write_run(result: RunResult, out_dir: Path, kind: RunKind = "single") -> Path:
+    """The run directory, written in staging and renamed into place once complete (see
+    `jaxlin.outputs`); `out_dir` must be absent, empty or a jaxlin run. summary.json is the
+    run record (`jaxlin.record`); the figures and the report are rendered from it."""
+    record = parse_record(result.summary)
+    with staged_directory(out_dir, kind) as staging:
+        write_record(staging / "summary.json", record)
+        write_npz_atomic(staging / "arrays.npz", result.arrays)
+        write_figures(staging, record, result.arrays)
+        render_report(staging, record, name=out_dir.name)
+    return out_dir
