@@ -1,4 +1,5 @@
-"""`jaxlin run CONFIG [--text TEXT] [--out DIR] [--overwrite] [--quiet]`."""
+"""`jaxlin run CONFIG [--text TEXT] [--out DIR] [--overwrite] [--quiet]`,
+`jaxlin bench CONFIG --lengths N …`, `jaxlin plan CONFIG --tokens N …`."""
 
 from __future__ import annotations
 
@@ -146,9 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--out", help="output directory (default: the config's output_dir + '-bench')")
     bench_parser.add_argument("--overwrite", action="store_true", help="replace an earlier jaxlin run there")
     bench_parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    plan_parser = commands.add_parser(
+        "plan", help="per-device memory of the config's programs, compiled from the model's config alone"
+    )
+    plan_parser.add_argument("config", help="path to a run config (see configs/)")
+    plan_parser.add_argument("--tokens", type=int, nargs="+", required=True, help="input lengths (tokens)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _study(args, "bench")
+    if args.command == "plan":
+        return _plan(args)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
@@ -171,6 +179,23 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(parse_record(result.summary))
     print(f"wrote      {out_dir}/ (summary.json, arrays.npz, PNG figures)")
     print(f"report     {out_dir / 'report.html'}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """`jaxlin plan CONFIG --tokens N …` (see jaxlin.plan): nothing is loaded or written."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        from jaxlin.plan import describe, device_bytes, plan_run
+        from jaxlin.run_config import load_run_config
+
+        plans = plan_run(load_run_config(args.config), args.tokens)
+    except JaxlinError as error:
+        print(f"jaxlin: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    limit = device_bytes()
+    for planned in plans:
+        print(describe(planned, limit))
     return 0
 
 

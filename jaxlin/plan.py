@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -220,3 +220,21 @@ def describe(planned: Plan, limit: int | None) -> str:
     device = "" if limit is None else f" of {gib(limit).strip()} per device"
     lines.append(f"  peak per device {gib(planned.peak).strip()}{device}{verdict}")
     return "\n".join(lines)
+
+
+def plan_run(config: Any, tokens: Sequence[int]) -> list[Plan]:
+    """The plans of a run config's analysis for each input length, from the model's config
+    alone: no weight is read (`jaxlin.model_source`)."""
+    from jaxlin.errors import JaxlinError
+    from jaxlin.loading import enable_dtype
+    from jaxlin.model_source import read_model_config
+
+    bad = [n for n in tokens if n < 1]
+    if bad:
+        raise JaxlinError(f"--tokens: every length must be at least 1 (got {bad[0]})")
+    model = read_model_config(config.model)
+    if model.max_positions is not None and max(tokens) > model.max_positions:
+        raise JaxlinError(f"--tokens: {max(tokens)} exceeds the model's {model.max_positions} positions")
+    dtype = enable_dtype(config.model.dtype)
+    work = workload(config.analysis)
+    return [plan(model, n, dtype, work) for n in tokens]
