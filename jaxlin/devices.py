@@ -1,23 +1,26 @@
-"""Many devices: the batches of vectors pushed through the operator are the parallel axis.
+"""Many devices: the batches of vectors pushed through the operator are split along the
+mesh's `data` axis.
 
 Every exact analysis in jaxlin is a batch of independent products through one
 linearization — the d basis vectors behind J's rows, the N per-token tangents, the k
-Ritz vectors of the residual bounds. Under a mesh with a "batch" axis, each such batch is
-split across that axis's devices, while the parameters, the input and the linearization
-are replicated (the products are the work; the model fits on one device):
+Ritz vectors of the residual bounds. Under a `jaxlin.mesh` mesh (data × fsdp × tensor),
+each such batch is split across the `data` axis's devices; the parameters are placed by
+`jaxlin.mesh.place_params` (split along fsdp and tensor, replicated along data):
 
-    with jax.set_mesh(jaxlin.devices.batch_mesh()):
-        rows = per_token_top_k(params, X, jnp.eye(d), config, k=4)
+    with jax.set_mesh(jaxlin.devices.batch_mesh()):   # every device on `data`
+        sigma = per_token_top_k(linearize(params, X, config), jnp.eye(d), 4)[1]
 
-Without a mesh (or with one lacking a "batch" axis) nothing changes. The sequential
-Lanczos iteration of the whole-J `top_k` has no batch to split and runs replicated.
-Placement is left to XLA's partitioner through sharding constraints, so the code is the
-same for any backend. Batched LAPACK calls (the per-token eigendecompositions) go through
-`map_matrices`: jaxlib 0.10's CPU kernels split a batch over the intra-op thread pool and
+Without a mesh (or with one lacking a `data` axis) nothing is split. The sequential
+Lanczos iteration of the whole-J `top_k` has no batch to split and runs on the whole
+mesh as the partitioner places it. Placement is left to XLA's partitioner through
+sharding constraints, so the code is the same for any backend; a mesh with an axis that
+is not of type Auto is refused. Batched LAPACK calls (the per-token eigendecompositions)
+go through `map_matrices`: jaxlib 0.10's CPU kernels split a batch over the intra-op thread pool and
 block until it is done, which deadlocks once every pool thread runs such a call — as it
 does when each of several host devices decomposes its share at the same time. Tested on
 1 device in-process and on 2 and 4 forced host CPU devices in a subprocess
-(tests/test_devices.py); not yet on several GPUs or TPUs.
+(tests/test_devices.py), and on 8 with sharded parameters (tests/test_mesh.py); not yet
+on several GPUs or TPUs.
 """
 
 from __future__ import annotations
@@ -29,29 +32,33 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-BATCH_AXIS = "batch"
+from jaxlin.mesh import DATA_AXIS, make_mesh
+
+BATCH_AXIS = DATA_AXIS
 
 
 def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh named "batch" over `devices` (default: all), with automatic axis type
-    so that jaxlin's sharding constraints are hints to the partitioner."""
+    """The jaxlin mesh with every one of `devices` (default: all) on the `data` axis:
+    parameters replicated, batches split."""
     devices = list(devices) if devices is not None else jax.devices()
-    return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+    return make_mesh({DATA_AXIS: len(devices)}, devices)
 
 
 def _batch_axis_size() -> int | None:
-    """Devices along the ambient mesh's "batch" axis, or None when there is none."""
+    """Devices along the ambient mesh's `data` axis, or None when there is none."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or BATCH_AXIS not in mesh.axis_names:
+    if mesh.empty:
         return None
-    if mesh.axis_types[mesh.axis_names.index(BATCH_AXIS)] != AxisType.Auto:
-        raise ValueError(f"jaxlin shards along a mesh axis {BATCH_AXIS!r} of type Auto (see batch_mesh())")
-    return mesh.shape[BATCH_AXIS]
+    if any(kind != AxisType.Auto for kind in mesh.axis_types):
+        # The parameters' shardings and jaxlin's constraints are hints to the partitioner.
+        raise ValueError("jaxlin shards along mesh axes of type Auto (see jaxlin.mesh.make_mesh())")
+    return mesh.shape[BATCH_AXIS] if BATCH_AXIS in mesh.axis_names else None
 
 
 def replicated(tree: Any) -> Any:
-    """`tree` (e.g. parameters loaded onto one device) copied to every device of the
-    ambient mesh: a jitted program under a mesh refuses arguments committed elsewhere."""
+    """`tree` (e.g. an input loaded onto one device) copied to every device of the
+    ambient mesh: a jitted program under a mesh refuses arguments committed elsewhere.
+    Parameters are placed by `jaxlin.mesh.place_params` instead (split by the rules)."""
     mesh = jax.sharding.get_mesh()
     if mesh.empty:
         return tree
