@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxlin.mesh import DATA_AXIS, make_mesh
+from jaxlin.mesh import DATA_AXIS, VECTORS_SPEC, make_mesh
 
 BATCH_AXIS = DATA_AXIS
 
@@ -90,9 +90,7 @@ def map_matrices(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
         return jax.vmap(fn)(matrices)
     local = (lambda block: jax.lax.map(fn, block)) if jax.default_backend() == "cpu" else jax.vmap(fn)
     total = matrices.shape[0]
-    split = jax.shard_map(
-        local, in_specs=PartitionSpec(BATCH_AXIS), out_specs=PartitionSpec(BATCH_AXIS), check_vma=False
-    )
+    split = jax.shard_map(local, in_specs=VECTORS_SPEC, out_specs=VECTORS_SPEC, check_vma=False)
     out = split(_padded(matrices, -(-total // devices) * devices))
     return jax.tree_util.tree_map(lambda leaf: leaf[:total], out)
 
@@ -110,7 +108,7 @@ def map_in_batches(fn: Callable[[Any], Any], xs: Any, batch_size: int | None) ->
 
     def one_batch(batch: Any) -> Any:
         batch = jax.tree_util.tree_map(
-            lambda leaf: jax.lax.with_sharding_constraint(leaf, PartitionSpec(BATCH_AXIS)), batch
+            lambda leaf: jax.lax.with_sharding_constraint(leaf, VECTORS_SPEC), batch
         )
         return jax.vmap(fn)(batch)
 

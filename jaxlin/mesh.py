@@ -90,6 +90,11 @@ PARAM_LOGICAL_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
 
 LAYERS = "layers"
 
+# A batch of vectors pushed through the operator (b, …): the batch along `data`, each
+# vector whole. The input X (N, d): replicated (the sequence axis is not sharded).
+VECTORS_SPEC = PartitionSpec(DATA_AXIS)
+INPUTS_SPEC = PartitionSpec()
+
 
 class MeshError(JaxlinError):
     pass
@@ -185,11 +190,11 @@ def place_params(params: Any, config: ModelConfig, mesh: Mesh | None = None) -> 
 
 
 def input_sharding(mesh: Mesh) -> NamedSharding:
-    """The input X (N, d) and y: replicated (the sequence axis is not sharded)."""
-    return NamedSharding(mesh, PartitionSpec())
+    """The input X (N, d): replicated (the sequence axis is not sharded)."""
+    return NamedSharding(mesh, INPUTS_SPEC)
 
 
 def vectors_sharding(mesh: Mesh) -> NamedSharding:
     """A batch of vectors (b, …) through the operator: the batch along `data`, each
-    vector whole."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    vector whole (what `jaxlin.devices.map_in_batches` constrains each batch to)."""
+    return NamedSharding(mesh, VECTORS_SPEC)

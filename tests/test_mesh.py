@@ -28,7 +28,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from converters.hf import load_hf_model
 from jaxlin import model as model_fns
 from jaxlin.jacobian import DetachedJacobian, linearize
-from jaxlin.mesh import MeshError, input_sharding, make_mesh, param_specs, place_params
+from jaxlin.mesh import MeshError, input_sharding, make_mesh, param_specs, place_params, vectors_sharding
 from jaxlin.operator import contributions
 from jaxlin.spectral import lanczos_top_k, per_token_top_k
 
@@ -139,6 +139,16 @@ def check_family_on_meshes(model_dir: Path, attention_block: int | None) -> None
         print(f"{model_dir.name} {sizes}: residuals held per device {fraction:.2f}", flush=True)
 
 
+def check_vector_placement() -> None:
+    """A batch of 6 vectors (13, 64) on tensor 2 × fsdp 2 × data 2: 3 whole vectors per
+    device; the input X whole on every device."""
+    mesh = make_mesh(MESHES[0])
+    batch = jax.device_put(jnp.zeros((6, 13, 64)), vectors_sharding(mesh))
+    assert {shard.data.shape for shard in batch.addressable_shards} == {(3, 13, 64)}
+    x = jax.device_put(jnp.zeros((13, 64)), input_sharding(mesh))
+    assert {shard.data.shape for shard in x.addressable_shards} == {(13, 64)}
+
+
 def test_every_family_on_two_meshes_of_eight_host_devices(tiny_model_dir):
     dirs = [str(tiny_model_dir(variant)) for variant in FAMILY_VARIANTS]
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
@@ -151,6 +161,7 @@ def test_every_family_on_two_meshes_of_eight_host_devices(tiny_model_dir):
         cwd=Path(__file__).parent.parent,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "vectors split along data" in done.stdout
     for directory in dirs:
         assert f"{Path(directory).name}: 2 meshes agree" in done.stdout
 
@@ -220,6 +231,8 @@ def test_bad_mesh_sizes_are_refused(sizes, message):
 if __name__ == "__main__":
     jax.config.update("jax_enable_x64", True)
     assert jax.device_count() == 8, jax.devices()
+    check_vector_placement()
+    print("vectors split along data", flush=True)
     for index, directory in enumerate(sys.argv[1:]):
         # Every other family through the blockwise attention (block 4 < 13 tokens).
         check_family_on_meshes(Path(directory), attention_block=4 if index % 2 else None)
