@@ -15,9 +15,10 @@ Lanczos iteration of the whole-J `top_k` has no batch to split and runs on the w
 mesh as the partitioner places it. Placement is left to XLA's partitioner through
 sharding constraints, so the code is the same for any backend; a mesh with an axis that
 is not of type Auto is refused. Batched LAPACK calls (the per-token eigendecompositions)
-go through `map_matrices`: jaxlib 0.10's CPU kernels split a batch over the intra-op thread pool and
-block until it is done, which deadlocks once every pool thread runs such a call — as it
-does when each of several host devices decomposes its share at the same time. Tested on
+go through `map_matrices`: jaxlib 0.10's CPU kernels split a batch over the intra-op
+thread pool and block until it is done, which deadlocks once every pool thread runs such
+a call — as it does when each of several host devices decomposes its share at the same
+time. Tested on
 1 device in-process and on 2 and 4 forced host CPU devices in a subprocess
 (tests/test_devices.py), and on 8 with sharded parameters (tests/test_mesh.py); not yet
 on several GPUs or TPUs.
@@ -33,8 +34,6 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlin.mesh import DATA_AXIS, VECTORS_SPEC, make_mesh
-
-BATCH_AXIS = DATA_AXIS
 
 
 def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -52,7 +51,7 @@ def _batch_axis_size() -> int | None:
     if any(kind != AxisType.Auto for kind in mesh.axis_types):
         # The parameters' shardings and jaxlin's constraints are hints to the partitioner.
         raise ValueError("jaxlin shards along mesh axes of type Auto (see jaxlin.mesh.make_mesh())")
-    return mesh.shape[BATCH_AXIS] if BATCH_AXIS in mesh.axis_names else None
+    return mesh.shape[DATA_AXIS] if DATA_AXIS in mesh.axis_names else None
 
 
 def replicated(tree: Any) -> Any:
@@ -79,7 +78,7 @@ def _padded(leaf: jax.Array, rows: int) -> jax.Array:
 
 def map_matrices(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
     """`jax.vmap(fn)(matrices)` for a LAPACK-backed `fn` (eigh, svd, qr) over a batch of
-    matrices; under a "batch" mesh the batch is split across its devices.
+    matrices; under a mesh with a `data` axis the batch is split across its devices.
 
     On CPU each device decomposes its matrices one at a time: a batch of one runs inline,
     whereas a larger batch is fanned out over the intra-op thread pool that the devices'
@@ -97,7 +96,7 @@ def map_matrices(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
 
 def map_in_batches(fn: Callable[[Any], Any], xs: Any, batch_size: int | None) -> Any:
     """`jax.lax.map(fn, xs, batch_size=batch_size)`, with each batch split across the
-    ambient mesh's "batch" axis (batches are rounded up to a multiple of its size)."""
+    ambient mesh's `data` axis (batches are rounded up to a multiple of its size)."""
     devices = _batch_axis_size()
     if devices is None:
         return jax.lax.map(fn, xs, batch_size=batch_size)
