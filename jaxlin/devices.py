@@ -1,23 +1,27 @@
-"""Many devices: the batches of vectors pushed through the operator are the parallel axis.
+"""Many devices: the batches of vectors pushed through the operator are split along the
+mesh's `data` axis.
 
 Every exact analysis in jaxlin is a batch of independent products through one
 linearization — the d basis vectors behind J's rows, the N per-token tangents, the k
-Ritz vectors of the residual bounds. Under a mesh with a "batch" axis, each such batch is
-split across that axis's devices, while the parameters, the input and the linearization
-are replicated (the products are the work; the model fits on one device):
+Ritz vectors of the residual bounds. Under a `jaxlin.mesh` mesh (data × fsdp × tensor),
+each such batch is split across the `data` axis's devices; the parameters are placed by
+`jaxlin.mesh.place_params` (split along fsdp and tensor, replicated along data):
 
-    with jax.set_mesh(jaxlin.devices.batch_mesh()):
-        rows = per_token_top_k(params, X, jnp.eye(d), config, k=4)
+    with jax.set_mesh(jaxlin.devices.batch_mesh()):   # every device on `data`
+        sigma = per_token_top_k(linearize(params, X, config), jnp.eye(d), 4)[1]
 
-Without a mesh (or with one lacking a "batch" axis) nothing changes. The sequential
-Lanczos iteration of the whole-J `top_k` has no batch to split and runs replicated.
-Placement is left to XLA's partitioner through sharding constraints, so the code is the
-same for any backend. Batched LAPACK calls (the per-token eigendecompositions) go through
-`map_matrices`: jaxlib 0.10's CPU kernels split a batch over the intra-op thread pool and
-block until it is done, which deadlocks once every pool thread runs such a call — as it
-does when each of several host devices decomposes its share at the same time. Tested on
+Without a mesh (or with one lacking a `data` axis) nothing is split. The sequential
+Lanczos iteration of the whole-J `top_k` has no batch to split and runs on the whole
+mesh as the partitioner places it. Placement is left to XLA's partitioner through
+sharding constraints, so the code is the same for any backend; a mesh with an axis that
+is not of type Auto is refused. Batched LAPACK calls (the per-token eigendecompositions)
+go through `map_matrices`: jaxlib 0.10's CPU kernels split a batch over the intra-op
+thread pool and block until it is done, which deadlocks once every pool thread runs such
+a call — as it does when each of several host devices decomposes its share at the same
+time. Tested on
 1 device in-process and on 2 and 4 forced host CPU devices in a subprocess
-(tests/test_devices.py); not yet on several GPUs or TPUs.
+(tests/test_devices.py), and on 8 with sharded parameters (tests/test_mesh.py); not yet
+on several GPUs or TPUs.
 """
 
 from __future__ import annotations
@@ -29,29 +33,31 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-BATCH_AXIS = "batch"
+from jaxlin.mesh import DATA_AXIS, VECTORS_SPEC, make_mesh
 
 
 def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh named "batch" over `devices` (default: all), with automatic axis type
-    so that jaxlin's sharding constraints are hints to the partitioner."""
+    """The jaxlin mesh with every one of `devices` (default: all) on the `data` axis:
+    parameters replicated, batches split."""
     devices = list(devices) if devices is not None else jax.devices()
-    return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+    return make_mesh({DATA_AXIS: len(devices)}, devices)
 
 
 def _batch_axis_size() -> int | None:
-    """Devices along the ambient mesh's "batch" axis, or None when there is none."""
+    """Devices along the ambient mesh's `data` axis, or None when there is none."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or BATCH_AXIS not in mesh.axis_names:
+    if mesh.empty:
         return None
-    if mesh.axis_types[mesh.axis_names.index(BATCH_AXIS)] != AxisType.Auto:
-        raise ValueError(f"jaxlin shards along a mesh axis {BATCH_AXIS!r} of type Auto (see batch_mesh())")
-    return mesh.shape[BATCH_AXIS]
+    if any(kind != AxisType.Auto for kind in mesh.axis_types):
+        # The parameters' shardings and jaxlin's constraints are hints to the partitioner.
+        raise ValueError("jaxlin shards along mesh axes of type Auto (see jaxlin.mesh.make_mesh())")
+    return mesh.shape[DATA_AXIS] if DATA_AXIS in mesh.axis_names else None
 
 
 def replicated(tree: Any) -> Any:
-    """`tree` (e.g. parameters loaded onto one device) copied to every device of the
-    ambient mesh: a jitted program under a mesh refuses arguments committed elsewhere."""
+    """`tree` (e.g. an input loaded onto one device) copied to every device of the
+    ambient mesh: a jitted program under a mesh refuses arguments committed elsewhere.
+    Parameters are placed by `jaxlin.mesh.place_params` instead (split by the rules)."""
     mesh = jax.sharding.get_mesh()
     if mesh.empty:
         return tree
@@ -72,7 +78,7 @@ def _padded(leaf: jax.Array, rows: int) -> jax.Array:
 
 def map_matrices(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
     """`jax.vmap(fn)(matrices)` for a LAPACK-backed `fn` (eigh, svd, qr) over a batch of
-    matrices; under a "batch" mesh the batch is split across its devices.
+    matrices; under a mesh with a `data` axis the batch is split across its devices.
 
     On CPU each device decomposes its matrices one at a time: a batch of one runs inline,
     whereas a larger batch is fanned out over the intra-op thread pool that the devices'
@@ -83,16 +89,14 @@ def map_matrices(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
         return jax.vmap(fn)(matrices)
     local = (lambda block: jax.lax.map(fn, block)) if jax.default_backend() == "cpu" else jax.vmap(fn)
     total = matrices.shape[0]
-    split = jax.shard_map(
-        local, in_specs=PartitionSpec(BATCH_AXIS), out_specs=PartitionSpec(BATCH_AXIS), check_vma=False
-    )
+    split = jax.shard_map(local, in_specs=VECTORS_SPEC, out_specs=VECTORS_SPEC, check_vma=False)
     out = split(_padded(matrices, -(-total // devices) * devices))
     return jax.tree_util.tree_map(lambda leaf: leaf[:total], out)
 
 
 def map_in_batches(fn: Callable[[Any], Any], xs: Any, batch_size: int | None) -> Any:
     """`jax.lax.map(fn, xs, batch_size=batch_size)`, with each batch split across the
-    ambient mesh's "batch" axis (batches are rounded up to a multiple of its size)."""
+    ambient mesh's `data` axis (batches are rounded up to a multiple of its size)."""
     devices = _batch_axis_size()
     if devices is None:
         return jax.lax.map(fn, xs, batch_size=batch_size)
@@ -103,7 +107,7 @@ def map_in_batches(fn: Callable[[Any], Any], xs: Any, batch_size: int | None) ->
 
     def one_batch(batch: Any) -> Any:
         batch = jax.tree_util.tree_map(
-            lambda leaf: jax.lax.with_sharding_constraint(leaf, PartitionSpec(BATCH_AXIS)), batch
+            lambda leaf: jax.lax.with_sharding_constraint(leaf, VECTORS_SPEC), batch
         )
         return jax.vmap(fn)(batch)
 

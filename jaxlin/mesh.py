@@ -1,0 +1,200 @@
+"""A named device mesh (data × fsdp × tensor) and the rules that shard a model on it.
+
+The engine is JAX's own: a `jax.sharding.Mesh` whose axes are all of type Auto, the
+parameters placed with `NamedSharding`s, and every jaxlin program jitted under the mesh
+(`jax.set_mesh`), where XLA's partitioner (GSPMD) propagates the parameters' shardings
+through the linearization, the J·v / Jᵀ·u products and the analyses:
+
+    mesh = jaxlin.mesh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    params = jaxlin.mesh.place_params(params, config, mesh)
+    with jax.set_mesh(mesh):
+        jacobian = linearize(params, x, config)      # sharded weights, same numbers
+        values = per_token_top_k(jacobian, jnp.eye(d), 4)
+
+Axes:
+- `data`: the batches of vectors pushed through the operator (J's rows, the per-token
+  tangents, Ritz vectors) are split along it (`jaxlin.devices.map_in_batches`); the
+  parameters are replicated along it.
+- `fsdp`: the hidden dimension d of every weight matrix (and of the embedding table) is
+  split along it; the partitioner gathers a layer's weights where they are used.
+- `tensor`: attention heads (query heads, and key/value heads when their count divides
+  the axis), the MLP width and the vocabulary are split along it (Megatron-style).
+
+Rules, in the spirit of MaxText's logical axes: each parameter (found by its path in the
+params pytree of `jaxlin._modules.Transformer`, stacked layers under `layers`) names a
+logical axis per dimension, and `LOGICAL_AXIS_RULES` maps logical axes to mesh axes. A
+dimension whose count does not divide the mesh axis (Gemma 3 270M's single KV head, a
+tiny model's odd width) is replicated along that axis instead of refused; heads count in
+whole heads (a head is never split). Norm scales and d-sized biases are replicated: they
+are O(layers · d) and multiply activations that are not split along d. The scanned layer
+axis is never split (each scan step needs its whole layer).
+
+The sequence axis is not sharded: the input X (N, d) and every activation keep all N
+tokens on each device, and attention (dense, or the blockwise O(N)-memory form) runs
+over all queries and keys locally, split only by heads along `tensor`. Very long inputs
+are bounded by the blockwise attention's memory, not yet by sequence parallelism.
+
+Tested on 8 forced host CPU devices (tests/test_mesh.py): every family's tiny model
+under tensor 2 × fsdp 2 × data 2 and tensor 4 × data 2 gives the single-device numbers
+to float64 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxlin._config import ModelConfig
+from jaxlin.errors import JaxlinError
+
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+TENSOR_AXIS = "tensor"
+# Outer to inner: the tensor axis, which communicates inside every layer, gets
+# neighbouring devices (the fastest links on a GPU node or TPU slice).
+MESH_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
+
+# Logical axis of a parameter dimension → the mesh axis it is split along.
+LOGICAL_AXIS_RULES: dict[str, str] = {
+    "vocab": TENSOR_AXIS,
+    "heads": TENSOR_AXIS,
+    "kv_heads": TENSOR_AXIS,
+    "mlp": TENSOR_AXIS,
+    "embed": FSDP_AXIS,
+}
+
+# Parameter path (module names, the leading `layers` dropped) → logical axis per
+# dimension of one layer's array. None: replicated. Paths not listed (norm scales,
+# d-sized biases, position tables' rows) are replicated.
+PARAM_LOGICAL_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
+    ("embedder", "embedding"): ("vocab", "embed"),
+    ("position_embedder", "embedding"): (None, "embed"),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+    ("attn", "q_proj", "kernel"): ("embed", "heads"),
+    ("attn", "q_proj", "bias"): ("heads",),
+    ("attn", "k_proj", "kernel"): ("embed", "kv_heads"),
+    ("attn", "k_proj", "bias"): ("kv_heads",),
+    ("attn", "v_proj", "kernel"): ("embed", "kv_heads"),
+    ("attn", "v_proj", "bias"): ("kv_heads",),
+    ("attn", "o_proj", "kernel"): ("heads", "embed"),
+    ("mlp", "gate_proj", "kernel"): ("embed", "mlp"),
+    ("mlp", "gate_proj", "bias"): ("mlp",),
+    ("mlp", "up_proj", "kernel"): ("embed", "mlp"),
+    ("mlp", "up_proj", "bias"): ("mlp",),
+    ("mlp", "down_proj", "kernel"): ("mlp", "embed"),
+}
+
+LAYERS = "layers"
+
+# A batch of vectors pushed through the operator (b, …): the batch along `data`, each
+# vector whole. The input X (N, d): replicated (the sequence axis is not sharded).
+VECTORS_SPEC = PartitionSpec(DATA_AXIS)
+INPUTS_SPEC = PartitionSpec()
+
+
+class MeshError(JaxlinError):
+    pass
+
+
+def make_mesh(sizes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The data × fsdp × tensor mesh. `sizes` names some axes' sizes (the others are 1)
+    and uses the first prod(sizes) of `devices` (default: all); without `sizes`, every
+    device is on `data` (the parameters replicated, the batches split: what fits on one
+    device needs no more). All axes are Auto: jaxlin leaves placement to the partitioner."""
+    devices = list(devices) if devices is not None else jax.devices()
+    if sizes is None:
+        sizes = {DATA_AXIS: len(devices)}
+    for name, size in sizes.items():
+        if name not in MESH_AXES:
+            raise MeshError(f"mesh.{name}: unknown axis (expected one of {', '.join(MESH_AXES)})")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise MeshError(f"mesh.{name}: {size!r} is not a positive integer")
+    shape = tuple(sizes.get(name, 1) for name in MESH_AXES)
+    needed = math.prod(shape)
+    if needed > len(devices):
+        named = " × ".join(f"{size} {name}" for name, size in zip(MESH_AXES, shape, strict=True))
+        raise MeshError(
+            f"mesh: {named} needs {needed} devices, "
+            f"but {len(devices)} {devices[0].platform} device(s) are available"
+        )
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices[:needed]
+    )
+
+
+def _unit(logical: str, config: ModelConfig) -> int:
+    """Elements per indivisible unit of a logical axis: a whole head for head axes."""
+    return config.head_dim if logical in ("heads", "kv_heads") else 1
+
+
+def _splits(size: int, unit: int, devices: int) -> bool:
+    """Whether `size` elements, in indivisible units of `unit`, split evenly over `devices`."""
+    return size % unit == 0 and (size // unit) % devices == 0
+
+
+def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
+    """The logical axis of each dimension of the parameter at `path` (its module names)."""
+    stacked = bool(path) and path[0] == LAYERS
+    per_layer = path[1:] if stacked else path
+    axes = PARAM_LOGICAL_AXES.get(per_layer, (None,) * (ndim - stacked))
+    axes = ((None,) if stacked else ()) + axes  # the scanned layer axis stays whole
+    if len(axes) != ndim:
+        raise ValueError(f"parameter {'/'.join(path)} has {ndim} dimensions, its rule names {len(axes)}")
+    return axes
+
+
+def param_spec(
+    path: tuple[str, ...], shape: tuple[int, ...], config: ModelConfig, axis_sizes: Mapping[str, int]
+) -> PartitionSpec:
+    """The PartitionSpec of one parameter: each dimension along its logical axis's mesh
+    axis when that axis exists and evenly splits the dimension's units, else replicated."""
+    spec: list[str | None] = []
+    for logical, size in zip(logical_axes(path, len(shape)), shape, strict=True):
+        axis = LOGICAL_AXIS_RULES.get(logical) if logical is not None else None
+        devices = axis_sizes.get(axis, 1) if axis is not None else 1
+        spec.append(axis if devices > 1 and _splits(size, _unit(logical, config), devices) else None)
+    return PartitionSpec(*spec)
+
+
+def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(getattr(key, "key", key)) for key in path)
+
+
+def param_specs(params: Any, config: ModelConfig, mesh: Mesh | jax.sharding.AbstractMesh) -> Any:
+    """The params pytree's PartitionSpecs on `mesh` (leaves need only `.shape`, so
+    `jax.ShapeDtypeStruct`s serve: no weights are needed to plan a placement)."""
+    axis_sizes = dict(mesh.shape)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: param_spec(_path_names(path), tuple(leaf.shape), config, axis_sizes), params
+    )
+
+
+def param_shardings(params: Any, config: ModelConfig, mesh: Mesh) -> Any:
+    """`param_specs` as NamedShardings on `mesh` (e.g. `jit`'s in_shardings)."""
+    specs = param_specs(params, config, mesh)
+    return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs)
+
+
+def place_params(params: Any, config: ModelConfig, mesh: Mesh | None = None) -> Any:
+    """`params` placed on `mesh` (default: the ambient one from `jax.set_mesh`) by the
+    rules: each device holds only its shard of every split parameter. Without a mesh
+    the params are returned as they are."""
+    mesh = mesh if mesh is not None else jax.sharding.get_mesh()
+    if mesh.empty:
+        return params
+    return jax.device_put(params, param_shardings(params, config, mesh))
+
+
+def input_sharding(mesh: Mesh) -> NamedSharding:
+    """The input X (N, d): replicated (the sequence axis is not sharded)."""
+    return NamedSharding(mesh, INPUTS_SPEC)
+
+
+def vectors_sharding(mesh: Mesh) -> NamedSharding:
+    """A batch of vectors (b, …) through the operator: the batch along `data`, each
+    vector whole (what `jaxlin.devices.map_in_batches` constrains each batch to)."""
+    return NamedSharding(mesh, VECTORS_SPEC)
