@@ -13,25 +13,27 @@ from typing import Any
 import jax
 
 from jaxlin.analyses import Timer
-from jaxlin.devices import batch_devices, batch_mesh, replicated
+from jaxlin.devices import batch_devices, batch_mesh
 from jaxlin.loading import load_model
 from jaxlin.many_prompts import run_many
+from jaxlin.mesh import make_mesh, place_params
 from jaxlin.model_source import read_model_config
 from jaxlin.outputs import OutputClaim, RunKind, claim_output
-from jaxlin.run_config import ConfigError, RunConfig
+from jaxlin.run_config import ConfigError, MeshSection, RunConfig
 from jaxlin.runner import RunResult, analyse, analyse_run, write_run
 
 
-def device_mesh(count: int | None) -> Any:
-    """The context the analyses run in: a "batch" mesh over the first `count` devices
-    (default: all), or no mesh when that is one device."""
+def device_mesh(count: int | None, mesh: MeshSection | None = None) -> Any:
+    """The context the analyses run in: the configured data × fsdp × tensor mesh, else a
+    mesh with the first `count` devices (default: all) on `data`; no mesh for one device."""
     available = jax.devices()
     if count is not None and count > len(available):
         raise ConfigError(
             f"devices: {count} requested, but {len(available)} {available[0].platform} device(s) available"
         )
     chosen = available[: count or len(available)]
-    return jax.set_mesh(batch_mesh(chosen)) if len(chosen) > 1 else nullcontext()
+    built = make_mesh(mesh.sizes(), chosen) if mesh is not None else batch_mesh(chosen)
+    return jax.set_mesh(built) if built.size > 1 else nullcontext()
 
 
 def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
@@ -41,7 +43,8 @@ def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
     # The model's config alone (no weights yet): bad requests are refused before any write.
     config.check_against(read_model_config(config.model))
     kind: RunKind = "single" if texts is None else "many"
-    with claim_output(config.output_dir, kind, config.overwrite) as output, device_mesh(config.devices):
+    claim = claim_output(config.output_dir, kind, config.overwrite)
+    with claim as output, device_mesh(config.devices, config.mesh):
         return _run(config, texts, output, verbose)
 
 
@@ -57,7 +60,8 @@ def _run(
             use_cache=config.model.cache,
             progress=verbose,
         )
-    model = dataclasses.replace(loaded.model, params=replicated(loaded.model.params))
+    # Each device holds its shard of every split parameter (`jaxlin.mesh`'s rules).
+    model = dataclasses.replace(loaded.model, params=place_params(loaded.model.params, loaded.model.config))
     loaded = dataclasses.replace(loaded, model=model)
     progress = (
         (lambda message: print(f"[jaxlin]   {message}", file=sys.stderr, flush=True)) if verbose else None

@@ -182,6 +182,17 @@ class LengthStudySection(_Strict):
         return self
 
 
+class MeshSection(_Strict):
+    """Axis sizes of the device mesh (`jaxlin.mesh`); an axis left out has size 1."""
+
+    data: int = Field(1, ge=1, description="batches of vectors split across this many devices")
+    fsdp: int = Field(1, ge=1, description="the hidden dimension of every weight split this many ways")
+    tensor: int = Field(1, ge=1, description="heads, MLP width and vocabulary split this many ways")
+
+    def sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
 class RunConfig(_Strict):
     model: ModelSection = ModelSection()
     text: str | None = Field(None, description="the input text; the CLI's --text overrides it")
@@ -202,6 +213,11 @@ class RunConfig(_Strict):
     )
     devices: int | None = Field(
         None, ge=1, description="split the batched products across this many devices (default: all)"
+    )
+    mesh: MeshSection | None = Field(
+        None,
+        description="shard the model over a data × fsdp × tensor device mesh (default: every device on "
+        "data, the parameters replicated)",
     )
     output_dir: str = "runs/default"
     overwrite: bool = Field(

@@ -118,9 +118,10 @@ def test_a_mesh_without_auto_batch_axis_is_refused():
         jax.jit(lambda x: map_in_batches(lambda v: v * 2, x, 2))(jnp.ones((4, 3)))
 
 
-def test_cli_run_on_two_host_devices(tiny_model_dir, tmp_path, capsys, monkeypatch):
+def test_cli_run_on_host_devices_replicated_and_sharded(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """`jaxlin run` splits its work over all devices it sees (parameters replicated onto
-    the mesh) and writes the same results as on one device."""
+    the mesh), or shards the parameters over a configured `mesh:`, and writes the same
+    results as on one device."""
     from test_cli import tiny_run_config, write_config
 
     from jaxlin.cli import main
@@ -134,20 +135,32 @@ def test_cli_run_on_two_host_devices(tiny_model_dir, tmp_path, capsys, monkeypat
     config = write_config(tmp_path / "run.yaml", **data)
     assert main(["run", str(config), "--quiet", "--out", str(tmp_path / "one")]) == 0
     capsys.readouterr()
+    run_on_host_devices(config, tmp_path / "two", 2)
+    # The same run with the parameters sharded: data 1 × fsdp 2 × tensor 2 on 4 devices.
+    data["mesh"] = {"fsdp": 2, "tensor": 2}
+    sharded = write_config(tmp_path / "sharded.yaml", **data)
+    run_on_host_devices(sharded, tmp_path / "sharded", 4)
+    one, two, four = (
+        json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two", "sharded")
+    )
+    assert (one["devices"], two["devices"], four["devices"]) == (1, 2, 1)  # devices along `data`
+    assert four["config"]["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert two["params_from_cache"] and four["params_from_cache"]
+    arrays_one = np.load(tmp_path / "one" / "arrays.npz")
+    for run in ("two", "sharded"):
+        arrays = np.load(tmp_path / run / "arrays.npz")
+        for name in ("S", "per_token_S", "contributions", "layer_singular_values"):
+            expected = arrays_one[name]
+            atol = 1e-11 * np.max(np.abs(expected))
+            np.testing.assert_allclose(arrays[name], expected, rtol=0, atol=atol, err_msg=f"{run}: {name}")
+
+
+def run_on_host_devices(config: Path, out: Path, devices: int) -> None:
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    command = [sys.executable, "-m", "jaxlin.cli", "run", str(config), "--quiet"]
-    command += ["--out", str(tmp_path / "two")]
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    command = [sys.executable, "-m", "jaxlin.cli", "run", str(config), "--quiet", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
-    assert (one["devices"], two["devices"]) == (1, 2)
-    assert two["params_from_cache"]
-    arrays_one, arrays_two = (np.load(tmp_path / name / "arrays.npz") for name in ("one", "two"))
-    for name in ("S", "per_token_S", "contributions", "layer_singular_values"):
-        expected = arrays_one[name]
-        atol = 1e-11 * np.max(np.abs(expected))
-        np.testing.assert_allclose(arrays_two[name], expected, rtol=0, atol=atol, err_msg=name)
 
 
 if __name__ == "__main__":
