@@ -54,3 +54,31 @@ def test_plan_grows_with_the_input(tiny_model_dir):
     model = load_hf_model(tiny_model_dir("llama_gqa_untied"), jnp.float64)
     short, long = (plan(model.config, n, jnp.float64, Workload(top_k=2)) for n in (16, 64))
     assert long.jacobian > short.jacobian and long.peak > short.peak and long.weights == short.weights
+
+
+def test_run_refuses_by_the_plan_only_where_the_formula_says_no(tiny_model_dir, monkeypatch):
+    from jaxlin import memory, runner
+    from jaxlin.analyses import INPUT_ANALYSES
+    from jaxlin.memory import InsufficientMemoryError
+    from jaxlin.run_config import AnalysisSection
+
+    model = load_hf_model(tiny_model_dir("gemma3_sliding"), jnp.float64)
+    config, n, options = model.config, 64, AnalysisSection()
+    analyses = [analysis for analysis in INPUT_ANALYSES if analysis.enabled(options, n)]
+    formula = runner.memory_estimate(config, n, jnp.float64, options, analyses)
+    planned = plan(config, n, jnp.float64, runner.workload(options)).above_weights
+    assert planned < formula  # the formula is the conservative one
+    monkeypatch.setattr(runner, "PLAN_OVERHEAD_BYTES", 0)
+    plans = []
+    monkeypatch.setattr(runner, "plan", lambda *args: plans.append(1) or plan(*args))
+
+    def with_free(free: int) -> None:
+        monkeypatch.setattr(memory, "available_bytes", lambda: free)
+        runner.check_memory(config, n, jnp.float64, options, analyses)
+
+    with_free(10 * formula)  # the formula says yes: nothing is compiled
+    assert plans == []
+    with_free(int((formula + planned) / 2 / 0.9))  # the formula says no, the plan yes
+    assert plans == [1]
+    with pytest.raises(InsufficientMemoryError, match="compiled programs' plan"):
+        with_free(int(planned / 2))
