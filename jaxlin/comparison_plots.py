@@ -62,7 +62,7 @@ def character_influence(path: Path, prompt: PromptComparison) -> None:
     if n_chars <= 160:
         axis.set_xticks(range(n_chars), [visible(c) for c in prompt.text], fontsize=7)
     axis.set_xlabel("character of the prompt")
-    fig.colorbar(image, ax=axis, label="‖J_t‖_F of the character's token / row max")
+    fig.colorbar(image, ax=axis, label="influence / row max")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
