@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_run_config(args.config, output_dir=args.out, **overrides)
         if config.length_study is not None:
             return _study(args, "study", config)
+        if config.comparison is not None:
+            return _compare(args, config)
         result, out_dir = run(config, verbose=not args.quiet)
     except JaxlinError as error:
         # One line whatever the message holds (a quoted file name or library text may span lines).
@@ -215,6 +217,19 @@ def _study(args: argparse.Namespace, kind: str, config: object | None = None) ->
         print(f"jaxlin: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print_summary(summary, out_dir)
+    return 0
+
+
+def _compare(args: argparse.Namespace, config: object) -> int:
+    """`jaxlin run` of a config with a comparison section (see jaxlin.comparison)."""
+    try:
+        from jaxlin.comparison import print_summary, run_comparison
+
+        record, out_dir = run_comparison(config, verbose=not args.quiet)  # type: ignore[arg-type]
+    except JaxlinError as error:
+        print(f"jaxlin: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print_summary(record, out_dir)
     return 0
 
 

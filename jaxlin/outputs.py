@@ -43,8 +43,8 @@ MARKER_NAME = ".jaxlin-run"
 MARKER_VERSION = 1
 # single: one text's run; many: a many-prompt output; prompt: one of its prompts/NNNN;
 # study / bench: a length study or benchmark (jaxlin.length_study), one file per length.
-RunKind = Literal["single", "many", "prompt", "study", "bench"]
-RUN_KINDS = ("single", "many", "prompt", "study", "bench")
+RunKind = Literal["single", "many", "prompt", "study", "bench", "comparison"]
+RUN_KINDS = ("single", "many", "prompt", "study", "bench", "comparison")
 # Kinds written in place and resumed, with the folder of their per-item results.
 IN_PLACE_KINDS = {"many": "prompts", "study": "lengths", "bench": "lengths"}
 

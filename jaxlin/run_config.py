@@ -193,6 +193,34 @@ class MeshSection(_Strict):
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
 
 
+class ComparedModel(ModelSection):
+    label: str | None = Field(None, description="the model's name in the comparison (default: its own name)")
+
+
+class ComparisonSection(_Strict):
+    """Several models on the same prompts (see jaxlin.comparison). Spectra use the analysis
+    section's top_k, tolerance, krylov_depth, seed, chunk, attention_block, frobenius_samples,
+    decode_top_tokens and layers.final_norm / layers.top_k."""
+
+    models: list[ComparedModel] = Field(
+        ..., min_length=2, description="the models compared, each a section like `model:`"
+    )
+    influence: Literal["auto", "exact", "stochastic"] = Field(
+        "auto",
+        description="per-token ‖J_t‖_F: exact (from J's d rows), stochastic (Hutchinson estimate with "
+        "analysis.frobenius_samples samples), auto (exact up to max_exact_tokens)",
+    )
+    max_exact_tokens: int = Field(256, ge=1, description="longest prompt for exact influence under auto")
+
+    @field_validator("models")
+    @classmethod
+    def _labels_distinct(cls, models: list[ComparedModel]) -> list[ComparedModel]:
+        labels = [m.label for m in models if m.label is not None]
+        if len(set(labels)) != len(labels):
+            raise ValueError("models has a label given twice")
+        return models
+
+
 class RunConfig(_Strict):
     model: ModelSection = ModelSection()
     text: str | None = Field(None, description="the input text; the CLI's --text overrides it")
@@ -210,6 +238,9 @@ class RunConfig(_Strict):
     steering: SteeringSection = SteeringSection()
     length_study: LengthStudySection | None = Field(
         None, description="run a length/position study (`jaxlin run` then runs it instead of one analysis)"
+    )
+    comparison: ComparisonSection | None = Field(
+        None, description="compare several models on the same prompts (`jaxlin run` then runs it instead)"
     )
     devices: int | None = Field(
         None, ge=1, description="split the batched products across this many devices (default: all)"
@@ -242,6 +273,8 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _one_input(self) -> RunConfig:
         given = [name for name in ("text", "texts", "texts_file") if getattr(self, name) is not None]
+        if self.length_study is not None and self.comparison is not None:
+            raise ValueError("give at most one of length_study, comparison")
         if self.length_study is not None:
             if given:
                 raise ValueError(
@@ -249,6 +282,8 @@ class RunConfig(_Strict):
                     "(document, document_file or builtin)"
                 )
             return self
+        if self.comparison is not None and "model" in self.model_fields_set:
+            raise ValueError("model is given but a comparison lists its models in comparison.models")
         if len(given) != 1:
             raise ValueError(f"give exactly one of text, texts, texts_file (got {given or 'none'})")
         return self
