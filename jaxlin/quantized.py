@@ -219,3 +219,60 @@ def dequantized_params(params: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda leaf: param_value(leaf) if is_quantized(leaf) else leaf, params, is_leaf=is_quantized
     )
+
+
+# ----------------------------------------------------------------- cache entries
+#
+# A params cache entry of a quantized model records each quantized param's layout (the
+# static fields and the leaves' shapes), so the restore target has the same structure.
+
+
+def layouts(params: Any) -> dict[str, dict[str, Any]]:
+    """Every quantized param of `params`, by its path, as JSON-ready data."""
+    found = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+    return {
+        jax.tree_util.keystr(path): {
+            "bits": leaf.bits,
+            "group": leaf.group,
+            "code_offset": leaf.code_offset,
+            "transposed": leaf.transposed,
+            "codes": [list(leaf.codes.shape), np.dtype(leaf.codes.dtype).name],
+            "scale": list(leaf.scale.shape),
+            "offset": leaf.offset is not None,
+        }
+        for path, leaf in found
+        if is_quantized(leaf)
+    }
+
+
+def with_layouts(target: Any, recorded: dict[str, dict[str, Any]], dtype: Any) -> Any:
+    """`target` (float params as ShapeDtypeStructs) with the recorded quantized params in
+    place of their float ones; ValueError when a recorded path is not a param of `target`."""
+    paths = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+    unknown = sorted(set(recorded) - paths)
+    if unknown:
+        raise ValueError(f"quantized param {unknown[0]} is not a param of the model")
+
+    def replace(path: Any, leaf: Any) -> Any:
+        layout = recorded.get(jax.tree_util.keystr(path))
+        if layout is None:
+            return leaf
+        codes_shape, codes_dtype = layout["codes"]
+        scale = jax.ShapeDtypeStruct(tuple(layout["scale"]), jnp.float32)
+        return QuantizedArray(
+            codes=jax.ShapeDtypeStruct(tuple(codes_shape), jnp.dtype(codes_dtype)),
+            scale=scale,
+            offset=scale if layout["offset"] else None,
+            bits=int(layout["bits"]),
+            group=int(layout["group"]),
+            code_offset=int(layout["code_offset"]),
+            transposed=bool(layout["transposed"]),
+            dtype=jnp.dtype(dtype),
+        )
+
+    return jax.tree_util.tree_map_with_path(replace, target)
+
+
+def as_float(value: Any) -> Any:
+    """A param as a float array: dequantized if it is quantized, else itself."""
+    return param_value(value) if is_quantized(value) else value
