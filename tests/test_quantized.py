@@ -12,6 +12,7 @@ float copy of the weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -331,3 +332,42 @@ def test_quantized_is_refused_for_hf_sources() -> None:
     assert ModelSection(source="gguf", path="model.gguf", quantized=True).quantized
     with pytest.raises(ValidationError, match="GGUF sources only"):
         ModelSection(source="hf", path="some/model", quantized=True)
+
+
+# --------------------------------------------------------------------------- the real models
+#
+# Gemma 3 270M (Q4_K_M: Q8_0 embedding; Q5_0, Q8_0, Q4_K and Q6_K matrices, ffn_down and
+# attn_v mixing two types across layers) and SmolLM2-135M (Q4_1, Q8_0 embedding).
+
+REAL_TEXTS = {"gemma": "The bridge out of Marin is the Golden", "smollm2": "The capital of France is"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["gemma", "smollm2"])
+def test_real_model_kept_quantized_equals_dequantized_float32(
+    request: pytest.FixtureRequest, which: str
+) -> None:
+    from converters.gguf import load_gguf_tokenizer
+
+    file = read_gguf(request.getfixturevalue(f"{which}_gguf_path"))
+    kept = load_gguf_model(file, jnp.float32, keep_quantized=True)
+    loaded = load_gguf_model(file, jnp.float32)
+    types = {leaf.bits for leaf in quantized_params(kept.params)}
+    assert types and params_nbytes(kept.params) < params_nbytes(loaded.params) / 3
+    tokenizer = load_gguf_tokenizer(file)
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(REAL_TEXTS[which], add_special_tokens=False)]
+    results = []
+    for model in (kept, loaded):
+        config, params = model.config, model.params
+        inputs = model_fns.embed(config, params, jnp.asarray(ids))
+        jacobian = linearize(params, inputs, config)
+        c = contributions(jacobian)
+        certificate = certify(jacobian.output, c, functools.partial(model_fns.logits, config, params))
+        results.append((inputs, jacobian.output, c, certificate, top_k(jacobian, 4).S))
+    (x, y, c, certificate, sigma), (x0, y0, c0, certificate0, sigma0) = results
+    for ours, reference in ((x, x0), (y, y0), (c, c0), (sigma, sigma0)):
+        reference = np.asarray(reference, np.float64)
+        assert np.linalg.norm(np.asarray(ours, np.float64) - reference) <= 1e-6 * np.linalg.norm(reference)
+    assert certificate.predicted_token_id == certificate0.predicted_token_id
+    assert certificate.argmax_matches and certificate0.argmax_matches
+    assert abs(certificate.relative_error - certificate0.relative_error) <= 1e-6
