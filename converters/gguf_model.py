@@ -15,15 +15,18 @@ from jaxlin.families import family_for_hf_config
 from jaxlin.model import Model
 
 
-def load_gguf_model(source: GGUFSource, dtype: jnp.dtype = jnp.float32, progress: bool = False) -> Model:
+def load_gguf_model(
+    source: GGUFSource, dtype: jnp.dtype = jnp.float32, progress: bool = False, keep_quantized: bool = False
+) -> Model:
     """The model of a GGUF file: a parsed `GGUFFile` (so that its tokenizer can share the
-    one parse) or a path."""
+    one parse) or a path. `keep_quantized`: quantized matrices stay quantized on device
+    (jaxlin/quantized.py), dequantized to `dtype` layer by layer where they are used."""
     file = parsed(source)
     hf_config = read_gguf_config(file)
     family = family_for_hf_config(hf_config)
     config = family.config_from_hf(hf_config)
     # Dequantize straight to float64 when asked, so nothing is rounded twice.
     read_dtype = np.float64 if jnp.dtype(dtype) == jnp.float64 else np.float32
-    tensors = read_gguf_state_dict(file, dtype=read_dtype, progress=progress)
+    tensors = read_gguf_state_dict(file, dtype=read_dtype, progress=progress, keep_quantized=keep_quantized)
     params = params_from_tensors(config, family, list(tensors), tensors.__getitem__, dtype, file.path)
     return Model(config, params, name=os.path.basename(file.path))

@@ -15,6 +15,9 @@ from jaxlin._config import ModelConfig
 from jaxlin.errors import JaxlinError
 from jaxlin.families import Family
 from jaxlin.model import Params, expected_param_shapes
+from jaxlin.quantized import QuantizedArray, is_quantized, param_value
+from jaxlin.quantized import stack as stack_quantized
+from jaxlin.quantized import to_device as quantized_to_device
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,9 @@ class CheckpointError(JaxlinError):
     pass
 
 
-TensorReader = Callable[[str], np.ndarray]
+# A reader may return a host QuantizedArray for a quantized matrix (GGUF, keep_quantized):
+# the family's transforms apply to it as to an array, and it stays quantized in the params.
+TensorReader = Callable[[str], np.ndarray | QuantizedArray]
 
 
 def _set(tree: dict, path: tuple[str, ...], value: object) -> None:
@@ -58,7 +63,7 @@ def params_from_tensors(
     expected = expected_param_shapes(config, dtype)
     available = set(names)
     params: dict = {}
-    layer_parts: dict[tuple[str, ...], list[jnp.ndarray | None]] = {}
+    layer_parts: dict[tuple[str, ...], list] = {}
 
     def feeds_expected(path: tuple[str, ...]) -> bool:
         try:
@@ -85,7 +90,8 @@ def params_from_tensors(
     ):
         if name not in available:
             raise CheckpointError(f"{source}: tensor {name!r} is missing from the checkpoint")
-        array = np.asarray(read(name))
+        array = read(name)
+        array = array if is_quantized(array) else np.asarray(array)
         used.add(name)
         for path, transform in targets:
             value = transform(array, config)
@@ -96,13 +102,18 @@ def params_from_tensors(
                     f"{source}: tensor {name!r} has shape {array.shape}, which does not give "
                     f"{'/'.join(path)} of shape {want_shape}"
                 )
-            value = jnp.asarray(value, dtype=dtype)
             if layer is None:
-                _set(params, path, value)
+                _set(params, path, _on_device(value, dtype))
             else:
+                # Quantized parts are stacked on the host (layers quantized differently
+                # share one layout there), float ones on device as before.
+                value = value if is_quantized(value) else jnp.asarray(value, dtype=dtype)
                 layer_parts.setdefault(path, [None] * config.num_layers)[layer] = value
     for path, parts in layer_parts.items():
-        _set(params, path, jnp.stack(parts))
+        if all(is_quantized(part) for part in parts):
+            _set(params, path, quantized_to_device(stack_quantized(parts), dtype))
+        else:  # some layers float (e.g. kept in F16): the param is float in every layer
+            _set(params, path, jnp.stack([_float(part, dtype) for part in parts]))
 
     unused = sorted(n for n in available - used if not _IGNORED.search(n))
     if config.tie_word_embeddings:
@@ -112,3 +123,11 @@ def params_from_tensors(
             f"{source}: {len(unused)} tensor(s) not used by the {family.name} port, e.g. {unused[:5]}"
         )
     return params
+
+
+def _float(value: jnp.ndarray | QuantizedArray, dtype: jnp.dtype) -> jnp.ndarray:
+    return param_value(quantized_to_device(value, dtype)) if is_quantized(value) else value
+
+
+def _on_device(value: np.ndarray | QuantizedArray, dtype: jnp.dtype) -> jnp.ndarray | QuantizedArray:
+    return quantized_to_device(value, dtype) if is_quantized(value) else jnp.asarray(value, dtype=dtype)

@@ -11,6 +11,10 @@ import numpy as np
 from jaxlin._attention import blockwise_frozen_attention, dense_attention
 from jaxlin._config import Activation, MLPKind, ModelConfig, NormKind, NormPlacement, RopeConfig
 from jaxlin._policy import FreezePolicy
+from jaxlin.quantized import QuantizedArray
+from jaxlin.quantized import attend as quantized_attend
+from jaxlin.quantized import dense as quantized_dense
+from jaxlin.quantized import embedding_rows as quantized_embedding_rows
 
 # Exactness is the product: never let an accelerator's default (bf16/tf32) matmul
 # precision change the numbers.
@@ -89,9 +93,55 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def dense(features: int, name: str, dtype: jnp.dtype, use_bias: bool = False) -> nn.Dense:
-    return nn.Dense(
-        features, use_bias=use_bias, precision=PRECISION, dtype=dtype, param_dtype=dtype, name=name
-    )
+    return Dense(features, use_bias=use_bias, precision=PRECISION, dtype=dtype, param_dtype=dtype, name=name)
+
+
+# Quantized params (jaxlin/quantized.py): a `QuantizedArray` in place of a float kernel or
+# embedding is dequantized where it is used, inside `jax.checkpoint`, so each scanned
+# layer's float weights exist only while that layer runs and a linearization holds the
+# quantized leaves instead. Float params take flax's own path unchanged.
+
+
+def _quantized_param(module: nn.Module, name: str) -> QuantizedArray | None:
+    if module.is_initializing() or not module.has_variable("params", name):
+        return None
+    value = module.get_variable("params", name)
+    return value if isinstance(value, QuantizedArray) else None
+
+
+class Dense(nn.Dense):
+    """flax's Dense, also for a quantized kernel."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = _quantized_param(self, "kernel")
+        if kernel is None:
+            return super().__call__(inputs)
+        y = quantized_dense(inputs, kernel, self.precision)
+        if self.use_bias:
+            bias = jnp.asarray(self.get_variable("params", "bias"), self.dtype)
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
+class Embed(nn.Embed):
+    """flax's Embed, also for a quantized embedding (only the looked-up rows are dequantized)."""
+
+    def setup(self) -> None:
+        quantized = _quantized_param(self, "embedding")
+        if quantized is None:
+            super().setup()
+        else:
+            self.embedding = quantized
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if not isinstance(self.embedding, QuantizedArray):
+            return super().__call__(inputs)
+        return quantized_embedding_rows(self.embedding, inputs)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        if not isinstance(self.embedding, QuantizedArray):
+            return super().attend(query)
+        return quantized_attend(query, self.embedding)
 
 
 class RMSNorm(nn.Module):

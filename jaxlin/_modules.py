@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlin._config import ModelConfig, Positions
-from jaxlin._layers import PRECISION, DecoderBlock, make_norm, rope_tables, softcap
+from jaxlin._layers import PRECISION, DecoderBlock, Dense, Embed, make_norm, rope_tables, softcap
 from jaxlin._policy import FreezePolicy
 
 
@@ -25,9 +25,9 @@ class Transformer(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        self.embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
+        self.embedder = Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
         if cfg.positions is Positions.LEARNED:
-            self.position_embedder = nn.Embed(
+            self.position_embedder = Embed(
                 cfg.max_positions, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype
             )
         # Stacked layer params and one scanned block: compile time and memory stay flat
@@ -42,7 +42,7 @@ class Transformer(nn.Module):
         self.layers = scanned(cfg, self.policy, self.dtype, self.attention_block)
         self.final_norm = make_norm(cfg, self.policy, self.dtype, "final_norm")
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(
+            self.lm_head = Dense(
                 cfg.vocab_size,
                 use_bias=False,
                 precision=PRECISION,

@@ -59,6 +59,7 @@ def _run(
             config.model.dtype,
             use_cache=config.model.cache,
             progress=verbose,
+            quantized=config.model.quantized,
         )
     # Each device holds its shard of every split parameter (`jaxlin.mesh`'s rules).
     model = dataclasses.replace(loaded.model, params=place_params(loaded.model.params, loaded.model.config))

@@ -10,14 +10,15 @@ import numpy as np
 
 from jaxlin._config import ModelConfig
 from jaxlin.model import Params
+from jaxlin.quantized import as_float
 from jaxlin.tokens import token_text
 
 
 def unembedding_matrix(config: ModelConfig, params: Params) -> jnp.ndarray:
     """W_U, shape (vocab, d): logits = W_U·h (before any final softcap)."""
     if config.tie_word_embeddings:
-        return params["embedder"]["embedding"]
-    return params["lm_head"]["kernel"].T
+        return as_float(params["embedder"]["embedding"])
+    return as_float(params["lm_head"]["kernel"]).T
 
 
 def orient_to(vectors: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -51,7 +52,7 @@ def nearest_embedding_rows(
     (vocab, d) nearest by cosine similarity (scale-free, so a scaled copy of a row finds it).
     Rows are divided by their norms after the product, so no normalized copy of a large
     embedding table is made; `chunk` vectors at a time bound the (chunk, vocab) scores."""
-    rows = np.asarray(embedding, np.float32)
+    rows = np.asarray(as_float(embedding), np.float32)  # a quantized embedding, dequantized
     row_norms = np.linalg.norm(rows, axis=1) + 1e-30
     unit = np.asarray(vectors, np.float32)
     unit = unit / (np.linalg.norm(unit, axis=1, keepdims=True) + 1e-30)

@@ -610,6 +610,7 @@ def _run(
         config.model.dtype,
         use_cache=config.model.cache,
         progress=verbose,
+        quantized=config.model.quantized,
     )
     model, tokenizer = loaded.model, loaded.tokenizer
     params = replicated(model.params)

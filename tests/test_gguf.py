@@ -888,7 +888,10 @@ def write_llama_cpp_gguf(path: Path, arch: str, config: Any, tensors: dict) -> P
     for name, values in llama_cpp_generate_extra_tensors(arch, config.to_dict(), writer).items():
         writer.add_tensor(name, values)
     for name, (values, qtype) in tensors.items():
-        writer.add_tensor(name, values.astype(np.float16) if qtype == F16 else values)
+        if qtype in (F32, F16):
+            writer.add_tensor(name, values.astype(np.float16) if qtype == F16 else values)
+        else:  # already the type's blocks (tests/test_quantized.py)
+            writer.add_tensor(name, values, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -5,7 +5,8 @@ One stage, four modules sharing one parsed file (`read_gguf` once per load; ever
 function below takes the `GGUFFile` or a path):
 - `reader`: the binary header, metadata and tensor index (`GGUFFile`);
 - `config`: metadata → HF config (transformers' GGUF_CONFIG_MAPPING, rebuilt without torch);
-- `tensors`: tensor data → dequantized HF-named arrays;
+- `tensors`: tensor data → dequantized HF-named arrays (or, `keep_quantized`, quantized
+  matrices kept as `jaxlin.quantized.QuantizedArray`s decoded by `quantized`);
 - `tokenizer`: transformers' GGUF tokenizer builders, without torch.
 What differs per architecture (llama.cpp's tensor names, metadata keys, conventions) is
 data on the family, beside its HF tensor table (`Family.gguf` in jaxlin/families/).

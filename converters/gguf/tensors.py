@@ -1,7 +1,8 @@
 """GGUF tensors → Hugging Face–named, HF-laid-out numpy arrays: the family's llama.cpp
 names (`blk.0.attn_q.weight`) translated, and llama.cpp's conventions undone (Gemma's
 `1 + w` norm weights, Llama's q/k row permutation, GPT-2's Conv1D transposes).
-Dequantization is `gguf.quants.dequantize`, the library llama.cpp writes these files with."""
+Dequantization is `gguf.quants.dequantize`, the library llama.cpp writes these files with;
+with `keep_quantized`, quantized matrices stay quantized instead (converters/gguf/quantized.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.gguf.architectures import gguf_family, gguf_names
+from converters.gguf.quantized import KEPT_QUANTIZED, quantized_matrix
 from converters.gguf.reader import GGUFError, GGUFSource, GGUFTensor, parsed
+from jaxlin.quantized import QuantizedArray
 
 if TYPE_CHECKING:
     import gguf
@@ -66,8 +69,11 @@ def _unpermute_rows(values: np.ndarray, n_head: int, name: str, path: str) -> np
 
 
 def read_gguf_state_dict(
-    source: GGUFSource, dtype: npt.DTypeLike = np.float32, progress: bool = False
-) -> dict[str, np.ndarray]:
+    source: GGUFSource,
+    dtype: npt.DTypeLike = np.float32,
+    progress: bool = False,
+    keep_quantized: bool = False,
+) -> dict[str, np.ndarray | QuantizedArray]:
     """All tensors of a GGUF file (a parsed `GGUFFile` or a path), dequantized to `dtype`,
     under HF names and in HF layouts.
 
@@ -84,6 +90,11 @@ def read_gguf_state_dict(
 
     Raises GGUFError for an unknown tensor name or a type gguf cannot dequantize, before
     dequantizing anything. `progress=True` shows a tqdm bar over tensors.
+
+    `keep_quantized=True`: every matrix of a type in `KEPT_QUANTIZED` comes back as a
+    host `QuantizedArray` of the same HF-named, HF-laid-out param (its blocks in file order:
+    the q/k unpermute moves whole rows, so whole groups; a transpose is a flag, undone
+    after dequantizing), dequantizing to float32; everything else as above.
     """
     import gguf
 
@@ -121,6 +132,10 @@ def read_gguf_state_dict(
         if target is None:
             continue
         hf_name, transposed = target
+        if keep_quantized and tensor.tensor_type in KEPT_QUANTIZED and len(tensor.shape) == 2:
+            heads = (n_head, n_head_kv)
+            state_dict[hf_name] = _quantized(tensor, hf_name, transposed, names, heads, file.path)
+            continue
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         # F32 comes back as a read-only view of the memory map: copy it out of the file.
         if np.may_share_memory(values, tensor.data):
@@ -138,3 +153,16 @@ def read_gguf_state_dict(
             values = np.ascontiguousarray(values.T)
         state_dict[hf_name] = values.astype(dtype, copy=False)
     return state_dict
+
+
+def _quantized(
+    tensor: GGUFTensor, hf_name: str, transposed: bool, names: GGUFNames, heads: tuple[int, int], path: str
+) -> QuantizedArray:
+    """A quantized matrix of the state dict: llama.cpp's conventions undone on its rows."""
+    matrix = quantized_matrix(tensor.data, tensor.tensor_type)
+    n_head, n_head_kv = heads
+    if names.unpermute_qk and ".self_attn.q_proj." in hf_name:
+        matrix = matrix.map_rows(lambda leaf: _unpermute_rows(leaf, n_head, tensor.name, path))
+    elif names.unpermute_qk and ".self_attn.k_proj." in hf_name:
+        matrix = matrix.map_rows(lambda leaf: _unpermute_rows(leaf, n_head_kv, tensor.name, path))
+    return matrix.T if transposed else matrix
