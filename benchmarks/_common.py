@@ -138,6 +138,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def release_free_heap() -> None:
     """Return freed heap pages to the OS (glibc `malloc_trim`), so that the resident set
     measured next is live memory: after loading a model, hundreds of MB freed by the

@@ -221,10 +221,11 @@ def child(fields_name: str, n: int) -> None:
 
 
 def memory_vs_length(fields_name: str, lengths: tuple[int, ...], steps: Steps) -> list[dict[str, Any]]:
-    from jaxlin.plan import Workload, device_bytes, plan
+    from jaxlin.memory import total_bytes
+    from jaxlin.plan import Workload, plan
 
     config = model_config({"4b": GEMMA3_4B, "tiny": TINY}[fields_name])
-    limit = device_bytes()
+    limit = total_bytes()
     work = Workload(top_k=K, depth=DEPTH, chunk=CHUNK, contributions=False)
     rows: list[dict[str, Any]] = []
     last_wall = 0.0

@@ -33,15 +33,6 @@ TARGET_PEAK_8K_BYTES = 8 * 10**9
 K, DEPTH, CHUNK = 8, 16, 16
 
 
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def child(n: int, block: int | None) -> None:
     import jax
     import jax.numpy as jnp
@@ -54,7 +45,7 @@ def child(n: int, block: int | None) -> None:
     load_peak = C.peak_rss_bytes()
     C.release_free_heap()
     baseline = C.current_rss_bytes()
-    was_reset = reset_peak()
+    was_reset = C.reset_peak()
     key = jax.random.key(0)
     start = time.perf_counter()
     # The linearization is its own program now: its residuals (the DetachedJacobian's

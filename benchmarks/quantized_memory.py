@@ -29,15 +29,6 @@ HERE = Path(__file__).resolve()
 MB = 1e6
 
 
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def compiled_linearization(model: Any, n: int) -> dict[str, float]:
     """The linearizing program's memory analysis, lowered on abstract params and inputs."""
     import jax
@@ -82,7 +73,7 @@ def child(quantized: bool, n: int) -> None:
     C.release_free_heap()
     record["rss_after_load_mb"] = C.current_rss_bytes() / MB
     baseline = C.current_rss_bytes()
-    record["peak_reset"] = reset_peak()
+    record["peak_reset"] = C.reset_peak()
     jacobian = jax.block_until_ready(linearize(model.params, x, model.config))
     own = {leaf.unsafe_buffer_pointer() for leaf in jax.tree_util.tree_leaves(model.params)}
     leaves = jax.tree_util.tree_leaves(jacobian.linear)

@@ -188,14 +188,15 @@ def _plan(args: argparse.Namespace) -> int:
     """`jaxlin plan CONFIG --tokens N …` (see jaxlin.plan): nothing is loaded or written."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        from jaxlin.plan import describe, device_bytes, plan_run
+        from jaxlin.memory import total_bytes
+        from jaxlin.plan import describe, plan_run
         from jaxlin.run_config import load_run_config
 
         plans = plan_run(load_run_config(args.config), args.tokens)
     except JaxlinError as error:
         print(f"jaxlin: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    limit = device_bytes()
+    limit = total_bytes()
     for planned in plans:
         print(describe(planned, limit))
     return 0

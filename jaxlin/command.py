@@ -14,12 +14,12 @@ import jax
 
 from jaxlin.analyses import Timer
 from jaxlin.devices import batch_devices, batch_mesh
-from jaxlin.loading import load_model
+from jaxlin.loading import LoadedModel, load_model
 from jaxlin.many_prompts import run_many
 from jaxlin.mesh import make_mesh, place_params
 from jaxlin.model_source import read_model_config
 from jaxlin.outputs import OutputClaim, RunKind, claim_output
-from jaxlin.run_config import ConfigError, MeshSection, RunConfig
+from jaxlin.run_config import ConfigError, MeshSection, ModelSection, RunConfig
 from jaxlin.runner import RunResult, analyse, analyse_run, write_run
 
 
@@ -34,6 +34,21 @@ def device_mesh(count: int | None, mesh: MeshSection | None = None) -> Any:
     chosen = available[: count or len(available)]
     built = make_mesh(mesh.sizes(), chosen) if mesh is not None else batch_mesh(chosen)
     return jax.set_mesh(built) if built.size > 1 else nullcontext()
+
+
+def load_placed(section: ModelSection, verbose: bool) -> LoadedModel:
+    """The model of a `model:` section, its parameters placed on the ambient mesh: each
+    device holds its shard of every split parameter (`jaxlin.mesh`'s rules)."""
+    loaded = load_model(
+        section.source,
+        section.path,
+        section.dtype,
+        use_cache=section.cache,
+        progress=verbose,
+        quantized=section.quantized,
+    )
+    model = dataclasses.replace(loaded.model, params=place_params(loaded.model.params, loaded.model.config))
+    return dataclasses.replace(loaded, model=model)
 
 
 def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
@@ -53,17 +68,7 @@ def _run(
 ) -> tuple[RunResult, Path]:
     timer = Timer(verbose)
     with timer.step("loading model"):
-        loaded = load_model(
-            config.model.source,
-            config.model.path,
-            config.model.dtype,
-            use_cache=config.model.cache,
-            progress=verbose,
-            quantized=config.model.quantized,
-        )
-    # Each device holds its shard of every split parameter (`jaxlin.mesh`'s rules).
-    model = dataclasses.replace(loaded.model, params=place_params(loaded.model.params, loaded.model.config))
-    loaded = dataclasses.replace(loaded, model=model)
+        loaded = load_placed(config.model, verbose)
     progress = (
         (lambda message: print(f"[jaxlin]   {message}", file=sys.stderr, flush=True)) if verbose else None
     )

@@ -21,7 +21,6 @@ that spell no character (BOS, EOS, other special tokens) are reported apart.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from jaxlin.devices import batch_devices, replicated
+from jaxlin.devices import batch_devices
 from jaxlin.errors import JaxlinError
 from jaxlin.outputs import claim_output, staged_directory, write_json_atomic
 from jaxlin.record import DecodedVector, RightVector
@@ -314,8 +313,7 @@ def model_label(section: ComparedModel, name: str, taken: set[str]) -> str:
 
 def run_comparison(config: RunConfig, verbose: bool = True) -> tuple[ComparisonRecord, Path]:
     """The comparison of `config` written to its output directory; returns (record, dir)."""
-    from jaxlin.command import device_mesh
-    from jaxlin.loading import load_model
+    from jaxlin.command import device_mesh, load_placed
     from jaxlin.model_source import read_model_config
 
     section: ComparisonSection = config.comparison  # type: ignore[assignment]
@@ -334,11 +332,8 @@ def run_comparison(config: RunConfig, verbose: bool = True) -> tuple[ComparisonR
         per_model: list[list[ModelResult]] = []
         for entry in section.models:
             say(f"loading {entry.label or entry.path or entry.source} …")
-            loaded = load_model(
-                entry.source, entry.path, entry.dtype, use_cache=entry.cache, progress=verbose
-            )
-            model = dataclasses.replace(loaded.model, params=replicated(loaded.model.params))
-            loaded = dataclasses.replace(loaded, model=model)
+            loaded = load_placed(entry, verbose)
+            model = loaded.model
             label = model_label(entry, model.name, {info.label for info in infos})
             infos.append(
                 ComparedModelInfo(

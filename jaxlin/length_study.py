@@ -59,7 +59,7 @@ import numpy as np
 from jaxlin import model as model_fns
 from jaxlin._config import ModelConfig
 from jaxlin._policy import FreezePolicy
-from jaxlin.devices import batch_devices, map_in_batches, replicated
+from jaxlin.devices import batch_devices, map_in_batches
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import DetachedJacobian, Products, linearize
 from jaxlin.memory import InsufficientMemoryError, linearization_bytes, product_bytes, require_memory
@@ -599,21 +599,14 @@ def _run(
     out: Path,
     verbose: bool,
 ) -> tuple[dict[str, Any], Path]:
-    from jaxlin.loading import load_model
+    from jaxlin.command import load_placed
     from jaxlin.tokens import token_text, tokenize
 
     say = _progress(verbose)
     say("loading model …")
-    loaded = load_model(
-        config.model.source,
-        config.model.path,
-        config.model.dtype,
-        use_cache=config.model.cache,
-        progress=verbose,
-        quantized=config.model.quantized,
-    )
+    loaded = load_placed(config.model, verbose)
     model, tokenizer = loaded.model, loaded.tokenizer
-    params = replicated(model.params)
+    params = model.params
     ids = tokenize(tokenizer, document.text, config.add_bos)
     kept, skipped = plan_lengths(lengths, len(ids), model.config, model.dtype, settings)
     for entry in skipped:

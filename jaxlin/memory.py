@@ -47,23 +47,36 @@ def product_bytes(
     return batch * (2 * n * width * wide + probs)
 
 
-def available_bytes() -> int | None:
-    """Free memory of the default device: the accelerator's own stats, else the host's."""
+def _device_bytes(free: bool) -> int | None:
+    """Memory of the default device (free, or in all): the accelerator's own stats, else
+    the host's (/proc/meminfo's MemAvailable or MemTotal)."""
     device = jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+        return int(stats["bytes_limit"] - (stats.get("bytes_in_use", 0) if free else 0))
+    field = "MemAvailable:" if free else "MemTotal:"
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        pages = os.sysconf("SC_AVPHYS_PAGES" if free else "SC_PHYS_PAGES")
+        return pages * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return None
+
+
+def available_bytes() -> int | None:
+    """Free memory of the default device."""
+    return _device_bytes(free=True)
+
+
+def total_bytes() -> int | None:
+    """All the memory of the default device (what a plan is compared with)."""
+    return _device_bytes(free=False)
 
 
 def require_memory(estimate: int, what: str, fraction: float = 0.9) -> None:

@@ -188,22 +188,6 @@ def workload(options: Any) -> Workload:
     )
 
 
-def device_bytes() -> int | None:
-    """Memory of one device: the accelerator's own limit, else the host's total memory."""
-    device = jax.devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def describe(planned: Plan, limit: int | None) -> str:
     """The plan as terminal lines: each program, the peak, and whether it fits."""
     gib = lambda value: f"{value / 2**30:8.2f} GiB"  # noqa: E731

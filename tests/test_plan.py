@@ -82,3 +82,25 @@ def test_run_refuses_by_the_plan_only_where_the_formula_says_no(tiny_model_dir, 
     assert plans == [1]
     with pytest.raises(InsufficientMemoryError, match="compiled programs' plan"):
         with_free(int(planned / 2))
+
+
+def test_plan_command_reads_no_weight_and_writes_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from test_cli import tiny_run_config, write_config
+
+    from jaxlin import loading
+    from jaxlin.cli import main
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("jaxlin plan loaded the model's weights")
+
+    monkeypatch.setattr(loading, "load_model", tripwire)
+    data = tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    config = write_config(tmp_path / "run.yaml", **data)
+    assert main(["plan", str(config), "--tokens", "16", "32"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("peak per device") == 2 and "16 tokens, float64" in out and "32 tokens" in out
+    assert "linearize" in out and "per-token" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # nothing written
+    assert main(["plan", str(config), "--tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxlin: error: --tokens") and err.count("\n") == 1
