@@ -25,6 +25,15 @@ def _lengths(rows: Rows) -> np.ndarray:
     return np.asarray([r["length"] for r in rows], np.float64)
 
 
+def _finish(fig: plt.Figure, ax: plt.Axes, path: Path, x: str, y: str, title: str, **legend: Any) -> None:
+    """Label one-panel figures the same way, then save."""
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    ax.legend(**legend)
+    _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -42,11 +51,16 @@ def spectrum_vs_length(path: Path, summary: dict[str, Any], records: Rows) -> No
         ax.errorbar(lengths, sigma[:, i], yerr=bounds[:, i], marker="o", ms=3, label=f"σ{i + 1}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("prefix length p (tokens)")
-    ax.set_ylabel("singular value of J")
-    ax.set_title("top singular values of the detached Jacobian vs length")
-    ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    _finish(
+        fig,
+        ax,
+        path,
+        "prefix length p (tokens)",
+        "singular value of J",
+        "top singular values of the detached Jacobian vs length",
+        fontsize=7,
+        ncol=2,
+    )
 
 
 def effective_rank_vs_length(path: Path, summary: dict[str, Any], records: Rows) -> None:
@@ -63,11 +77,15 @@ def effective_rank_vs_length(path: Path, summary: dict[str, Any], records: Rows)
     ax.plot(lengths, lower, color="tab:orange", linewidth=0.8)
     ax.plot(lengths, upper, color="tab:orange", linewidth=0.8)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("prefix length p (tokens)")
-    ax.set_ylabel("effective rank")
-    ax.set_title("effective dimensionality of J vs length")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(
+        fig,
+        ax,
+        path,
+        "prefix length p (tokens)",
+        "effective rank",
+        "effective dimensionality of J vs length",
+        fontsize=8,
+    )
 
 
 def influence_vs_distance(path: Path, summary: dict[str, Any], records: Rows) -> None:
@@ -92,11 +110,15 @@ def influence_vs_distance(path: Path, summary: dict[str, Any], records: Rows) ->
         ax.plot([], [], color=color, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("distance from the target δ = p − 1 − t (tokens)")
-    ax.set_ylabel("influence ‖J_t‖_F")
-    ax.set_title("influence vs distance (★ first tokens / sink; lines: fitted δ^−α)")
-    ax.legend(fontsize=7)
-    _save(fig, path)
+    _finish(
+        fig,
+        ax,
+        path,
+        "distance from the target δ = p − 1 − t (tokens)",
+        "influence ‖J_t‖_F",
+        "influence vs distance (★ first tokens / sink; lines: fitted δ^−α)",
+        fontsize=7,
+    )
 
 
 def sink_share_vs_length(path: Path, summary: dict[str, Any], records: Rows) -> None:
@@ -109,11 +131,15 @@ def sink_share_vs_length(path: Path, summary: dict[str, Any], records: Rows) -> 
     ax.plot(lengths, [r["sink"]["contribution_share"] for r in rows], marker="s", label="share of Σ‖c_t‖²")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("prefix length p (tokens)")
-    ax.set_ylabel(f"share of the first {sink} token(s)")
-    ax.set_title("attention-sink share vs length")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(
+        fig,
+        ax,
+        path,
+        "prefix length p (tokens)",
+        f"share of the first {sink} token(s)",
+        "attention-sink share vs length",
+        fontsize=8,
+    )
 
 
 def _fit_line(
