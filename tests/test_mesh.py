@@ -104,11 +104,10 @@ def check_shards(params: dict, config: model_fns.ModelConfig, sizes: dict[str, i
 
 
 def residual_fraction(jacobian: DetachedJacobian) -> float:
-    """The fraction of the linearization's large residuals (weights, activations,
-    attention probabilities) that each device holds."""
-    large = [
-        leaf for leaf in jax.tree_util.tree_leaves((jacobian.linear, jacobian.transpose)) if leaf.size > 500
-    ]
+    """The fraction of the linearization's large residuals (the weights it refers to,
+    activations, attention probabilities) that each device holds (Jᵀ·u transposes the
+    same residuals)."""
+    large = [leaf for leaf in jax.tree_util.tree_leaves(jacobian.linear) if leaf.size > 500]
     held = sum(leaf.addressable_shards[0].data.size for leaf in large)
     return held / sum(leaf.size for leaf in large)
 
