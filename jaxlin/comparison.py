@@ -9,7 +9,7 @@ bounds, decoded top singular directions), with these settings fixed by the compa
   `max_exact_tokens` under auto), else the Hutchinson estimate (`analysis.frobenius_samples`);
 - the layer sweep of the cumulative residual taps (exact spectra from J·Jᵀ per layer), whose
   effective dimensionality — stable rank ‖J‖_F²/σ₁² and entropy rank exp H(σ_i²/Σσ²), as
-  `jaxlin.layers.LayerSpectrum` defines them — is reported against relative depth (ℓ+1)/L;
+  `jaxlin.layer_sweep.LayerSpectrum` defines them — is reported against relative depth (ℓ+1)/L;
 - no ordinary Jacobian, no ablation, no steering.
 
 Models have different tokenizers, so per-token influence is mapped onto the prompt's
@@ -21,6 +21,7 @@ that spell no character (BOS, EOS, other special tokens) are reported apart.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ConfigDict
 
 from jaxlin.devices import batch_devices
 from jaxlin.errors import JaxlinError
-from jaxlin.outputs import claim_output, staged_directory, write_json_atomic
+from jaxlin.outputs import claim_output, write_json_atomic
 from jaxlin.record import DecodedVector, RightVector
 from jaxlin.run_config import AnalysisSection, ComparedModel, ComparisonSection, LayersSection, RunConfig
 
@@ -311,6 +312,42 @@ def model_label(section: ComparedModel, name: str, taken: set[str]) -> str:
     return label
 
 
+# ----------------------------------------------------------------------------- resume
+
+RESULTS_DIR = "results"  # one JSON per model × prompt, so an interrupted comparison resumes
+RESULT_VERSION = 1
+
+
+def result_path(out: Path, model_index: int, prompt_index: int) -> Path:
+    return out / RESULTS_DIR / f"m{model_index:02d}-p{prompt_index:04d}.json"
+
+
+def fingerprint(entry: ComparedModel, loaded: Any, text: str, config: RunConfig) -> dict[str, Any]:
+    """What a stored result must match to be reused: the model (its section and its
+    checkpoint's digests), the prompt, and the analysis settings as they apply to it."""
+    n_tokens = len(tokenize(loaded.tokenizer, text, config.add_bos))
+    record = {
+        "version": RESULT_VERSION,
+        "model": entry.model_dump(exclude={"label"}),
+        "checkpoint_sha256": loaded.checkpoint_sha256,
+        "text": text,
+        "add_bos": config.add_bos,
+        "analysis": comparison_analysis(config, n_tokens).model_dump(),
+    }
+    return json.loads(json.dumps(record))
+
+
+def stored_result(path: Path, expected: dict[str, Any]) -> ModelResult | None:
+    """A stored result if it is complete, valid and computed under the same fingerprint."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or record.get("fingerprint") != expected:
+            return None
+        return ModelResult.model_validate(record["result"])
+    except (OSError, ValueError, KeyError):  # pydantic's ValidationError is a ValueError
+        return None
+
+
 def run_comparison(config: RunConfig, verbose: bool = True) -> tuple[ComparisonRecord, Path]:
     """The comparison of `config` written to its output directory; returns (record, dir)."""
     from jaxlin.command import device_mesh, load_placed
@@ -328,9 +365,12 @@ def run_comparison(config: RunConfig, verbose: bool = True) -> tuple[ComparisonR
         claim_output(config.output_dir, "comparison", config.overwrite) as output,
         device_mesh(config.devices),
     ):
+        out = output.target
+        (out / RESULTS_DIR).mkdir(exist_ok=True)
         infos: list[ComparedModelInfo] = []
         per_model: list[list[ModelResult]] = []
-        for entry in section.models:
+        reused = 0
+        for model_index, entry in enumerate(section.models):
             say(f"loading {entry.label or entry.path or entry.source} …")
             loaded = load_placed(entry, verbose)
             model = loaded.model
@@ -351,12 +391,25 @@ def run_comparison(config: RunConfig, verbose: bool = True) -> tuple[ComparisonR
             )
             results = []
             for index, text in enumerate(texts):
+                path = result_path(out, model_index, index)
+                expected = fingerprint(entry, loaded, text, config)
+                stored = stored_result(path, expected)
+                if stored is not None:  # the label is presentation: today's is used
+                    results.append(stored.model_copy(update={"label": label}))
+                    reused += 1
+                    continue
                 say(f"{label}: prompt {index + 1} of {len(texts)} …")
                 results.append(model_result(loaded, label, text, config))
+                write_json_atomic(
+                    path, {"fingerprint": expected, "result": results[-1].model_dump(mode="json")}
+                )
                 say(f"{label}: certificate {results[-1].certificate:.1e}")
             per_model.append(results)
             del loaded, model
             jax.clear_caches()
+        if reused:
+            total = len(texts) * len(section.models)
+            say(f"resumed: {reused} of {total} model × prompt results were complete")
         prompts = [
             PromptComparison(text=text, results=[results[i] for results in per_model])
             for i, text in enumerate(texts)
@@ -370,17 +423,17 @@ def run_comparison(config: RunConfig, verbose: bool = True) -> tuple[ComparisonR
             platform=jax.devices()[0].platform,
             config=config.model_dump(),
         )
-        write_comparison(record, output.target)
-    return record, output.target
+        write_comparison(record, out)
+    return record, out
 
 
 def write_comparison(record: ComparisonRecord, out: Path) -> None:
-    """summary.json, the figures and report.html, staged and renamed into place."""
+    """summary.json, the figures and report.html, each written atomically in place (beside
+    the per-result files an interrupted comparison resumes from)."""
     from jaxlin.comparison_plots import write_figures_and_report
 
-    with staged_directory(out, "comparison") as staging:
-        write_json_atomic(staging / "summary.json", record.model_dump(mode="json"))
-        write_figures_and_report(staging, record)
+    write_json_atomic(out / "summary.json", record.model_dump(mode="json"))
+    write_figures_and_report(out, record)
 
 
 def print_summary(record: ComparisonRecord, out: Path) -> None:

@@ -94,14 +94,15 @@ def map_matrices(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
     return jax.tree_util.tree_map(lambda leaf: leaf[:total], out)
 
 
-def map_in_batches(fn: Callable[[Any], Any], xs: Any, batch_size: int | None) -> Any:
-    """`jax.lax.map(fn, xs, batch_size=batch_size)`, with each batch split across the
-    ambient mesh's `data` axis (batches are rounded up to a multiple of its size)."""
+def map_in_batches(fn: Callable[[Any], Any], xs: Any, chunk: int | None) -> Any:
+    """`jax.lax.map(fn, xs, batch_size=chunk)`: `chunk` vectors through `fn` at a time
+    (a run's `analysis.chunk`), each chunk split across the ambient mesh's `data` axis
+    (rounded up to a multiple of its size)."""
     devices = _batch_axis_size()
     if devices is None:
-        return jax.lax.map(fn, xs, batch_size=batch_size)
+        return jax.lax.map(fn, xs, batch_size=chunk)
     total = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    size = min(total, batch_size or total)
+    size = min(total, chunk or total)
     size = -(-size // devices) * devices
     padded = -(-total // size) * size
 

@@ -141,7 +141,8 @@ class DetachedJacobian:
         return (self.output.shape[0], *self.inputs.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "attention_block", "tap"))
+# The tap is an argument, not static: its layer is data, so one program serves every layer.
+@functools.partial(jax.jit, static_argnames=("config", "policy", "attention_block"))
 def _linearize(
     params: Params,
     inputs: jax.Array,

@@ -90,7 +90,8 @@ def effective_rank_vs_length(path: Path, summary: dict[str, Any], records: Rows)
 
 def influence_vs_distance(path: Path, summary: dict[str, Any], records: Rows) -> None:
     """‖J_t‖_F against distance from the target (log-log) for every length, with the
-    fitted power law ∝ δ^−α over the tokens past the sink; the sink tokens are marked."""
+    fitted power law ∝ δ^−α over the tokens past the sink (solid: pointwise; dashed: through
+    factor-2 bins of δ); the sink tokens are marked."""
     fig, ax = plt.subplots(figsize=(6.8, 4.8))
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(records)))
     for record, color in zip(records, colors, strict=True):
@@ -107,6 +108,11 @@ def influence_vs_distance(path: Path, summary: dict[str, Any], records: Rows) ->
             x = np.asarray([1.0, float(p - 1)])
             ax.plot(x, 10 ** decay["intercept"] * x ** decay["slope"], color=color, linewidth=1.2)
             label += f": α = {decay['exponent']:.2f}"
+            binned = decay["binned"]
+            if binned is not None:  # dashed: the fit through factor-2 bins of δ
+                line = 10 ** binned["intercept"] * x ** binned["slope"]
+                ax.plot(x, line, color=color, linewidth=1.0, linestyle="--")
+                label += f" (binned {binned['exponent']:.2f})"
         ax.plot([], [], color=color, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -241,12 +247,14 @@ def page(summary: dict[str, Any], figures: list[str]) -> str:
         "entropy rank",
         "sink share",
         "decay α",
+        "binned α",
         "compute s",
         "peak MiB",
     )
     lines = []
     for r in summary["rows"]:
         decay = f"{r['decay']['exponent']:.3f}" if r["decay"] else "–"
+        binned = f"{r['decay']['binned']['exponent']:.3f}" if r["decay"] and r["decay"]["binned"] else "–"
         peak = r["memory"]["peak_above_baseline_bytes"]
         cells = (
             r["length"],
@@ -256,6 +264,7 @@ def page(summary: dict[str, Any], figures: list[str]) -> str:
             f"{r['entropy_rank']['lower']:.2f}–{r['entropy_rank']['upper']:.2f}",
             f"{r['sink']['influence_share']:.3f}",
             decay,
+            binned,
             f"{r['compute_seconds']:.2f}",
             "–" if peak is None else f"{peak / 2**20:.1f}",
         )

@@ -162,15 +162,6 @@ def study_document(section: LengthStudySection | None) -> Document:
 # ----------------------------------------------------------------------------- per-token norms
 
 
-@jax.jit
-def _gram_singular_values(dense: jax.Array) -> jax.Array:
-    """All d singular values of J (descending) from its rows (d, p, d): √eig(J·Jᵀ)."""
-    wide = jnp.promote_types(dense.dtype, jnp.float32)
-    flat = dense.astype(wide).reshape(dense.shape[0], -1)
-    gram = jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)
-    return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram)[::-1], 0.0))
-
-
 @functools.partial(jax.jit, static_argnames=("samples", "chunk"))
 def _sampled_token_norms(
     jacobian: DetachedJacobian, key: jax.Array, samples: int, chunk: int | None
@@ -264,8 +255,8 @@ def measure_prefix(
         contribution = np.sum(np.asarray(contributions, np.float64) ** 2, axis=-1)
         zeros = np.zeros(length)
         norms = TokenNorms("exact", influence, zeros, contribution, zeros.copy(), float(influence.sum()), 0.0)
-        spectrum = np.asarray(_gram_singular_values(dense), np.float64)
-        triplets = rows_top_k(dense, settings.top_k)
+        triplets = rows_top_k(dense, settings.top_k)  # every σ_i too (`spectrum`)
+        spectrum = triplets.spectrum
         del dense
     else:
         key = jax.random.fold_in(jax.random.key(settings.seed), length)
@@ -332,14 +323,40 @@ def loglog_fit(x: np.ndarray, y: np.ndarray) -> dict[str, float] | None:
     }
 
 
-def influence_decay(influence: np.ndarray, sink_tokens: int) -> dict[str, float] | None:
-    """The fit of ‖J_t‖_F ∝ δ^−α over tokens past the sink, δ = distance from the target."""
+def binned_loglog_fit(x: np.ndarray, y: np.ndarray, per_octave: int = 1) -> dict[str, float] | None:
+    """`loglog_fit` through the means of log x and log y in log-spaced bins of x
+    (`per_octave` bins per factor of 2): each scale of x weighs the same, where a pointwise
+    fit is dominated by the many large x (most tokens of a long prefix are far from the
+    target). A pure power law is recovered exactly: bin means of a line lie on it."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    keep = (x > 0) & (y > 0) & np.isfinite(y)
+    if not np.any(keep):
+        return None
+    lx, ly = np.log2(x[keep]), np.log2(y[keep])
+    bins = np.floor(lx * per_octave).astype(np.int64)
+    labels, index = np.unique(bins, return_inverse=True)
+    counts = np.bincount(index)
+    mean_x = np.bincount(index, lx) / counts
+    mean_y = np.bincount(index, ly) / counts
+    fit = loglog_fit(2.0**mean_x, 2.0**mean_y)
+    return None if fit is None else {**fit, "points": int(labels.size)}
+
+
+def influence_decay(influence: np.ndarray, sink_tokens: int) -> dict[str, Any] | None:
+    """The fit of ‖J_t‖_F ∝ δ^−α over tokens past the sink, δ = distance from the target:
+    pointwise least squares, and (`binned`) through the bin means of factor-2 distance bins."""
     p = len(influence)
     tokens = np.arange(sink_tokens, p - 1)
-    fit = loglog_fit(p - 1 - tokens, influence[tokens])
+    distance, values = p - 1 - tokens, influence[tokens]
+    fit = loglog_fit(distance, values)
     if fit is None:
         return None
-    return {"exponent": -fit["slope"], **fit}
+    binned = binned_loglog_fit(distance, values)
+    return {
+        "exponent": -fit["slope"],
+        **fit,
+        "binned": None if binned is None else {"exponent": -binned["slope"], **binned},
+    }
 
 
 def sink_shares(norms: TokenNorms, sink_tokens: int) -> dict[str, float]:
@@ -671,6 +688,11 @@ def study_summary(
     rows = [
         {
             **{k: v for k, v in r.items() if k not in ("fingerprint", "influence")},
+            # Derived from the stored ‖J_t‖_F², so a resumed length gets today's fits too.
+            "decay": influence_decay(
+                np.sqrt(np.maximum(np.asarray(r["influence"]["jacobian_sq"], np.float64), 0.0)),
+                settings.sink_tokens,
+            ),
             "influence": {k: v for k, v in r["influence"].items() if k not in per_token},
             "predicted_token": loaded.tokenizer.decode([r["certificate"]["predicted_token_id"]]),
         }
@@ -678,7 +700,6 @@ def study_summary(
     ]
     lengths = np.asarray([r["length"] for r in records])
     memory = [r["memory"]["peak_above_baseline_bytes"] for r in records]
-    longest = records[-1]
     return {
         "kind": "length_study" if kind == "study" else "bench",
         "model": model.name,
@@ -698,7 +719,7 @@ def study_summary(
                 lengths, [r["compute_seconds"] / product_count(r) for r in records]
             ),
             "peak_memory_vs_length": loglog_fit(lengths, [np.nan if m is None else m for m in memory]),
-            "influence_decay_longest": longest["decay"],
+            "influence_decay_longest": rows[-1]["decay"],
         },
         "max_certificate": max(r["certificate"]["relative_error"] for r in records),
         "definitions": DEFINITIONS,
@@ -723,7 +744,8 @@ DEFINITIONS = {
     "sink": "share of the first sink_tokens tokens in Σ_t ‖J_t‖_F² (influence) and in Σ_t ‖c_t‖² "
     "(contribution)",
     "decay": "least squares of log ‖J_t‖_F on log δ, δ = length − 1 − t, tokens past the sink; "
-    "exponent = −slope",
+    "exponent = −slope; binned: the same through the means of log δ and log ‖J_t‖_F in factor-2 bins of "
+    "δ (each scale weighs the same)",
     "compute_seconds": "wall seconds minus JAX tracing, lowering and compilation",
     "peak_memory": "peak above the memory in use before the length (device peak_bytes_in_use or VmHWM)",
 }
@@ -735,17 +757,19 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     print(f"document   {summary['document']['source']} ({summary['document']['n_tokens']} tokens)")
     print(
         f"{'length':>7} {'certificate':>11} {'σ₁':>9} {'stable r':>9} {'entropy r':>15} "
-        f"{'sink':>6} {'decay α':>8} {'compute s':>9} {'peak MiB':>9}"
+        f"{'sink':>6} {'decay α':>8} {'binned α':>8} {'compute s':>9} {'peak MiB':>9}"
     )
     for row in summary["rows"]:
         decay = row["decay"]["exponent"] if row["decay"] else float("nan")
+        fits = row["decay"] or {}
+        binned = fits["binned"]["exponent"] if fits.get("binned") else float("nan")
         peak = row["memory"]["peak_above_baseline_bytes"]
         entropy = row["entropy_rank"]
         print(
             f"{row['length']:>7} {row['certificate']['relative_error']:>11.2e} "
             f"{row['spectrum']['singular_values'][0]:>9.3f} {row['stable_rank']:>9.2f} "
             f"{entropy['lower']:>7.2f}–{entropy['upper']:<7.2f} {row['sink']['influence_share']:>6.3f} "
-            f"{decay:>8.3f} {row['compute_seconds']:>9.2f} "
+            f"{decay:>8.3f} {binned:>8.3f} {row['compute_seconds']:>9.2f} "
             f"{(peak or 0) / 2**20:>9.1f}"
         )
     for entry in summary["skipped_lengths"]:

@@ -51,9 +51,12 @@ class Tap:
     stream after layer `layer` (0-based), or that layer's attention or MLP output (after
     its post-norm where the family has one). `final_norm` applies the final norm
     (logit-lens style). `local` takes the Jacobian w.r.t. the layer's own input (the
-    residual stream before it) instead of the input embeddings."""
+    residual stream before it) instead of the input embeddings.
 
-    layer: int
+    A pytree whose one leaf is `layer`: under `jit` the layer is data, so one compiled
+    program serves every layer of a tap kind (a sweep over depth compiles once)."""
+
+    layer: int | jax.Array
     kind: str = "residual"  # residual | attention | mlp
     final_norm: bool = True
     local: bool = False
@@ -67,6 +70,9 @@ class Tap:
         scope = "local" if self.local else "cumulative"
         norm = "+final norm" if self.final_norm else ""
         return f"layer {self.layer} {self.kind}{norm} ({scope})"
+
+
+jax.tree_util.register_dataclass(Tap, data_fields=["layer"], meta_fields=["kind", "final_norm", "local"])
 
 
 def layer_slice(config: ModelConfig, params: Params, start: int, stop: int) -> tuple[ModelConfig, Params]:
@@ -83,6 +89,17 @@ def layer_slice(config: ModelConfig, params: Params, start: int, stop: int) -> t
     return sliced, sub
 
 
+def layer_inputs(
+    config: ModelConfig, params: Params, embeddings: jax.Array, attention_block: int | None = None
+) -> jax.Array:
+    """The residual stream entering each layer, (L, N, d): the inputs of local taps."""
+    transformer = module(config, params, attention_block=attention_block)
+    variables = {"params": params}
+    h0 = transformer.apply(variables, embeddings, method=Transformer.scale_embeddings)
+    _, taps = transformer.apply(variables, h0, method=Transformer.blocks)
+    return jnp.concatenate([h0[None], taps["residual"][:-1]], axis=0)
+
+
 def tap_input(
     config: ModelConfig, params: Params, embeddings: jax.Array, tap: Tap, attention_block: int | None = None
 ) -> jax.Array:
@@ -90,13 +107,7 @@ def tap_input(
     stream entering layer `tap.layer` for local ones."""
     if not tap.local:
         return embeddings
-    transformer = module(config, params, attention_block=attention_block)
-    h = transformer.apply({"params": params}, embeddings, method=Transformer.scale_embeddings)
-    if tap.layer == 0:
-        return h
-    sub_config, sub_params = layer_slice(config, params, 0, tap.layer)
-    sub = module(sub_config, sub_params, attention_block=attention_block)
-    return sub.apply({"params": sub_params}, h, method=Transformer.blocks)[0]
+    return layer_inputs(config, params, embeddings, attention_block)[tap.layer]
 
 
 def tap_values(
@@ -107,16 +118,29 @@ def tap_values(
     policy: FreezePolicy = FreezePolicy.DETACHED,
     attention_block: int | None = None,
 ) -> jax.Array:
-    """The tap (N, d) as a function of its input (see `tap_input`)."""
-    start = tap.layer if tap.local else 0
-    sub_config, sub_params = layer_slice(config, params, start, tap.layer + 1)
-    sub = module(sub_config, sub_params, policy, attention_block)
-    variables = {"params": sub_params}
-    h = inputs if tap.local else sub.apply(variables, inputs, method=Transformer.scale_embeddings)
-    residual, taps = sub.apply(variables, h, method=Transformer.blocks)
-    value = residual if tap.kind == "residual" else taps[tap.kind][-1]
+    """The tap (N, d) as a function of its input (see `tap_input`). The layer may be
+    data: a local tap picks its layer's params with a dynamic slice; a cumulative one runs
+    the stack with the layers above the tap passed through (they cannot change it, and
+    skipping them halves the products' cost on average over a sweep)."""
+    if tap.local:
+        one = dataclasses.replace(config, num_layers=1, sliding_layers=())
+        sub = dict(params)
+        sub["layers"] = jax.tree_util.tree_map(
+            lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, tap.layer, 1), params["layers"]
+        )
+        transformer = module(one, sub, policy, attention_block)
+        variables = {"params": sub}
+        flags = jax.lax.dynamic_slice_in_dim(jnp.asarray(config.layer_is_sliding), tap.layer, 1)
+        _, taps = transformer.apply(variables, inputs, flags, method=Transformer.blocks)
+        value = taps[tap.kind][0]
+    else:
+        transformer = module(config, params, policy, attention_block)
+        variables = {"params": params}
+        h0 = transformer.apply(variables, inputs, method=Transformer.scale_embeddings)
+        _, taps = transformer.apply(variables, h0, None, tap.layer, method=Transformer.blocks)
+        value = jax.lax.dynamic_index_in_dim(taps[tap.kind], tap.layer, keepdims=False)
     if tap.final_norm:
-        value = sub.apply(variables, value, method=Transformer.normalize)
+        value = transformer.apply(variables, value, method=Transformer.normalize)
     return value
 
 

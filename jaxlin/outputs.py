@@ -46,7 +46,7 @@ MARKER_VERSION = 1
 RunKind = Literal["single", "many", "prompt", "study", "bench", "comparison"]
 RUN_KINDS = ("single", "many", "prompt", "study", "bench", "comparison")
 # Kinds written in place and resumed, with the folder of their per-item results.
-IN_PLACE_KINDS = {"many": "prompts", "study": "lengths", "bench": "lengths"}
+IN_PLACE_KINDS = {"many": "prompts", "study": "lengths", "bench": "lengths", "comparison": "results"}
 
 # Staging names are `.<target name>.partial-<random>[suffix]` (being written) and
 # `.<target name>.old-<random>` (a replaced run on its way out).

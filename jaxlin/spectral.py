@@ -35,7 +35,7 @@ from matfree import decomp
 from jaxlin.devices import map_in_batches, map_matrices
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import DetachedJacobian, Products
-from jaxlin.operator import rows
+from jaxlin.operator import chunk_size, rows
 
 
 class SpectralError(JaxlinError):
@@ -56,6 +56,7 @@ class Triplets:
     converged: bool = True
     tolerance: float | None = None
     stop_reason: str = "exact"  # see STOP_REASONS
+    spectrum: np.ndarray | None = None  # all d singular values, descending, when J·Jᵀ was decomposed
 
 
 # Why `top_k` stopped growing the Krylov depth ("exact": a dense SVD, no iteration).
@@ -328,25 +329,71 @@ def krylov_basis(
     return q.T
 
 
+def _gram_triplets(
+    gram: jax.Array, matvec: Callable, rmatvec: Callable, k: int, chunk: int | None
+) -> tuple[jax.Array, ...]:
+    """Every eigenvalue of J·Jᵀ (d × d) and the top-k triplets from its eigenvectors, with
+    the rigorous bounds of `_triplet_bounds`: the one exact spectral routine, whether the
+    Gram matrix came from J's rows or from d products J·(Jᵀ·e_i)."""
+    # eigh symmetrizes its input: rounding leaves the Gram symmetric only to working precision.
+    eigenvalues, eigenvectors = jnp.linalg.eigh(gram)
+    left = eigenvectors[:, ::-1][:, :k].T  # (k, d) unit vectors
+    sigma, right, bounds = _triplet_bounds(matvec, rmatvec, left, chunk)
+    order = jnp.argsort(sigma)[::-1]
+    spectrum = jnp.sqrt(jnp.maximum(eigenvalues[::-1], 0.0))
+    return spectrum, left[order], sigma[order], right[order], bounds[order]
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def _rows_top_k(dense: jax.Array, k: int) -> tuple[jax.Array, ...]:
     wide = jnp.promote_types(dense.dtype, jnp.float32)
     d, n, d_in = dense.shape
     flat = dense.astype(wide).reshape(d, n * d_in)
     gram = jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)  # J·Jᵀ, exact up to rounding
-    _, eigenvectors = jnp.linalg.eigh(gram)
-    left = eigenvectors[:, ::-1][:, :k].T  # (k, d) unit vectors
-    matvec = lambda v: flat @ v.reshape(-1)  # noqa: E731
-    rmatvec = lambda u: (u @ flat).reshape(n, d_in)  # noqa: E731
-    sigma, right, bounds = _triplet_bounds(matvec, rmatvec, left, k)  # one vectorized batch
-    order = jnp.argsort(sigma)[::-1]
-    return left[order], sigma[order], right[order], bounds[order]
+    exact = jax.lax.Precision.HIGHEST
+    matvec = lambda v: jnp.matmul(flat, v.reshape(-1), precision=exact)  # noqa: E731
+    rmatvec = lambda u: jnp.matmul(u, flat, precision=exact).reshape(n, d_in)  # noqa: E731
+    return _gram_triplets(gram, matvec, rmatvec, k, k)  # one vectorized batch
+
+
+@functools.partial(jax.jit, static_argnames=("k", "chunk"))
+def _streamed_top_k(op: DetachedJacobian, k: int, chunk: int | None) -> tuple[jax.Array, ...]:
+    matvec, rmatvec, wide = widened(op)
+    d = op.output.shape[0]
+    units = jnp.eye(d, dtype=wide)
+    gram = map_in_batches(lambda unit: matvec(rmatvec(unit)), units, chunk_size(d, chunk))
+    return _gram_triplets(gram, matvec, rmatvec, k, chunk_size(k, chunk))
+
+
+def _exact_triplets(outputs: tuple[jax.Array, ...]) -> Triplets:
+    spectrum, u, s, v, bounds = outputs
+    return Triplets(
+        np.asarray(u).T,
+        np.asarray(s, np.float64),
+        np.asarray(v),
+        np.asarray(bounds, np.float64),
+        spectrum=np.asarray(spectrum, np.float64),
+    )
 
 
 def rows_top_k(dense: jax.Array, k: int) -> Triplets:
-    """Top-k singular triplets of J from its rows (d, N, d): the eigendecomposition of the
-    d × d Gram matrix J·Jᵀ (no product through the network), with the same rigorous
-    residual bounds as `top_k` (exact up to rounding, like Lanczos at full depth)."""
+    """Top-k singular triplets of J from its rows (d, N, d), and every singular value
+    (`spectrum`): the eigendecomposition of the d × d Gram matrix J·Jᵀ (no product through
+    the network), with the same rigorous residual bounds as `top_k` (exact up to rounding,
+    like Lanczos at full depth)."""
     check_request(k, None, dense.shape[0])
-    u, s, v, bounds = _rows_top_k(dense, k)
-    return Triplets(np.asarray(u).T, np.asarray(s, np.float64), np.asarray(v), np.asarray(bounds, np.float64))
+    return _exact_triplets(_rows_top_k(dense, k))
+
+
+def streamed_top_k(
+    op: DetachedJacobian, k: int, chunk: int | None = 64, products: Products | None = None
+) -> Triplets:
+    """`rows_top_k` without holding J's rows (d·N·d numbers): J·Jᵀ from d products
+    J·(Jᵀ·e_i), `chunk` at a time, then one batched pass each way for the triplets' right
+    vectors and bounds. Twice the products of the rows, memory O(chunk · N · d)."""
+    d = op.output.shape[0]
+    check_request(k, None, d)
+    if products is not None:
+        products.matvecs += d + k
+        products.rmatvecs += d + k
+    return _exact_triplets(_streamed_top_k(op, k, chunk))

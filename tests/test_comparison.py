@@ -16,7 +16,7 @@ from hf_reference import make_tiny_model
 from jaxlin.cli import main
 from jaxlin.comparison import character_alignment, character_owners, comparison_analysis
 from jaxlin.jacobian import linearize
-from jaxlin.layers import sweep
+from jaxlin.layer_sweep import sweep
 from jaxlin.loading import load_model
 from jaxlin.operator import rows
 from jaxlin.run_config import parse_run_config
@@ -275,3 +275,38 @@ def test_a_missing_model_file_is_one_line_and_nothing_written(tmp_path, tiny_mod
     err = capsys.readouterr().err
     assert err.startswith("jaxlin: error: comparison.models[1]: ") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_an_interrupted_comparison_resumes(tmp_path, tiny_model_dir, byte_model_dir, monkeypatch):
+    """A second run reuses every stored model × prompt result (no analysis runs) and writes
+    the same summary; a result whose file is gone, or whose settings changed, is recomputed."""
+    from jaxlin import comparison as comparison_module
+
+    data = comparison_config(tmp_path, tiny_model_dir(CHAR_VARIANT), byte_model_dir)
+    data["texts"], data["text"] = [TEXT, "a theme"], None
+    config = write_config(tmp_path, data)
+    assert main(["run", str(config), "--quiet"]) == 0
+    out = tmp_path / "compare"
+    first = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    stored = sorted(p.name for p in (out / "results").iterdir())
+    assert stored == ["m00-p0000.json", "m00-p0001.json", "m01-p0000.json", "m01-p0001.json"]
+
+    computed: list[tuple[str, str]] = []
+    real = comparison_module.model_result
+
+    def counting(loaded, label, text, run_config):
+        computed.append((label, text))
+        return real(loaded, label, text, run_config)
+
+    monkeypatch.setattr(comparison_module, "model_result", counting)
+    (out / "results" / "m01-p0001.json").unlink()  # as if interrupted before the last result
+    (out / "summary.json").unlink()
+    assert main(["run", str(config), "--quiet"]) == 0
+    assert computed == [("bytes", "a theme")]
+    again = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert again["prompts"] == first["prompts"]
+
+    computed.clear()
+    data["analysis"]["top_k"] = 2  # other settings: nothing stored is reused
+    assert main(["run", str(write_config(tmp_path, data)), "--quiet"]) == 0
+    assert len(computed) == 4

@@ -30,7 +30,8 @@ from converters.hf import load_hf_model
 from jaxlin import model as model_fns
 from jaxlin.devices import batch_mesh, map_in_batches, map_matrices
 from jaxlin.jacobian import linearize
-from jaxlin.layers import layer_gram
+from jaxlin.layer_sweep import tap_spectrum
+from jaxlin.model import Tap
 from jaxlin.operator import contributions, rows
 from jaxlin.spectral import lanczos_top_k, per_token_top_k
 
@@ -68,8 +69,8 @@ def check_analyses_split_across_devices(model_dir: Path) -> None:
     d = config.hidden_size
 
     def tap(rows_in_memory: bool):  # layer 1's cumulative MLP tap
-        layer = jnp.asarray(1)
-        return layer_gram(params, x, layer, config, "mlp", True, False, 2, 5, rows_in_memory=rows_in_memory)
+        jacobian = linearize(params, x, config, tap=Tap(1, "mlp"))
+        return tap_spectrum(jacobian, 2, 5, rows_in_memory)[0]
 
     def analyses() -> dict[str, jax.Array]:
         jacobian = linearize(params, x, config)
@@ -79,8 +80,8 @@ def check_analyses_split_across_devices(model_dir: Path) -> None:
             "contributions": contributions(jacobian, chunk=6),
             "per_token_sigma": per_token_top_k(jacobian, jnp.eye(d), 3, chunk=8)[1],
             "top_k_sigma": lanczos_top_k(jacobian, jax.random.key(0), 3, 12)[1],
-            "layer_gram_streamed": tap(rows_in_memory=False).eigenvalues,
-            "layer_gram_rows": tap(rows_in_memory=True).eigenvalues,
+            "layer_gram_streamed": tap(rows_in_memory=False).spectrum ** 2,
+            "layer_gram_rows": tap(rows_in_memory=True).spectrum ** 2,
         }
 
     single = analyses()

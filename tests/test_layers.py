@@ -10,7 +10,7 @@ from converters.hf import load_hf_model
 from jaxlin import model as model_fns
 from jaxlin.analyses.layers import dynamics
 from jaxlin.jacobian import linearize
-from jaxlin.layers import sweep
+from jaxlin.layer_sweep import sweep
 from jaxlin.model import Tap, tap_input
 from jaxlin.operator import rows
 from jaxlin.run_config import AnalysisSection

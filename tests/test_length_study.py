@@ -22,6 +22,7 @@ from jaxlin.cli import main
 from jaxlin.jacobian import linearize
 from jaxlin.length_study import (
     StudySettings,
+    binned_loglog_fit,
     entropy_rank_bounds,
     fingerprint,
     influence_decay,
@@ -297,6 +298,22 @@ def test_decay_fit_recovers_a_power_law():
     influence = np.concatenate([[50.0], 3.0 * distance[1:] ** -0.8, [7.0]])  # sink, power law, target
     fit = influence_decay(influence, sink_tokens=1)
     assert fit["exponent"] == pytest.approx(0.8, rel=1e-10) and fit["r2"] == pytest.approx(1.0)
+    binned = fit["binned"]
+    assert binned["exponent"] == pytest.approx(0.8, rel=1e-10) and binned["r2"] == pytest.approx(1.0)
+    assert binned["points"] == 6  # distances 1 … 39: bins [1,2) [2,4) … [32,64)
+
+
+def test_binned_decay_weighs_every_scale_the_same():
+    """Near tokens follow δ^-1, far ones are flat: the pointwise fit sees mostly far tokens,
+    the binned one the same number of points per factor of 2."""
+    distance = np.arange(1, 1025, dtype=np.float64)
+    influence = np.where(distance <= 32, distance**-1.0, 1 / 32)
+    points = influence_decay(np.concatenate([[1.0], influence[::-1], [1.0]]), sink_tokens=1)
+    binned = binned_loglog_fit(distance, influence)
+    assert binned["points"] == 11
+    # Bins [1,2) … [16,32) follow the law (5 of 11); the pointwise fit has 32 of 1024 there.
+    assert points["binned"]["slope"] == pytest.approx(binned["slope"], rel=1e-12)
+    assert abs(binned["slope"]) > 2 * abs(points["slope"])
 
 
 def test_settings_of_a_bench_follow_the_run_config():

@@ -20,7 +20,7 @@ from jaxlin.analyses.ablation import ablate
 from jaxlin.analyses.layers import dynamics
 from jaxlin.analyses.spectrum import SpectrumResult
 from jaxlin.jacobian import DetachedJacobian, linearize
-from jaxlin.layers import sweep
+from jaxlin.layer_sweep import sweep
 from jaxlin.loading import load_model
 from jaxlin.memory import linearization_bytes, product_bytes
 from jaxlin.operator import contributions, rows, token_block
@@ -113,8 +113,11 @@ def test_every_result_equals_an_independent_computation(loaded):
     ]
     assert summary["layers"] == dynamics(config, params, inputs, ids, loaded.tokenizer, options, None).rows
 
-    # One linearization per policy; J's d rows once; the ordinary side's N + d products.
-    assert summary["products"] == {"linearizations": 2, "matvecs": n + d, "rmatvecs": d}
+    # One linearization per policy; J's d rows once; the ordinary side's N + d products;
+    # the layer sweep: one linearization and d rows (short input: rows in memory) per tap.
+    assert not config.has_biases
+    taps = 2 * 2 * config.num_layers  # (cumulative, local) × (residual, mlp) × layers
+    assert summary["products"] == {"linearizations": 2 + taps, "matvecs": n + d, "rmatvecs": d + taps * d}
 
 
 def test_memory_estimate_is_the_linearization_plus_each_analysis(loaded):

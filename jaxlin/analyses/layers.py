@@ -3,7 +3,7 @@ token; cumulative w.r.t. the input embeddings and, optionally, local w.r.t. the 
 input), the tap's exact spectrum, its effective dimensionality, its decoded top left
 vectors and how far each follows the final layer's (the 'path'), its top right vectors
 read as their nearest input-embedding rows, and the tap's certificate. Each tap is its
-own linearization (`jaxlin.layers.sweep`)."""
+own linearization (`jaxlin.layer_sweep.sweep`), its products counted with the run's."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import numpy as np
 from jaxlin._config import ModelConfig
 from jaxlin.analyses.base import Analysis, Context
 from jaxlin.decoding import decode_left_vectors, nearest_embedding_rows, right_vector_entries
-from jaxlin.jacobian import DetachedJacobian
-from jaxlin.layers import LayerSpectrum, sweep
+from jaxlin.jacobian import DetachedJacobian, Products
+from jaxlin.layer_sweep import LayerSpectrum, sweep
 from jaxlin.model import Params
 from jaxlin.run_config import AnalysisSection
 
@@ -49,6 +49,7 @@ def dynamics(
     tokenizer: Any,
     options: AnalysisSection,
     progress: Callable[[str], None] | None,
+    products: Products | None = None,
 ) -> LayersResult:
     """Every tap of every layer, per scope (cumulative, and local when asked)."""
     section = options.layers
@@ -66,6 +67,7 @@ def dynamics(
             options.chunk,
             options.attention_block,
             progress,
+            products=products,
         )
         rows += _scope_rows(
             config, params, spectra, ids, tokenizer, options, "local" if local else "cumulative"
@@ -139,6 +141,7 @@ def run(jacobian: DetachedJacobian, context: Context) -> LayersResult:
             context.tokenizer,
             context.options,
             context.progress,
+            context.products,
         )
 
 
