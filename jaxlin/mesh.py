@@ -179,6 +179,20 @@ def param_shardings(params: Any, config: ModelConfig, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs)
 
 
+def sharded_shapes(shapes: Any, config: ModelConfig, mesh: Mesh | None) -> Any:
+    """`shapes` (leaves with `.shape` and `.dtype`, e.g. `expected_param_shapes`) as
+    ShapeDtypeStructs carrying each param's NamedSharding on `mesh`: what a converter
+    builds each param into, or an orbax restore its target. Without a mesh (or with an
+    empty one) the sharding is None: the default device."""
+    if mesh is None or mesh.empty:
+        return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), shapes)
+    return jax.tree_util.tree_map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        shapes,
+        param_shardings(shapes, config, mesh),
+    )
+
+
 def place_params(params: Any, config: ModelConfig, mesh: Mesh | None = None) -> Any:
     """`params` placed on `mesh` (default: the ambient one from `jax.set_mesh`) by the
     rules: each device holds only its shard of every split parameter. Without a mesh
