@@ -35,7 +35,7 @@ from jaxlin.families import Family
 from jaxlin.model import expected_param_shapes
 
 ROOT = Path(__file__).parent.parent
-HF_VARIANTS = ("phi3_fused", "gpt2_affine", "llama_gqa_untied", "qwen2_biases_untied", "gemma3_sliding")
+HF_VARIANTS = ("phi3_fused", "gpt2_affine", "llama_gqa_untied", "qwen2_biases_untied")
 GGUF_ARCHES = ("llama", "qwen3", "phi3")
 MESHES = ({"tensor": 2, "fsdp": 2, "data": 2}, {"tensor": 4, "fsdp": 2})
 
@@ -115,12 +115,14 @@ def check_placed(params: dict, config, mesh) -> None:
         assert {shard.data.shape for shard in leaf.addressable_shards} == {want}, jax.tree_util.keystr(path)
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
     q = params["layers"]["attn"]["q_proj"]["kernel"]
+    up = params["layers"]["mlp"]["up_proj"]["kernel"]
+    if not isinstance(q, jax.Array) or not isinstance(up, jax.Array):
+        return  # kept quantized (replicated)
     assert q.addressable_shards[0].data.shape == (
         config.num_layers,
         config.hidden_size // fsdp,
         config.num_heads * config.head_dim // tensor,
     )
-    up = params["layers"]["mlp"]["up_proj"]["kernel"]
     assert up.addressable_shards[0].data.size == up.size // (tensor * fsdp)
 
 
@@ -151,15 +153,24 @@ def check_gguf(path: Path, meshes: list) -> None:
     from converters.gguf import read_gguf, read_gguf_state_dict
     from converters.gguf.architectures import gguf_family
     from converters.gguf_model import load_gguf_model
+    from jaxlin.mesh import place_params
+    from jaxlin.quantized import is_quantized
 
     family = gguf_family(read_gguf(path))
     tensors = read_gguf_state_dict(path)  # each tensor read whole (as conversion did before)
     model = load_gguf_model(path, jnp.float32)
     bit_equal(model.params, whole_then_device_put(model.config, family, tensors, jnp.float32))
+    # Q8_0 matrices kept quantized: placed whole (replicated, as the rules place them), and
+    # layers of a param stored partly in float (layer 0 F32, layer 1 Q8_0) dequantized.
+    quantized = load_gguf_model(path, jnp.float32, keep_quantized=True).params
+    assert any(is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(quantized, is_leaf=is_quantized))
     for mesh in meshes:
         sharded = load_gguf_model(path, jnp.float32, mesh=mesh).params
         check_placed(sharded, model.config, mesh)
         bit_equal(sharded, whole_then_device_put(model.config, family, tensors, jnp.float32, mesh))
+        kept = load_gguf_model(path, jnp.float32, keep_quantized=True, mesh=mesh).params
+        check_placed(kept, model.config, mesh)
+        bit_equal(kept, place_params(quantized, model.config, mesh))
 
 
 def check_cache_across_meshes(directory: Path, cache: Path, meshes: list) -> None:
@@ -279,11 +290,17 @@ def test_peak_host_memory_of_a_conversion_into_shards(tmp_path):
     """A ~400 MB float32 llama converted onto tensor 4 × fsdp 2 (8 host devices) in a
     fresh process: the growth of its anonymous memory (what the converted shards and any
     copy of the model take; the checkpoint's memory-mapped pages are page cache, not
-    counted) peaks below the model's size plus the largest param and 64 MiB (see
-    benchmarks/conversion_memory.py for why that margin)."""
+    counted), with glibc returning freed buffers of 1 MiB and more, peaks below the
+    model's size plus the largest param and 64 MiB (see benchmarks/conversion_memory.py for
+    why that margin). Whole-then-device_put peaks at about twice the model (+840 MB)."""
     output = tmp_path / "memory.json"
     done = subprocess.run(
-        [sys.executable, "benchmarks/conversion_memory.py", "--paths", "shards", "--json", str(output)],
+        [
+            sys.executable,
+            "benchmarks/conversion_memory.py",
+            *("--paths", "shards", "--allocators", "returning"),
+        ]
+        + ["--json", str(output)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -293,7 +310,7 @@ def test_peak_host_memory_of_a_conversion_into_shards(tmp_path):
     result = json.loads(output.read_text())
     model = result["model_bytes"]
     assert model > 350e6
-    shards = result["paths"]["shards"]
+    shards = result["paths"]["shards, returning allocator"]
     assert shards["peak_growth_bytes"] < result["bound_bytes"], result
     # The converted params themselves are in that memory (host devices): the measurement sees them.
     assert shards["peak_growth_bytes"] > 0.9 * model, result
