@@ -155,12 +155,11 @@ def _lazy_or_quantized(value: object) -> LazyTensor | QuantizedArray:
 def _stacked_source(parts: list, dtype: jnp.dtype) -> list[LazyTensor] | QuantizedArray:
     """A stacked param's layers: quantized parts are stacked on the host (layers quantized
     differently share one layout there); when some layers are float (e.g. kept in F16) the
-    param is float in every layer, the quantized ones dequantized (one layer at a time)."""
+    param is float in every layer, a quantized layer dequantized whenever a slice of it is
+    read (so one layer at a time)."""
     if all(is_quantized(part) for part in parts):
         return stack_quantized(parts)
-    return [
-        LazyTensor.from_array(_dequantized(part, dtype)) if is_quantized(part) else part for part in parts
-    ]
+    return [_dequantized(part, dtype) if is_quantized(part) else part for part in parts]
 
 
 def _build(value: _Source, target: object, dtype: jnp.dtype) -> jax.Array | QuantizedArray:
@@ -175,5 +174,10 @@ def _build(value: _Source, target: object, dtype: jnp.dtype) -> jax.Array | Quan
     return place(target, read)
 
 
-def _dequantized(value: QuantizedArray, dtype: jnp.dtype) -> np.ndarray:
-    return np.asarray(param_value(quantized_to_device(value, dtype)))
+def _dequantized(value: QuantizedArray, dtype: jnp.dtype) -> LazyTensor:
+    """A quantized matrix as a float tensor in `dtype`, dequantized (whole) on each read."""
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(param_value(quantized_to_device(value, dtype)))[index]
+
+    return LazyTensor.of(value.shape, read)

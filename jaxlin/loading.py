@@ -7,6 +7,11 @@ trusted only if it verifies: it stores the sha256 of the checkpoint files it was
 converted from and of the converted arrays, and the arrays are hashed again on every
 restore. An entry that does not verify is one warning line and is rebuilt.
 
+Params are converted straight onto the run's mesh (each device reading only its shard
+of the checkpoint, converters/lazy.py), saved sharded, and restored into whatever mesh
+the run asks for (orbax reads each device's shard), not necessarily the one they were
+saved from.
+
 GGUF sources may keep their quantized matrices quantized (`quantized=True`,
 jaxlin/quantized.py): such an entry has its own key and records each quantized param's
 layout in model.json; it is never restored as a float entry, nor the other way round."""

@@ -191,6 +191,19 @@ def check_cache_across_meshes(directory: Path, cache: Path, meshes: list) -> Non
     bit_equal(single.model.params, saved.model.params)
 
 
+def check_quantized_cache_across_meshes(path: Path, cache: Path, meshes: list) -> None:
+    """A GGUF's entry with Q8_0 matrices kept quantized, saved under one mesh and restored
+    under another: quantized params replicated, float ones sharded, the same bits."""
+    from jaxlin.loading import load_model
+
+    first, second = meshes
+    saved = load_model("gguf", path, "float32", cache_dir=cache, progress=False, quantized=True, mesh=first)
+    again = load_model("gguf", path, "float32", cache_dir=cache, progress=False, quantized=True, mesh=second)
+    assert not saved.from_cache and again.from_cache
+    check_placed(again.model.params, again.model.config, second)
+    bit_equal(again.model.params, saved.model.params)
+
+
 # --------------------------------------------------------------------------- tiny GGUFs
 
 
@@ -335,6 +348,7 @@ def main(argv: list[str]) -> None:
         check_gguf(Path(path), meshes)
         print(f"{Path(path).name}: shards equal", flush=True)
     check_cache_across_meshes(Path(hf_dirs[0]), Path(cache), meshes)
+    check_quantized_cache_across_meshes(Path(ggufs[0]), Path(cache), meshes)
     print("cache: restored across meshes", flush=True)
 
 
