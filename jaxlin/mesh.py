@@ -29,6 +29,11 @@ whole heads (a head is never split). Norm scales and d-sized biases are replicat
 are O(layers · d) and multiply activations that are not split along d. The scanned layer
 axis is never split (each scan step needs its whole layer).
 
+Checkpoints are converted straight into these shardings (`sharded_shapes`, used by
+converters/params.py and the params cache's restore): each device reads only its shard
+from the safetensors or GGUF file, so the whole model is never on one device or on the
+host; `place_params` re-places params already built.
+
 The sequence axis is not sharded: the input X (N, d) and every activation keep all N
 tokens on each device, and attention (dense, or the blockwise O(N)-memory form) runs
 over all queries and keys locally, split only by heads along `tensor`. Very long inputs

@@ -2,7 +2,9 @@
 names (`blk.0.attn_q.weight`) translated, and llama.cpp's conventions undone (Gemma's
 `1 + w` norm weights, Llama's q/k row permutation, GPT-2's Conv1D transposes).
 Dequantization is `gguf.quants.dequantize`, the library llama.cpp writes these files with;
-with `keep_quantized`, quantized matrices stay quantized instead (converters/gguf/quantized.py)."""
+with `keep_quantized`, quantized matrices stay quantized instead (converters/gguf/quantized.py).
+`gguf_tensors` leaves every tensor in the file's memory map (a `LazyTensor`): a slice
+dequantizes only the rows it needs (whole rows: a quantized block spans columns)."""
 
 from __future__ import annotations
 
