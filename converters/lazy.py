@@ -140,6 +140,14 @@ def place(target: jax.ShapeDtypeStruct, read: SliceReader) -> jax.Array:
     dtype = np.dtype(target.dtype)
     if target.sharding is None:
         return jnp.asarray(read(whole(target.shape)), dtype=dtype)
-    return jax.make_array_from_callback(
-        tuple(target.shape), target.sharding, lambda index: read(_bounded(index, target.shape)), dtype=dtype
-    )
+    # Devices holding the same shard (replicas along `data`) share one read and one buffer.
+    shards: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+
+    def shard(index: Index) -> np.ndarray:
+        bounded = _bounded(index, target.shape)
+        key = tuple((part.start, part.stop) for part in bounded)
+        if key not in shards:
+            shards[key] = read(bounded)
+        return shards[key]
+
+    return jax.make_array_from_callback(tuple(target.shape), target.sharding, shard, dtype=dtype)

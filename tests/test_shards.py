@@ -204,6 +204,28 @@ def check_quantized_cache_across_meshes(path: Path, cache: Path, meshes: list) -
     bit_equal(again.model.params, saved.model.params)
 
 
+def check_replicas_share_reads(mesh) -> None:
+    """On data 2 × fsdp 2 × tensor 2, a (8, 8) param split along fsdp and tensor has 4
+    distinct shards on 8 devices: the checkpoint is read 4 times, each read a quarter."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from converters.lazy import cast_reader, place
+
+    stored = np.arange(64, dtype=np.float32).reshape(8, 8)
+    reads: list[tuple[slice, ...]] = []
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        reads.append(index)
+        return stored[index]
+
+    target = jax.ShapeDtypeStruct(
+        (8, 8), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("fsdp", "tensor"))
+    )
+    placed = place(target, cast_reader(LazyTensor.of(stored.shape, read), np.float32))
+    np.testing.assert_array_equal(np.asarray(placed), stored)
+    assert len(reads) == 4 and {stored[index].shape for index in reads} == {(4, 4)}, reads
+
+
 # --------------------------------------------------------------------------- tiny GGUFs
 
 
@@ -297,6 +319,7 @@ def test_conversion_into_shards_equals_whole_then_device_put(tiny_model_dir, tmp
     for name in [Path(d).name for d in hf_dirs] + [Path(g).name for g in ggufs]:
         assert f"{name}: shards equal" in done.stdout, done.stdout
     assert "cache: restored across meshes" in done.stdout
+    assert "replicas share reads" in done.stdout
 
 
 def test_peak_host_memory_of_a_conversion_into_shards(tmp_path):
@@ -341,6 +364,8 @@ def main(argv: list[str]) -> None:
     split = rest.index("--")
     ggufs, (cache,) = rest[:split], rest[split + 1 :]
     meshes = [make_mesh(sizes) for sizes in MESHES]
+    check_replicas_share_reads(meshes[0])
+    print("replicas share reads", flush=True)
     for directory in hf_dirs:
         check_hf(Path(directory), meshes)
         print(f"{Path(directory).name}: shards equal", flush=True)
