@@ -10,8 +10,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
+from jax.sharding import Mesh
 
+from converters.lazy import LazyTensor
 from converters.params import CheckpointError, params_from_tensors
 from jaxlin.families import family_for_hf_config
 from jaxlin.model import Model
@@ -150,8 +151,13 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def load_hf_model(
-    path_or_id: str | os.PathLike, dtype: jnp.dtype = jnp.float32, progress: bool = False
+    path_or_id: str | os.PathLike,
+    dtype: jnp.dtype = jnp.float32,
+    progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> Model:
+    """The model of a HF directory, each param built on `mesh` (default: none, the
+    default device) from the slices of the safetensors its devices hold."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
@@ -164,13 +170,14 @@ def load_hf_model(
     family = family_for_hf_config(hf_config)
     config = family.config_from_hf(hf_config)
 
-    handles = [safe_open(str(f), framework="flax") for f in safetensors_files(directory)]
+    # framework="numpy" reads bf16 as ml_dtypes' bfloat16, which casts exactly to any
+    # wider dtype; a slice handle reads only the bytes of the slice asked for.
+    handles = [safe_open(str(f), framework="numpy") for f in safetensors_files(directory)]
     where = {name: handle for handle in handles for name in handle.keys()}
 
-    def read(name: str) -> np.ndarray:
-        # framework="flax" reads bf16 too (numpy's reader does not); np.asarray then
-        # gives an ml_dtypes array that casts exactly to any wider dtype.
-        return np.asarray(where[name].get_tensor(name))
+    def read(name: str) -> LazyTensor:
+        tensor = where[name].get_slice(name)
+        return LazyTensor.of(tensor.get_shape(), lambda index: tensor[index])
 
-    params = params_from_tensors(config, family, list(where), read, dtype, str(directory), progress)
+    params = params_from_tensors(config, family, list(where), read, dtype, str(directory), progress, mesh)
     return Model(config, params, name=str(path_or_id))

@@ -1,19 +1,26 @@
 """Hugging Face-named tensors → the Flax param tree, checked against the shapes the
-model itself expects (so a missing or mis-shaped tensor is named before any compute)."""
+model itself expects (so a missing or mis-shaped tensor is named before any compute),
+then built param by param, each device reading only its shard from the checkpoint
+(converters/lazy.py): the whole model is never in host memory at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from converters.lazy import LazyTensor, cast_reader, is_lazy, place, stacked_reader
 from jaxlin._config import ModelConfig
 from jaxlin.errors import JaxlinError
 from jaxlin.families import Family
+from jaxlin.mesh import sharded_shapes
 from jaxlin.model import Params, expected_param_shapes
 from jaxlin.quantized import QuantizedArray, is_quantized, param_value
 from jaxlin.quantized import stack as stack_quantized
@@ -30,9 +37,14 @@ class CheckpointError(JaxlinError):
     pass
 
 
-# A reader may return a host QuantizedArray for a quantized matrix (GGUF, keep_quantized):
-# the family's transforms apply to it as to an array, and it stays quantized in the params.
-TensorReader = Callable[[str], np.ndarray | QuantizedArray]
+# A reader returns a checkpoint tensor still in its file (a LazyTensor), or a host
+# QuantizedArray for a quantized matrix (GGUF, keep_quantized). The family's transforms
+# apply to either as to an array: a LazyTensor stays lazy through them, and a
+# QuantizedArray stays quantized in the params.
+TensorReader = Callable[[str], LazyTensor | QuantizedArray]
+# What a param is built from: a lazy tensor, one per layer for a stacked param, or a
+# host quantized matrix (its layers already stacked).
+_Source = LazyTensor | list[LazyTensor] | QuantizedArray
 
 
 def _set(tree: dict, path: tuple[str, ...], value: object) -> None:
@@ -55,11 +67,18 @@ def params_from_tensors(
     dtype: jnp.dtype,
     source: str,
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> Params:
-    """Build params from tensors named as in HF checkpoints. `read(name)` returns a
-    numpy array; the family's table says which params it feeds and how (transpose,
-    slice of a fused tensor); each is cast to `dtype` and layer params are stacked along
-    a leading layer axis. Every expected param must be fed, with its exact shape."""
+    """Build params from tensors named as in HF checkpoints. `read(name)` returns the
+    tensor still in its file; the family's table says which params it feeds and how
+    (transpose, slice of a fused tensor); each is cast to `dtype` and layer params are
+    stacked along a leading layer axis. Every expected param must be fed, with its exact
+    shape; all of that is checked before any weight is read.
+
+    Each param is then built on `mesh` by `jaxlin.mesh`'s rules, every device reading
+    only its shard (the layers in its range, each only its slice); without a mesh, whole
+    on the default device. Quantized params (host QuantizedArrays) are placed whole
+    (replicated, as the rules place them)."""
     expected = expected_param_shapes(config, dtype)
     available = set(names)
     params: dict = {}
@@ -85,35 +104,25 @@ def params_from_tensors(
                 wanted.append((family.layer_prefix.format(layer=layer) + suffix, live, layer))
 
     used: set[str] = set()
-    for name, targets, layer in tqdm(
-        wanted, desc=f"converting {source}", disable=not progress, unit="tensor"
-    ):
+    globals_: dict[tuple[str, ...], LazyTensor | QuantizedArray] = {}
+    for name, targets, layer in wanted:
         if name not in available:
             raise CheckpointError(f"{source}: tensor {name!r} is missing from the checkpoint")
-        array = read(name)
-        array = array if is_quantized(array) else np.asarray(array)
+        tensor = read(name)
         used.add(name)
         for path, transform in targets:
-            value = transform(array, config)
+            value = _lazy_or_quantized(transform(tensor, config))
             target = _get(expected, path)
             want_shape = tuple(target.shape[1:] if layer is not None else target.shape)
             if value.shape != want_shape:
                 raise CheckpointError(
-                    f"{source}: tensor {name!r} has shape {array.shape}, which does not give "
+                    f"{source}: tensor {name!r} has shape {tensor.shape}, which does not give "
                     f"{'/'.join(path)} of shape {want_shape}"
                 )
             if layer is None:
-                _set(params, path, _on_device(value, dtype))
+                globals_[path] = value
             else:
-                # Quantized parts are stacked on the host (layers quantized differently
-                # share one layout there), float ones on device as before.
-                value = value if is_quantized(value) else jnp.asarray(value, dtype=dtype)
                 layer_parts.setdefault(path, [None] * config.num_layers)[layer] = value
-    for path, parts in layer_parts.items():
-        if all(is_quantized(part) for part in parts):
-            _set(params, path, quantized_to_device(stack_quantized(parts), dtype))
-        else:  # some layers float (e.g. kept in F16): the param is float in every layer
-            _set(params, path, jnp.stack([_float(part, dtype) for part in parts]))
 
     unused = sorted(n for n in available - used if not _IGNORED.search(n))
     if config.tie_word_embeddings:
@@ -122,12 +131,53 @@ def params_from_tensors(
         raise CheckpointError(
             f"{source}: {len(unused)} tensor(s) not used by the {family.name} port, e.g. {unused[:5]}"
         )
+
+    sources: dict[tuple[str, ...], _Source] = dict(globals_)
+    for path, parts in layer_parts.items():
+        sources[path] = _stacked_source(parts, dtype)
+    shapes: dict = {}
+    for path, value in sources.items():
+        shape = _get(expected, path).shape
+        _set(shapes, path, value if is_quantized(value) else jax.ShapeDtypeStruct(shape, dtype))
+    placements = sharded_shapes(shapes, config, mesh)
+    for path, value in tqdm(sources.items(), desc=f"converting {source}", disable=not progress, unit="param"):
+        _set(params, path, _build(value, _get(placements, path), dtype))
     return params
 
 
-def _float(value: jnp.ndarray | QuantizedArray, dtype: jnp.dtype) -> jnp.ndarray:
-    return param_value(quantized_to_device(value, dtype)) if is_quantized(value) else value
+def _lazy_or_quantized(value: object) -> LazyTensor | QuantizedArray:
+    """A transform's result: lazy views and quantized matrices as they are; an array a
+    transform had to read whole (none of the families' tables does) behind the same
+    interface."""
+    return value if is_lazy(value) or is_quantized(value) else LazyTensor.from_array(np.asarray(value))
 
 
-def _on_device(value: np.ndarray | QuantizedArray, dtype: jnp.dtype) -> jnp.ndarray | QuantizedArray:
-    return quantized_to_device(value, dtype) if is_quantized(value) else jnp.asarray(value, dtype=dtype)
+def _stacked_source(parts: list, dtype: jnp.dtype) -> list[LazyTensor] | QuantizedArray:
+    """A stacked param's layers: quantized parts are stacked on the host (layers quantized
+    differently share one layout there); when some layers are float (e.g. kept in F16) the
+    param is float in every layer, a quantized layer dequantized whenever a slice of it is
+    read (so one layer at a time)."""
+    if all(is_quantized(part) for part in parts):
+        return stack_quantized(parts)
+    return [_dequantized(part, dtype) if is_quantized(part) else part for part in parts]
+
+
+def _build(value: _Source, target: object, dtype: jnp.dtype) -> jax.Array | QuantizedArray:
+    """One param from its source, placed as `target` (ShapeDtypeStructs) says."""
+    if is_quantized(value):
+        if target.codes.sharding is None:
+            return quantized_to_device(value, dtype)
+        shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, target)
+        return dataclasses.replace(jax.device_put(value, shardings), dtype=jnp.dtype(dtype))
+    np_dtype = np.dtype(dtype)
+    read = stacked_reader(value, np_dtype) if isinstance(value, list) else cast_reader(value, np_dtype)
+    return place(target, read)
+
+
+def _dequantized(value: QuantizedArray, dtype: jnp.dtype) -> LazyTensor:
+    """A quantized matrix as a float tensor in `dtype`, dequantized (whole) on each read."""
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(param_value(quantized_to_device(value, dtype)))[index]
+
+    return LazyTensor.of(value.shape, read)

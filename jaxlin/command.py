@@ -4,7 +4,6 @@ anything is loaded, the model loaded and placed, then one input (`jaxlin.runner`
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,7 +15,7 @@ from jaxlin.analyses import Timer
 from jaxlin.devices import batch_devices, batch_mesh
 from jaxlin.loading import LoadedModel, load_model
 from jaxlin.many_prompts import run_many
-from jaxlin.mesh import make_mesh, place_params
+from jaxlin.mesh import make_mesh
 from jaxlin.model_source import read_model_config
 from jaxlin.outputs import OutputClaim, RunKind, claim_output
 from jaxlin.run_config import ConfigError, MeshSection, ModelSection, RunConfig
@@ -37,18 +36,19 @@ def device_mesh(count: int | None, mesh: MeshSection | None = None) -> Any:
 
 
 def load_placed(section: ModelSection, verbose: bool) -> LoadedModel:
-    """The model of a `model:` section, its parameters placed on the ambient mesh: each
-    device holds its shard of every split parameter (`jaxlin.mesh`'s rules)."""
-    loaded = load_model(
+    """The model of a `model:` section, its parameters built straight on the ambient mesh:
+    each device reads (from the checkpoint, or the params cache) and holds only its shard
+    of every split parameter (`jaxlin.mesh`'s rules)."""
+    mesh = jax.sharding.get_mesh()
+    return load_model(
         section.source,
         section.path,
         section.dtype,
         use_cache=section.cache,
         progress=verbose,
         quantized=section.quantized,
+        mesh=None if mesh.empty else mesh,
     )
-    model = dataclasses.replace(loaded.model, params=place_params(loaded.model.params, loaded.model.config))
-    return dataclasses.replace(loaded, model=model)
 
 
 def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:

@@ -7,6 +7,11 @@ trusted only if it verifies: it stores the sha256 of the checkpoint files it was
 converted from and of the converted arrays, and the arrays are hashed again on every
 restore. An entry that does not verify is one warning line and is rebuilt.
 
+Params are converted straight onto the run's mesh (each device reading only its shard
+of the checkpoint, converters/lazy.py), saved sharded, and restored into whatever mesh
+the run asks for (orbax reads each device's shard), not necessarily the one they were
+saved from.
+
 GGUF sources may keep their quantized matrices quantized (`quantized=True`,
 jaxlin/quantized.py): such an entry has its own key and records each quantized param's
 layout in model.json; it is never restored as a float entry, nor the other way round."""
@@ -32,9 +37,11 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxlin._config import ModelConfig
 from jaxlin.errors import JaxlinError
+from jaxlin.mesh import sharded_shapes
 from jaxlin.model import Model, expected_param_shapes
 from jaxlin.quantized import layouts, with_layouts
 
@@ -155,16 +162,19 @@ def params_sha256(params: Any) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def _convert(kind: str, path: Path, dtype: Any, progress: bool, quantized: bool) -> tuple[Model, Any]:
+def _convert(
+    kind: str, path: Path, dtype: Any, progress: bool, quantized: bool, mesh: Mesh | None
+) -> tuple[Model, Any]:
     if kind == "hf":
         from converters.hf import load_hf_model, load_hf_tokenizer
 
-        return load_hf_model(path, dtype, progress), load_hf_tokenizer(path)
+        return load_hf_model(path, dtype, progress, mesh), load_hf_tokenizer(path)
     from converters.gguf import load_gguf_tokenizer, read_gguf
     from converters.gguf_model import load_gguf_model
 
     file = read_gguf(path)  # parsed once, for the model and its tokenizer
-    return load_gguf_model(file, dtype, progress, keep_quantized=quantized), load_gguf_tokenizer(file)
+    model = load_gguf_model(file, dtype, progress, keep_quantized=quantized, mesh=mesh)
+    return model, load_gguf_tokenizer(file)
 
 
 def load_model(
@@ -175,9 +185,12 @@ def load_model(
     use_cache: bool = True,
     progress: bool = True,
     quantized: bool = False,
+    mesh: Mesh | None = None,
 ) -> LoadedModel:
     """The model and tokenizer of a source; `quantized` (GGUF sources only) keeps quantized
-    matrices quantized on device."""
+    matrices quantized on device. The params are built on `mesh` by `jaxlin.mesh`'s rules
+    (converted shard by shard, or restored from the cache into it, whatever mesh the entry
+    was saved from); without one, on the default device."""
     dtype = enable_dtype(dtype_name)
     if quantized and kind == "hf":
         raise JaxlinError("model.quantized applies to GGUF sources only (source: embedded, gguf or pypi)")
@@ -206,13 +219,13 @@ def load_model(
             source = resolve_model_directory(str(path))  # a directory, or a hub id from the local cache
             checked_config_json(source)  # refused before any cache entry or transformers is consulted
     if not use_cache:
-        return _load_from_checkpoint(kind_for_file, source, dtype, progress, name, quantized)
+        return _load_from_checkpoint(kind_for_file, source, dtype, progress, name, quantized, mesh)
 
     key = _fingerprint(kind_for_file, source, dtype_name, quantized)
     entry = (cache_dir or default_cache_dir()) / "params" / key
     if (entry / "complete").exists():
         try:
-            return _restore(entry, dtype, progress, quantized)
+            return _restore(entry, dtype, progress, quantized, mesh)
         except Exception as error:  # a damaged cache entry is rebuilt, never trusted
             print(
                 f"jaxlin: warning: params cache entry {entry} does not verify ({_one_line(error)}); "
@@ -221,16 +234,22 @@ def load_model(
                 flush=True,
             )
             shutil.rmtree(entry, ignore_errors=True)
-    loaded = _load_from_checkpoint(kind_for_file, source, dtype, progress, name, quantized)
+    loaded = _load_from_checkpoint(kind_for_file, source, dtype, progress, name, quantized, mesh)
     _save(entry, loaded, progress)
     return loaded
 
 
 def _load_from_checkpoint(
-    kind_for_file: str, source: Path, dtype: Any, progress: bool, name: str | None, quantized: bool = False
+    kind_for_file: str,
+    source: Path,
+    dtype: Any,
+    progress: bool,
+    name: str | None,
+    quantized: bool = False,
+    mesh: Mesh | None = None,
 ) -> LoadedModel:
     digests = checkpoint_sha256(kind_for_file, source)
-    model, tokenizer = _convert(kind_for_file, source, dtype, progress, quantized)
+    model, tokenizer = _convert(kind_for_file, source, dtype, progress, quantized, mesh)
     if name is not None:
         model = dataclasses.replace(model, name=name)
     return LoadedModel(model, tokenizer, from_cache=False, checkpoint_sha256=digests)
@@ -342,7 +361,21 @@ def _read_digests(entry: Path) -> dict[str, Any]:
     return digests
 
 
-def _restore(entry: Path, dtype: Any, progress: bool, quantized: bool = False) -> LoadedModel:
+def _restore_target(shapes: Any, config: ModelConfig, mesh: Mesh | None) -> Any:
+    """What orbax restores into: each param's shape, dtype and sharding on `mesh` (the
+    entry may have been saved from another mesh, or from none), else on the default
+    device. Never left to orbax: it would place arrays as they were saved."""
+    if mesh is not None and not mesh.empty:
+        return sharded_shapes(shapes, config, mesh)
+    device = SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), shapes
+    )
+
+
+def _restore(
+    entry: Path, dtype: Any, progress: bool, quantized: bool = False, mesh: Mesh | None = None
+) -> LoadedModel:
     """The entry's model and tokenizer, after every file and array has verified."""
     from transformers import AutoTokenizer
 
@@ -362,7 +395,7 @@ def _restore(entry: Path, dtype: Any, progress: bool, quantized: bool = False) -
         target = with_layouts(expected_param_shapes(config, dtype), recorded, dtype)
     except (ValueError, TypeError, KeyError) as error:
         raise CacheEntryError(f"model.json: {error}") from None
-    params = _restore_params(entry.resolve() / "params", target)
+    params = _restore_params(entry.resolve() / "params", _restore_target(target, config, mesh))
     if params_sha256(params) != digests["params_sha256"]:
         raise CacheEntryError("the restored arrays' sha256 differs from the one stored")
     tokenizer = AutoTokenizer.from_pretrained(

@@ -29,6 +29,11 @@ whole heads (a head is never split). Norm scales and d-sized biases are replicat
 are O(layers · d) and multiply activations that are not split along d. The scanned layer
 axis is never split (each scan step needs its whole layer).
 
+Checkpoints are converted straight into these shardings (`sharded_shapes`, used by
+converters/params.py and the params cache's restore): each device reads only its shard
+from the safetensors or GGUF file, so the whole model is never on one device or on the
+host; `place_params` re-places params already built.
+
 The sequence axis is not sharded: the input X (N, d) and every activation keep all N
 tokens on each device, and attention (dense, or the blockwise O(N)-memory form) runs
 over all queries and keys locally, split only by heads along `tensor`. Very long inputs
@@ -177,6 +182,20 @@ def param_shardings(params: Any, config: ModelConfig, mesh: Mesh) -> Any:
     """`param_specs` as NamedShardings on `mesh` (e.g. `jit`'s in_shardings)."""
     specs = param_specs(params, config, mesh)
     return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs)
+
+
+def sharded_shapes(shapes: Any, config: ModelConfig, mesh: Mesh | None) -> Any:
+    """`shapes` (leaves with `.shape` and `.dtype`, e.g. `expected_param_shapes`) as
+    ShapeDtypeStructs carrying each param's NamedSharding on `mesh`: what a converter
+    builds each param into, or an orbax restore its target. Without a mesh (or with an
+    empty one) the sharding is None: the default device."""
+    if mesh is None or mesh.empty:
+        return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), shapes)
+    return jax.tree_util.tree_map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        shapes,
+        param_shardings(shapes, config, mesh),
+    )
 
 
 def place_params(params: Any, config: ModelConfig, mesh: Mesh | None = None) -> Any:

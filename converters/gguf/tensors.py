@@ -2,7 +2,9 @@
 names (`blk.0.attn_q.weight`) translated, and llama.cpp's conventions undone (Gemma's
 `1 + w` norm weights, Llama's q/k row permutation, GPT-2's Conv1D transposes).
 Dequantization is `gguf.quants.dequantize`, the library llama.cpp writes these files with;
-with `keep_quantized`, quantized matrices stay quantized instead (converters/gguf/quantized.py)."""
+with `keep_quantized`, quantized matrices stay quantized instead (converters/gguf/quantized.py).
+`gguf_tensors` leaves every tensor in the file's memory map (a `LazyTensor`): a slice
+dequantizes only the rows it needs (whole rows: a quantized block spans columns)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import numpy.typing as npt
 from converters.gguf.architectures import gguf_family, gguf_names
 from converters.gguf.quantized import KEPT_QUANTIZED, quantized_matrix
 from converters.gguf.reader import GGUFError, GGUFSource, GGUFTensor, parsed
-from jaxlin.quantized import QuantizedArray
+from converters.lazy import Index, LazyTensor, SliceReader
+from jaxlin.quantized import QuantizedArray, is_quantized
 
 if TYPE_CHECKING:
     import gguf
@@ -75,7 +78,7 @@ def read_gguf_state_dict(
     keep_quantized: bool = False,
 ) -> dict[str, np.ndarray | QuantizedArray]:
     """All tensors of a GGUF file (a parsed `GGUFFile` or a path), dequantized to `dtype`,
-    under HF names and in HF layouts.
+    under HF names and in HF layouts: `gguf_tensors`, each read whole.
 
     Names: exactly the HF model class's: 'model.embed_tokens.weight',
     'model.layers.{i}.self_attn.q_proj.weight' (.bias for Qwen2), ..., 'model.norm.weight';
@@ -96,14 +99,26 @@ def read_gguf_state_dict(
     the q/k unpermute moves whole rows, so whole groups; a transpose is a flag, undone
     after dequantizing), dequantizing to float32; everything else as above.
     """
-    import gguf
+    tensors = gguf_tensors(source, dtype, keep_quantized)
+    items = tensors.items()
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc=f"Reading {Path(parsed(source).path).name}", unit="tensor")
+    return {name: value if is_quantized(value) else np.ascontiguousarray(value) for name, value in items}
+
+
+def gguf_tensors(
+    source: GGUFSource, dtype: npt.DTypeLike = np.float32, keep_quantized: bool = False
+) -> dict[str, LazyTensor | QuantizedArray]:
+    """The tensors of `read_gguf_state_dict`, still in the file's memory map: each a
+    `LazyTensor` whose slices are dequantized (only the rows the slice needs, in whole
+    rows: a quantized block spans columns), with llama.cpp's conventions undone on them.
+    Checked (names, types gguf can dequantize) before anything is read."""
 
     dtype = np.dtype(dtype)
     if dtype.kind != "f" and dtype.name != "bfloat16":
         raise TypeError(f"dtype must be a floating-point type, got {dtype}")
-    # The offset is subtracted in float32 (what the file stores norms in) or wider, then
-    # cast once, so nothing is rounded twice.
-    work_dtype = np.float64 if dtype == np.float64 else np.float32
 
     file = parsed(source)
     family = gguf_family(file)
@@ -123,36 +138,55 @@ def read_gguf_state_dict(
     for tensor in first_of_type.values():
         check_dequantizable(tensor, file.path)
 
-    state_dict: dict[str, np.ndarray] = {}
-    if progress:
-        from tqdm.auto import tqdm
-
-        plan = tqdm(plan, desc=f"Reading {Path(file.path).name}", unit="tensor")
+    tensors: dict[str, LazyTensor | QuantizedArray] = {}
     for tensor, target in plan:
         if target is None:
             continue
         hf_name, transposed = target
+        heads = (n_head, n_head_kv)
         if keep_quantized and tensor.tensor_type in KEPT_QUANTIZED and len(tensor.shape) == 2:
-            heads = (n_head, n_head_kv)
-            state_dict[hf_name] = _quantized(tensor, hf_name, transposed, names, heads, file.path)
+            tensors[hf_name] = _quantized(tensor, hf_name, transposed, names, heads, file.path)
             continue
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        rows = None  # the stored row of each HF row, where llama.cpp permuted them
+        if names.unpermute_qk and ".self_attn.q_proj." in hf_name:
+            rows = _unpermute_rows(np.arange(tensor.shape[0]), n_head, tensor.name, file.path)
+        elif names.unpermute_qk and ".self_attn.k_proj." in hf_name:
+            rows = _unpermute_rows(np.arange(tensor.shape[0]), n_head_kv, tensor.name, file.path)
+        offset = names.norm_offset if names.norm_offset and hf_name.endswith("norm.weight") else 0.0
+        lazy = LazyTensor.of(tensor.shape, _slice_reader(tensor, rows, offset, dtype))
+        tensors[hf_name] = lazy.T if transposed else lazy
+    return tensors
+
+
+def _slice_reader(tensor: GGUFTensor, rows: np.ndarray | None, offset: float, dtype: np.dtype) -> SliceReader:
+    """Slices of a GGUF tensor in HF order (`rows[i]`: the stored row of HF row i), read
+    from the memory map and dequantized; nothing else of the file is touched."""
+    import gguf
+
+    # The offset is subtracted in float32 (what the file stores norms in) or wider, then
+    # cast once, so nothing is rounded twice.
+    work_dtype = np.float64 if dtype == np.float64 else np.float32
+
+    def read(index: Index) -> np.ndarray:
+        if len(tensor.shape) == 1:  # a norm or a bias: small, dequantized whole
+            data, shape, rest = tensor.data, tensor.shape, index
+        else:
+            chosen = index[0] if rows is None else rows[index[0]]
+            data = tensor.data[chosen]
+            shape = (data.shape[0], *tensor.shape[1:])
+            rest = (slice(None), *index[1:])
+        values = gguf.quants.dequantize(data, tensor.tensor_type)
         # F32 comes back as a read-only view of the memory map: copy it out of the file.
         if np.may_share_memory(values, tensor.data):
             values = np.array(values, dtype=work_dtype)
         else:
             values = values.astype(work_dtype, copy=False)
-        values = values.reshape(tensor.shape)
-        if names.norm_offset and hf_name.endswith("norm.weight"):
-            values = values - names.norm_offset
-        if names.unpermute_qk and ".self_attn.q_proj." in hf_name:
-            values = _unpermute_rows(values, n_head, tensor.name, file.path)
-        elif names.unpermute_qk and ".self_attn.k_proj." in hf_name:
-            values = _unpermute_rows(values, n_head_kv, tensor.name, file.path)
-        if transposed:
-            values = np.ascontiguousarray(values.T)
-        state_dict[hf_name] = values.astype(dtype, copy=False)
-    return state_dict
+        values = values.reshape(shape)[rest]
+        if offset:
+            values = values - offset
+        return values.astype(dtype, copy=False)
+
+    return read
 
 
 def _quantized(
