@@ -313,7 +313,7 @@ def model_label(section: ComparedModel, name: str, taken: set[str]) -> str:
 
 def run_comparison(config: RunConfig, verbose: bool = True) -> tuple[ComparisonRecord, Path]:
     """The comparison of `config` written to its output directory; returns (record, dir)."""
-    from jaxlin.command import device_mesh, load_placed
+    from jaxlin.command import device_mesh, load_placed, start
     from jaxlin.model_source import read_model_config
 
     section: ComparisonSection = config.comparison  # type: ignore[assignment]
@@ -323,6 +323,7 @@ def run_comparison(config: RunConfig, verbose: bool = True) -> tuple[ComparisonR
             config.check_against(read_model_config(entry))
         except JaxlinError as error:
             raise JaxlinError(f"comparison.models[{index}]: {error}") from None
+    verbose = start(config, verbose)
     say = _say(verbose)
     with (
         claim_output(config.output_dir, "comparison", config.overwrite) as output,

@@ -34,6 +34,7 @@ from jaxlin._modules import Transformer
 from jaxlin._policy import FreezePolicy
 from jaxlin.decoding import dominant_rows
 from jaxlin.devices import map_in_batches
+from jaxlin.distributed import to_host
 from jaxlin.jacobian import DEFAULT_ATTENTION_BLOCK, on_token, scale_biases
 from jaxlin.memory import available_bytes
 from jaxlin.model import Params, module
@@ -259,11 +260,12 @@ def sweep(
                 attention_block,
                 rows_in_memory,
             )
-            sigma = np.sqrt(np.clip(np.asarray(products.eigenvalues, np.float64), 0, None))
-            value = np.asarray(products.value, np.float64)
-            total = np.asarray(products.reconstruction, np.float64) + np.asarray(products.bias, np.float64)
+            products = to_host(products, np.float64)
+            sigma = np.sqrt(np.clip(products.eigenvalues, 0, None))
+            value = products.value
+            total = products.reconstruction + products.bias
             error = float(np.linalg.norm(total - value) / max(np.linalg.norm(value), 1e-300))
-            right = np.asarray(products.right, np.float64)
+            right = products.right
             positions, shares, rows = dominant_rows(right)
             results.append(
                 LayerSpectrum(
@@ -271,11 +273,11 @@ def sweep(
                     kind,
                     local,
                     sigma,
-                    np.asarray(products.left, np.float64),
+                    products.left,
                     value,
                     error,
-                    right_sigmas=np.asarray(products.sigma, np.float64),
-                    right_residuals=np.asarray(products.residuals, np.float64),
+                    right_sigmas=products.sigma,
+                    right_residuals=products.residuals,
                     right_positions=positions,
                     right_shares=shares,
                     right_rows=rows,

@@ -33,6 +33,7 @@ import numpy as np
 from matfree import decomp
 
 from jaxlin.devices import map_in_batches, map_matrices
+from jaxlin.distributed import to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import DetachedJacobian, Products
 from jaxlin.operator import rows
@@ -106,7 +107,7 @@ def dense_top_k(jacobian: np.ndarray, k: int) -> Triplets:
     """Top-k SVD of a materialized J of shape (d, N, d), computed in float64."""
     d, n, d_in = jacobian.shape
     check_request(k, None, min(d, n * d_in))
-    u, s, vt = np.linalg.svd(np.asarray(jacobian, dtype=np.float64).reshape(d, n * d_in), full_matrices=False)
+    u, s, vt = np.linalg.svd(to_host(jacobian, np.float64).reshape(d, n * d_in), full_matrices=False)
     return Triplets(U=u[:, :k], S=s[:k], V=vt[:k].reshape(k, n, d_in), bounds=np.zeros(k))
 
 
@@ -188,7 +189,7 @@ def top_k(
         if products is not None:  # depth J·Jᵀ steps, then one Jᵀ and one J pass of k vectors
             products.matvecs += depth + k
             products.rmatvecs += depth + k
-        s_np, bounds_np = np.asarray(s, np.float64), np.asarray(bounds, np.float64)
+        s_np, bounds_np = to_host((s, bounds), np.float64)
         worst = float(np.max(bounds_np / np.maximum(s_np, np.finfo(np.float64).tiny)))
         if progress is not None:
             progress(
@@ -199,9 +200,8 @@ def top_k(
         reason = _stop_reason(worst, previous, in_eps, tolerance, depth, d)
         if reason is not None:
             converged = reason == "converged"
-            return Triplets(
-                np.asarray(u).T, s_np, np.asarray(v), bounds_np, depth, converged, tolerance, reason
-            )
+            u, v = to_host((u, v))
+            return Triplets(u.T, s_np, v, bounds_np, depth, converged, tolerance, reason)
         previous = worst
         depth = min(d, depth + max(depth // 2, 1))
 
@@ -348,5 +348,5 @@ def rows_top_k(dense: jax.Array, k: int) -> Triplets:
     d × d Gram matrix J·Jᵀ (no product through the network), with the same rigorous
     residual bounds as `top_k` (exact up to rounding, like Lanczos at full depth)."""
     check_request(k, None, dense.shape[0])
-    u, s, v, bounds = _rows_top_k(dense, k)
-    return Triplets(np.asarray(u).T, np.asarray(s, np.float64), np.asarray(v), np.asarray(bounds, np.float64))
+    u, s, v, bounds = to_host(_rows_top_k(dense, k))
+    return Triplets(u.T, s.astype(np.float64), v, bounds.astype(np.float64))
