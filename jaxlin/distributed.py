@@ -65,8 +65,9 @@ def initialize(section: DistributedSection | None) -> None:
             initialization_timeout=section.timeout if section is not None else 300,
         )
     except (RuntimeError, ValueError, TypeError) as error:
-        where = "distributed" if section is not None else f"{COORDINATOR_VARIABLE} is set, but"
-        raise DistributedError(f"{where}: jax.distributed.initialize failed ({error})") from None
+        # JAX's own message names what is missing or wrong (e.g. the number of processes).
+        asked = "distributed" if section is not None else f"{COORDINATOR_VARIABLE} (set in the environment)"
+        raise DistributedError(f"{asked}: jax.distributed.initialize failed: {error}") from None
 
 
 def is_writer() -> bool:

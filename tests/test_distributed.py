@@ -179,3 +179,23 @@ def test_one_process_writes_and_reads_its_arrays_as_they_are():
     host = to_host(tree, np.float64)
     assert isinstance(host["a"], np.ndarray) and host["b"][0].dtype == np.float64
     np.testing.assert_array_equal(host["a"], [0.0, 1.0, 2.0])
+
+
+def test_a_coordinator_in_the_environment_without_a_process_count_is_one_line(tmp_path, tiny_model_dir):
+    """JAX_COORDINATOR_ADDRESS asks for a distributed run; outside a cluster JAX cannot
+    tell how many processes take part, which is a bad request: one line, nothing written."""
+    data = tiny_run_config(tmp_path, tiny_model_dir("gemma3_sliding"))
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("SLURM_", "OMPI_", "KUBERNETES_"))
+    }
+    env["JAX_COORDINATOR_ADDRESS"] = f"localhost:{free_port()}"
+    command = [sys.executable, "-m", "jaxlin.cli", "run", str(write_config(tmp_path / "run.yaml", **data))]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        "jaxlin: error: JAX_COORDINATOR_ADDRESS (set in the environment): "
+        "jax.distributed.initialize failed: Number of processes must be defined."
+    ]
+    assert not (tmp_path / "run").exists()
