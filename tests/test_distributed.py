@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from test_cli import tiny_run_config, write_config
 
+from jaxlin import outputs
 from jaxlin.cli import main
 from jaxlin.distributed import agree, is_writer, to_host
 from jaxlin.run_config import ConfigError, parse_run_config
@@ -199,3 +200,62 @@ def test_a_coordinator_in_the_environment_without_a_process_count_is_one_line(tm
         "jax.distributed.initialize failed: Number of processes must be defined."
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_process_other_than_the_writer_touches_no_file(tmp_path, monkeypatch):
+    """The writer rule in `jaxlin.outputs`, in-process: a claim that checks, creates and
+    locks nothing, writes whose content is not even rendered, no directory made."""
+    monkeypatch.setattr(outputs, "is_writer", lambda: False)
+    monkeypatch.setattr(outputs, "agree", lambda flag: flag)  # process 0 claimed it
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("not a jaxlin run")
+    rendered = []
+    with outputs.claim_output(foreign, "many", overwrite=False) as claim:
+        assert claim.target == foreign and not claim.resume
+        outputs.make_directory(foreign / "prompts")
+        outputs.write_file_atomic(foreign / "figure.png", rendered.append)
+        with outputs.staged_directory(tmp_path / "run", "single") as staging:
+            outputs.write_json_atomic(staging / "summary.json", {"a": 1})
+    assert rendered == []
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["mine.txt", "notes"]
+
+
+def test_the_writer_tells_the_others_when_it_refuses_the_output(tmp_path, monkeypatch):
+    told = []
+    monkeypatch.setattr(outputs, "agree", lambda flag: told.append(flag) or flag)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("not a jaxlin run")
+    with (
+        pytest.raises(outputs.OutputError, match="is a directory that is not a jaxlin run"),
+        outputs.claim_output(tmp_path / "notes", "single", overwrite=False),
+    ):
+        pass
+    with outputs.claim_output(tmp_path / "run", "single", overwrite=False):
+        pass
+    assert told == [False, True]
+    # A process other than the writer, told that process 0 refused: one line naming it.
+    monkeypatch.setattr(outputs, "is_writer", lambda: False)
+    monkeypatch.setattr(outputs, "agree", lambda flag: False)
+    with (
+        pytest.raises(outputs.OutputError, match="process 0 could not claim"),
+        outputs.claim_output(tmp_path / "run", "single", overwrite=False),
+    ):
+        pass
+
+
+def test_several_processes_do_not_resume_an_unfinished_output(tmp_path, monkeypatch):
+    """Only process 0 could see which prompts an earlier run completed, so a run of
+    several processes refuses to resume rather than let the processes diverge."""
+    with outputs.claim_output(tmp_path / "many", "many", overwrite=False):
+        outputs.make_directory(tmp_path / "many" / "prompts")
+    with outputs.claim_output(tmp_path / "many", "many", overwrite=False) as claim:
+        assert claim.resume  # one process resumes it
+    monkeypatch.setattr(outputs, "several_processes", lambda: True)
+    with (
+        pytest.raises(outputs.OutputError, match="a run of several processes cannot resume"),
+        outputs.claim_output(tmp_path / "many", "many", overwrite=False),
+    ):
+        pass
+    assert outputs.run_kind(tmp_path / "many") == "many"  # left as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many"]
