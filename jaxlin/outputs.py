@@ -402,8 +402,17 @@ def claim_output(target: str | Path, kind: RunKind, overwrite: bool) -> Iterator
     if not is_writer():
         if not agree(True):
             raise OutputError(f"output_dir: process 0 could not claim {target} (see its message)")
-        # Nothing to check, lock or release: this process writes nothing.
-        yield OutputClaim(target, kind, False, target, -1, [], False, released=True)
+        # Nothing checked, locked or created, so nothing to release: it writes nothing.
+        yield OutputClaim(
+            target,
+            kind,
+            resume=False,
+            lock_path=target,
+            lock_fd=-1,
+            created_dirs=[],
+            target_existed=False,
+            released=True,
+        )
         return
     try:
         claim = _take(target, kind, overwrite)

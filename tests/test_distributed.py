@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -42,11 +43,15 @@ def launch(config: Path, devices: int) -> subprocess.Popen[str]:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def run_processes(configs: list[Path], devices: int) -> list[tuple[int, str, str]]:
-    """(exit status, stdout, stderr) of each process; a hang fails the test, not the suite."""
+def run_processes(
+    configs: list[Path], devices: int, meanwhile: Callable[[], None] = lambda: None
+) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each process, `meanwhile` run here while they
+    start; a hang fails the test, not the suite."""
     processes = [launch(config, devices) for config in configs]
     done = []
     try:
+        meanwhile()
         for process in processes:
             stdout, stderr = process.communicate(timeout=240)
             done.append((process.returncode, stdout, stderr))
@@ -97,13 +102,15 @@ def test_two_processes_write_what_one_writes_from_process_0_only(tmp_path, tiny_
     data = tiny_run_config(tmp_path, tiny_model_dir("gemma3_sliding"))
     data["text"] = "Hello, world!"
     data["analysis"]["ordinary_jacobian"] = False
-    one = write_config(tmp_path / "one.yaml", **data)
-    assert main(["run", str(one), "--quiet", "--out", str(tmp_path / "one")]) == 0
+    reference = write_config(tmp_path / "one.yaml", **data)
+
+    def one_process() -> None:
+        assert main(["run", str(reference), "--quiet", "--out", str(tmp_path / "one")]) == 0
 
     # Both processes are given the same output_dir; fsdp spans the two processes.
     out = tmp_path / "shared" / "run"
     data.update(output_dir=str(out), mesh={"fsdp": 2, "tensor": 2})
-    (zero, one) = run_processes(process_configs(tmp_path, data, 2), devices=2)
+    (zero, one) = run_processes(process_configs(tmp_path, data, 2), devices=2, meanwhile=one_process)
     assert zero[0] == 0, zero[1][-3000:] + zero[2][-3000:]
     assert one[0] == 0, one[1][-3000:] + one[2][-3000:]
 
