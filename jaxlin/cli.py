@@ -178,10 +178,19 @@ def main(argv: list[str] | None = None) -> int:
         # One line whatever the message holds (a quoted file name or library text may span lines).
         print(f"jaxlin: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    if not _prints_results():
+        return 0
     print_summary(parse_record(result.summary))
     print(f"wrote      {out_dir}/ (summary.json, arrays.npz, PNG figures)")
     print(f"report     {out_dir / 'report.html'}")
     return 0
+
+
+def _prints_results() -> bool:
+    """Process 0 of a distributed run (or the only process) prints what it wrote."""
+    from jaxlin.distributed import is_writer
+
+    return is_writer()
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -217,7 +226,8 @@ def _study(args: argparse.Namespace, kind: str, config: object | None = None) ->
     except JaxlinError as error:
         print(f"jaxlin: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    print_summary(summary, out_dir)
+    if _prints_results():
+        print_summary(summary, out_dir)
     return 0
 
 
@@ -230,7 +240,8 @@ def _compare(args: argparse.Namespace, config: object) -> int:
     except JaxlinError as error:
         print(f"jaxlin: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    print_summary(record, out_dir)
+    if _prints_results():
+        print_summary(record, out_dir)
     return 0
 
 

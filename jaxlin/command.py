@@ -13,6 +13,7 @@ import jax
 
 from jaxlin.analyses import Timer
 from jaxlin.devices import batch_devices, batch_mesh
+from jaxlin.distributed import initialize, is_writer
 from jaxlin.loading import LoadedModel, load_model
 from jaxlin.many_prompts import run_many
 from jaxlin.mesh import make_mesh
@@ -51,12 +52,21 @@ def load_placed(section: ModelSection, verbose: bool) -> LoadedModel:
     )
 
 
+def start(config: RunConfig, verbose: bool) -> bool:
+    """What every kind of run does first, before any device is touched: join the other
+    processes of a distributed run (`jaxlin.distributed`); returns whether this process
+    prints progress (process 0 only)."""
+    initialize(config.distributed)
+    return verbose and is_writer()
+
+
 def run(config: RunConfig, verbose: bool = True) -> tuple[RunResult, Path]:
     """The output location is checked and locked before anything is loaded (see
     `jaxlin.outputs.claim_output`)."""
     texts = config.input_texts()  # read (and checked) before any expensive step
     # The model's config alone (no weights yet): bad requests are refused before any write.
     config.check_against(read_model_config(config.model))
+    verbose = start(config, verbose)
     kind: RunKind = "single" if texts is None else "many"
     claim = claim_output(config.output_dir, kind, config.overwrite)
     with claim as output, device_mesh(config.devices, config.mesh):

@@ -34,6 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from jaxlin.devices import batch_devices
+from jaxlin.distributed import is_writer
 from jaxlin.errors import JaxlinError
 from jaxlin.outputs import claim_output, write_json_atomic
 from jaxlin.record import DecodedVector, RightVector
@@ -339,6 +340,8 @@ def fingerprint(entry: ComparedModel, loaded: Any, text: str, config: RunConfig)
 
 def stored_result(path: Path, expected: dict[str, Any]) -> ModelResult | None:
     """A stored result if it is complete, valid and computed under the same fingerprint."""
+    if not is_writer():  # the writer alone reads back what it wrote (see `outputs.claim_output`)
+        return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(record, dict) or record.get("fingerprint") != expected:
@@ -350,7 +353,7 @@ def stored_result(path: Path, expected: dict[str, Any]) -> ModelResult | None:
 
 def run_comparison(config: RunConfig, verbose: bool = True) -> tuple[ComparisonRecord, Path]:
     """The comparison of `config` written to its output directory; returns (record, dir)."""
-    from jaxlin.command import device_mesh, load_placed
+    from jaxlin.command import device_mesh, load_placed, start
     from jaxlin.model_source import read_model_config
 
     section: ComparisonSection = config.comparison  # type: ignore[assignment]
@@ -360,6 +363,7 @@ def run_comparison(config: RunConfig, verbose: bool = True) -> tuple[ComparisonR
             config.check_against(read_model_config(entry))
         except JaxlinError as error:
             raise JaxlinError(f"comparison.models[{index}]: {error}") from None
+    verbose = start(config, verbose)
     say = _say(verbose)
     with (
         claim_output(config.output_dir, "comparison", config.overwrite) as output,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlin._config import ModelConfig
+from jaxlin.distributed import to_host
 from jaxlin.model import Params
 from jaxlin.quantized import as_float
 from jaxlin.tokens import token_text
@@ -33,7 +34,7 @@ def top_tokens(vectors: np.ndarray, unembedding: jnp.ndarray, count: int) -> tup
     entries of W_U·v. A final logit softcap is monotonic, so it changes no ranking."""
     scores = jnp.asarray(vectors, dtype=jnp.float32) @ jnp.asarray(unembedding, dtype=jnp.float32).T
     values, ids = jax.lax.top_k(scores, count)
-    return np.asarray(ids), np.asarray(values)
+    return to_host(ids), to_host(values)
 
 
 def dominant_rows(right: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -52,7 +53,7 @@ def nearest_embedding_rows(
     (vocab, d) nearest by cosine similarity (scale-free, so a scaled copy of a row finds it).
     Rows are divided by their norms after the product, so no normalized copy of a large
     embedding table is made; `chunk` vectors at a time bound the (chunk, vocab) scores."""
-    rows = np.asarray(as_float(embedding), np.float32)  # a quantized embedding, dequantized
+    rows = to_host(as_float(embedding), np.float32)  # a quantized embedding, dequantized
     row_norms = np.linalg.norm(rows, axis=1) + 1e-30
     unit = np.asarray(vectors, np.float32)
     unit = unit / (np.linalg.norm(unit, axis=1, keepdims=True) + 1e-30)

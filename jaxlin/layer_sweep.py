@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxlin._config import ModelConfig
 from jaxlin.decoding import dominant_rows
+from jaxlin.distributed import to_host
 from jaxlin.jacobian import DEFAULT_ATTENTION_BLOCK, DetachedJacobian, Products, linearize
 from jaxlin.memory import available_bytes
 from jaxlin.model import Params, Tap, layer_inputs
@@ -64,7 +65,7 @@ def tap_spectrum(
         triplets = streamed_top_k(jacobian, top_k, chunk, products)
         total = jnp.sum(contributions(jacobian, chunk, products), axis=0)
     # A singular pair's sign is arbitrary: fix it so the left vector points along the tap.
-    value = np.asarray(jacobian.output, np.float64)
+    value = to_host(jacobian.output, np.float64)
     sign = np.where(triplets.U.T.astype(np.float64) @ value < 0, -1.0, 1.0)
     oriented = dataclasses.replace(
         triplets, U=triplets.U * sign[None, :].astype(triplets.U.dtype), V=triplets.V * sign[:, None, None]
@@ -135,10 +136,10 @@ def sweep(
                 params, inputs, config, attention_block=attention_block, tap=tap, products=products
             )
             triplets, total = tap_spectrum(jacobian, top_k, chunk, rows_in_memory, products)
-            value = np.asarray(jacobian.output, np.float64)
-            total = np.asarray(total, np.float64) + np.asarray(jacobian.bias, np.float64)
+            value, total, bias = to_host((jacobian.output, total, jacobian.bias), np.float64)
+            total = total + bias
             error = float(np.linalg.norm(total - value) / max(np.linalg.norm(value), 1e-300))
-            right = np.asarray(triplets.V, np.float64)
+            right = triplets.V.astype(np.float64)
             positions, shares, dominant = dominant_rows(right)
             sigma = triplets.S
             results.append(
@@ -147,7 +148,7 @@ def sweep(
                     kind,
                     local,
                     triplets.spectrum,
-                    np.asarray(triplets.U, np.float64).T,
+                    triplets.U.astype(np.float64).T,
                     value,
                     error,
                     right_sigmas=sigma,

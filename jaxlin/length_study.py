@@ -60,11 +60,12 @@ from jaxlin import model as model_fns
 from jaxlin._config import ModelConfig
 from jaxlin._policy import FreezePolicy
 from jaxlin.devices import batch_devices, map_in_batches
+from jaxlin.distributed import is_writer, to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import DetachedJacobian, Products, linearize
 from jaxlin.memory import InsufficientMemoryError, linearization_bytes, product_bytes, require_memory
 from jaxlin.operator import Certificate, certify, chunk_size, contributions_from_rows, rows
-from jaxlin.outputs import claim_output, write_json_atomic
+from jaxlin.outputs import claim_output, make_directory, write_json_atomic
 from jaxlin.run_config import LengthStudySection, RunConfig, read_text_file
 from jaxlin.spectral import rows_top_k, top_k, widened
 
@@ -203,9 +204,7 @@ def sampled_token_norms(
     """Unbiased estimates of ‖J_t‖_F² and ‖c_t‖² for every token from `samples` products Jᵀu."""
     if products is not None:
         products.rmatvecs += samples
-    energy, projected = (
-        np.asarray(a, np.float64) for a in _sampled_token_norms(jacobian, key, samples, chunk)
-    )
+    energy, projected = to_host(_sampled_token_norms(jacobian, key, samples, chunk), np.float64)
     influence, influence_se = mean_and_error(energy)
     contribution, contribution_se = mean_and_error(projected)
     total, total_se = mean_and_error(energy.sum(axis=1))  # the same samples give ‖J‖_F²
@@ -251,8 +250,8 @@ def measure_prefix(
         dense = rows(jacobian, None, settings.chunk, products)  # (d, p, d): J itself
         contributions = contributions_from_rows(dense, prefix)
         certificate = certify(jacobian.output, contributions, logits_of, jacobian.bias)
-        influence = np.sum(np.asarray(dense, np.float64) ** 2, axis=(0, 2))
-        contribution = np.sum(np.asarray(contributions, np.float64) ** 2, axis=-1)
+        influence = np.sum(to_host(dense, np.float64) ** 2, axis=(0, 2))
+        contribution = np.sum(to_host(contributions, np.float64) ** 2, axis=-1)
         zeros = np.zeros(length)
         norms = TokenNorms("exact", influence, zeros, contribution, zeros.copy(), float(influence.sum()), 0.0)
         triplets = rows_top_k(dense, settings.top_k)  # every σ_i too (`spectrum`)
@@ -559,7 +558,7 @@ def length_path(out: Path, length: int) -> Path:
 
 def stored_length(path: Path, expected: dict[str, Any], length: int) -> dict[str, Any] | None:
     """A stored length's record if it is complete and was computed under the same fingerprint."""
-    if not path.is_file():
+    if not is_writer() or not path.is_file():  # the writer alone reads back what it wrote
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -586,7 +585,7 @@ def run_study(
     verbose: bool = True,
 ) -> tuple[dict[str, Any], Path]:
     """The study (or bench) of `config` written to its output directory; returns (summary, dir)."""
-    from jaxlin.command import device_mesh
+    from jaxlin.command import device_mesh, start
     from jaxlin.model_source import read_model_config
 
     settings = StudySettings.from_config(config, kind)
@@ -595,6 +594,7 @@ def run_study(
     model_config = read_model_config(config.model)
     config.check_against(model_config)
     out = output_dir or default_output(config, kind)
+    verbose = start(config, verbose)
     with claim_output(out, kind, config.overwrite) as output, device_mesh(config.devices):
         return _run(config, kind, settings, document, lengths, output.target, verbose)
 
@@ -632,7 +632,7 @@ def _run(
         raise JaxlinError(f"length_study.lengths: none of {lengths} can run ({skipped[0]['reason']})")
     inputs = model_fns.embed(model.config, params, jnp.asarray(ids[: kept[-1]]))
     texts = token_text(tokenizer, ids[: kept[-1]])
-    (out / "lengths").mkdir(exist_ok=True)
+    make_directory(out / "lengths")
     records, reused = [], []
     for length in kept:
         path = length_path(out, length)

@@ -40,6 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxlin._config import ModelConfig
+from jaxlin.distributed import several_processes
 from jaxlin.errors import JaxlinError
 from jaxlin.mesh import sharded_shapes
 from jaxlin.model import Model, expected_param_shapes
@@ -218,7 +219,9 @@ def load_model(
 
             source = resolve_model_directory(str(path))  # a directory, or a hub id from the local cache
             checked_config_json(source)  # refused before any cache entry or transformers is consulted
-    if not use_cache:
+    # Orbax saves and restores collectively across the processes of a distributed run,
+    # whereas each process loads on its own here: such a run reads the checkpoint itself.
+    if not use_cache or several_processes():
         return _load_from_checkpoint(kind_for_file, source, dtype, progress, name, quantized, mesh)
 
     key = _fingerprint(kind_for_file, source, dtype_name, quantized)

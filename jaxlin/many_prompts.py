@@ -13,7 +13,9 @@ import numpy as np
 
 from jaxlin.analyses import Timer
 from jaxlin.devices import batch_devices
+from jaxlin.distributed import is_writer
 from jaxlin.loading import LoadedModel
+from jaxlin.outputs import make_directory
 from jaxlin.plots import write_figures
 from jaxlin.record import parse_record, write_record
 from jaxlin.report import render_report
@@ -42,7 +44,7 @@ def run_many(
     aggregates in OUT (each file replaced atomically). Resumable: a prompt whose directory
     is complete, for the same text and analysis settings, is read back rather than
     recomputed. OUT is a claimed many-prompt output (`claim_output` made it)."""
-    (out / "prompts").mkdir(exist_ok=True)
+    make_directory(out / "prompts")
     fingerprint = _analysis_fingerprint(config)
     summaries: list[dict[str, Any]] = []
     reused = 0
@@ -79,7 +81,7 @@ def run_many(
 
 def _completed(prompt_dir: Path, text: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     path = prompt_dir / "summary.json"
-    if not path.is_file():
+    if not is_writer() or not path.is_file():  # the writer alone reads back what it wrote
         return None
     try:
         previous = json.loads(path.read_text())

@@ -49,8 +49,9 @@ def product_bytes(
 
 def _device_bytes(free: bool) -> int | None:
     """Memory of the default device (free, or in all): the accelerator's own stats, else
-    the host's (/proc/meminfo's MemAvailable or MemTotal)."""
-    device = jax.devices()[0]
+    the host's (/proc/meminfo's MemAvailable or MemTotal). This process's own device: in
+    a distributed run the others' cannot be asked."""
+    device = jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - (stats.get("bytes_in_use", 0) if free else 0))

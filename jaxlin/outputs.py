@@ -13,6 +13,10 @@ replaced or deleted.
   partial file or directory behind.
 - This process's staging paths and locks are kept in a registry so that `abandon` (run by
   the CLI on Ctrl-C, from another thread) can remove them before the process exits.
+- In a run of several processes (`jaxlin.distributed`) only process 0 (`is_writer()`)
+  claims the output and writes: the others hold a claim that touches nothing, and every
+  write of theirs is skipped (its content not even rendered). Process 0 tells them
+  whether its claim succeeded, so that a refused output stops every process at once.
 
 A many-prompt output (kind "many") is not staged as a whole: its prompts/NNNN
 directories are published one at a time so that a rerun resumes it (see
@@ -37,6 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from jaxlin.distributed import agree, is_writer, several_processes
 from jaxlin.errors import JaxlinError
 
 MARKER_NAME = ".jaxlin-run"
@@ -149,8 +154,11 @@ def write_file_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
     """The one way jaxlin writes a file (JSON, npz, PNG, HTML, markers): `write(staging)`
     writes it beside `path` under a staging name, and one rename then puts it in place, so
     `path` is never seen half-written, also inside a staging directory. The staging path
-    keeps `path`'s suffix (matplotlib picks the format from it)."""
+    keeps `path`'s suffix (matplotlib picks the format from it). A process other than the
+    writer (see the module docstring) does not call `write` and writes nothing."""
     path = Path(path)
+    if not is_writer():
+        return path
     staging = _new_staging(path, ".partial-", directory=False)
     try:
         write(staging)
@@ -200,8 +208,12 @@ def write_npz_atomic(path: Path, arrays: dict[str, Any]) -> Path:
 @contextlib.contextmanager
 def staged_directory(target: Path, kind: RunKind) -> Iterator[Path]:
     """Yield a staging directory beside `target`; once the block completes it gets the run
-    marker and replaces `target` (which must be absent, empty or a jaxlin run)."""
+    marker and replaces `target` (which must be absent, empty or a jaxlin run). A process
+    other than the writer gets `target` itself, into which it writes nothing."""
     target = Path(target)
+    if not is_writer():
+        yield target
+        return
     staging = _new_staging(target, ".partial-", directory=True)
     try:
         yield staging
@@ -231,8 +243,15 @@ def _publish(staging: Path, target: Path) -> None:
 def ensure_run_directory(target: Path, kind: RunKind) -> None:
     """A directory written in place (a many-prompt output): create it if needed and
     (re)write its marker, which also proves the directory writable."""
-    target.mkdir(exist_ok=True)
+    make_directory(target)
     write_text_atomic(target / MARKER_NAME, _marker_text(kind))
+
+
+def make_directory(path: Path) -> None:
+    """A directory inside a claimed output (e.g. a many-prompt output's prompts/), made by
+    the writer only."""
+    if is_writer():
+        path.mkdir(exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- claims
@@ -380,6 +399,37 @@ def claim_output(target: str | Path, kind: RunKind, overwrite: bool) -> Iterator
     target = Path(target)
     if target.name in ("", ".", ".."):
         raise OutputError(f"output_dir: {target} does not name a directory")
+    if not is_writer():
+        if not agree(True):
+            raise OutputError(f"output_dir: process 0 could not claim {target} (see its message)")
+        # Nothing checked, locked or created, so nothing to release: it writes nothing.
+        yield OutputClaim(
+            target,
+            kind,
+            resume=False,
+            lock_path=target,
+            lock_fd=-1,
+            created_dirs=[],
+            target_existed=False,
+            released=True,
+        )
+        return
+    try:
+        claim = _take(target, kind, overwrite)
+    except BaseException:
+        agree(False)
+        raise
+    agree(True)
+    failed = True
+    try:
+        yield claim
+        failed = False
+    finally:
+        claim.release(failed)
+
+
+def _take(target: Path, kind: RunKind, overwrite: bool) -> OutputClaim:
+    """`claim_output`'s claim, held (and released again if taking it fails)."""
     _check_existing(target, kind, overwrite)  # refuse before touching the filesystem
     created = _make_parents(target.parent)
     lock_path = target.parent / f".{target.name}.lock"
@@ -393,9 +443,15 @@ def claim_output(target: str | Path, kind: RunKind, overwrite: bool) -> Iterator
     claim = OutputClaim(target, kind, False, lock_path, fd, created, os.path.lexists(target))
     with _registry_lock:
         _claims.append(claim)
-    failed = True
     try:
         claim.resume = _check_existing(target, kind, overwrite)  # again, now that we hold the lock
+        if claim.resume and several_processes():
+            # Every process must run the same computations, and only process 0 reads
+            # which items an earlier run completed.
+            raise OutputError(
+                f"output_dir: {target} holds an earlier {kind} output, which a run of several "
+                "processes cannot resume (choose another output_dir, or resume it with one process)"
+            )
         _remove_stale(target.parent, target.name)
         if claim.resume:
             _remove_stale(target, None)
@@ -411,10 +467,10 @@ def claim_output(target: str | Path, kind: RunKind, overwrite: bool) -> Iterator
                 ensure_run_directory(target, kind)
             except OSError as error:
                 raise OutputError(f"output_dir: cannot write in {target} ({error.strerror})") from None
-        yield claim
-        failed = False
-    finally:
-        claim.release(failed)
+    except BaseException:
+        claim.release(failed=True)
+        raise
+    return claim
 
 
 def abandon() -> None:

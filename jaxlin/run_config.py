@@ -200,6 +200,45 @@ class MeshSection(_Strict):
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
 
 
+class DistributedSection(_Strict):
+    """Several processes (`jaxlin.distributed`): one `jaxlin run` per process, each with
+    its own process_id; process 0 writes the output. Without `auto`, coordinator,
+    processes and process_id are required."""
+
+    coordinator: str | None = Field(
+        None, description="host:port of process 0's coordinator (the same for every process)"
+    )
+    processes: int | None = Field(None, ge=1, description="how many processes take part")
+    process_id: int | None = Field(None, ge=0, description="this process's number, 0 … processes − 1")
+    auto: bool = Field(
+        False,
+        description="let JAX find what is not given (JAX_COORDINATOR_ADDRESS; Slurm, Open MPI, Cloud TPU, "
+        "Kubernetes)",
+    )
+    timeout: int = Field(300, ge=1, description="seconds to wait for every process to join")
+
+    @field_validator("coordinator")
+    @classmethod
+    def _host_and_port(cls, coordinator: str | None) -> str | None:
+        if coordinator is not None:
+            host, _, port = coordinator.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"coordinator {coordinator!r} is not host:port")
+        return coordinator
+
+    @model_validator(mode="after")
+    def _complete(self) -> DistributedSection:
+        if not self.auto:
+            missing = [
+                name for name in ("coordinator", "processes", "process_id") if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(f"{', '.join(missing)} required (or auto: true to let JAX find them)")
+        if self.processes is not None and self.process_id is not None and self.process_id >= self.processes:
+            raise ValueError(f"process_id {self.process_id} is not below processes {self.processes}")
+        return self
+
+
 class ComparedModel(ModelSection):
     label: str | None = Field(None, description="the model's name in the comparison (default: its own name)")
 
@@ -256,6 +295,11 @@ class RunConfig(_Strict):
         None,
         description="shard the model over a data × fsdp × tensor device mesh (default: every device on "
         "data, the parameters replicated)",
+    )
+    distributed: DistributedSection | None = Field(
+        None,
+        description="run as one of several processes (jax.distributed; default: only when "
+        "JAX_COORDINATOR_ADDRESS is set)",
     )
     output_dir: str = "runs/default"
     overwrite: bool = Field(

@@ -17,6 +17,7 @@ from jaxlin import model as model_fns
 from jaxlin._config import ModelConfig
 from jaxlin._policy import FreezePolicy
 from jaxlin.analyses import INPUT_ANALYSES, RUN_ANALYSES, Analysis, Context, Result, Timer
+from jaxlin.distributed import to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import Products, linearize
 from jaxlin.loading import LoadedModel
@@ -126,7 +127,7 @@ def analyse(
         "dtype": str(jnp.dtype(model.dtype)),
         "jacobian_input": JACOBIAN_INPUT,
     }
-    arrays: dict[str, np.ndarray] = {"token_ids": ids, "inputs": np.asarray(inputs, dtype=np.float32)}
+    arrays: dict[str, np.ndarray] = {"token_ids": ids, "inputs": to_host(inputs, np.float32)}
     for result in context.results:
         summary.update(result.summary_entries())
         arrays.update(result.arrays())

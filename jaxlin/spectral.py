@@ -33,6 +33,7 @@ import numpy as np
 from matfree import decomp
 
 from jaxlin.devices import map_in_batches, map_matrices
+from jaxlin.distributed import to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import DetachedJacobian, Products
 from jaxlin.operator import chunk_size, rows
@@ -107,7 +108,7 @@ def dense_top_k(jacobian: np.ndarray, k: int) -> Triplets:
     """Top-k SVD of a materialized J of shape (d, N, d), computed in float64."""
     d, n, d_in = jacobian.shape
     check_request(k, None, min(d, n * d_in))
-    u, s, vt = np.linalg.svd(np.asarray(jacobian, dtype=np.float64).reshape(d, n * d_in), full_matrices=False)
+    u, s, vt = np.linalg.svd(to_host(jacobian, np.float64).reshape(d, n * d_in), full_matrices=False)
     return Triplets(U=u[:, :k], S=s[:k], V=vt[:k].reshape(k, n, d_in), bounds=np.zeros(k))
 
 
@@ -189,7 +190,7 @@ def top_k(
         if products is not None:  # depth J·Jᵀ steps, then one Jᵀ and one J pass of k vectors
             products.matvecs += depth + k
             products.rmatvecs += depth + k
-        s_np, bounds_np = np.asarray(s, np.float64), np.asarray(bounds, np.float64)
+        s_np, bounds_np = to_host((s, bounds), np.float64)
         worst = float(np.max(bounds_np / np.maximum(s_np, np.finfo(np.float64).tiny)))
         if progress is not None:
             progress(
@@ -200,9 +201,8 @@ def top_k(
         reason = _stop_reason(worst, previous, in_eps, tolerance, depth, d)
         if reason is not None:
             converged = reason == "converged"
-            return Triplets(
-                np.asarray(u).T, s_np, np.asarray(v), bounds_np, depth, converged, tolerance, reason
-            )
+            u, v = to_host((u, v))
+            return Triplets(u.T, s_np, v, bounds_np, depth, converged, tolerance, reason)
         previous = worst
         depth = min(d, depth + max(depth // 2, 1))
 
@@ -366,13 +366,13 @@ def _streamed_top_k(op: DetachedJacobian, k: int, chunk: int | None) -> tuple[ja
 
 
 def _exact_triplets(outputs: tuple[jax.Array, ...]) -> Triplets:
-    spectrum, u, s, v, bounds = outputs
+    spectrum, u, s, v, bounds = to_host(outputs)
     return Triplets(
-        np.asarray(u).T,
-        np.asarray(s, np.float64),
-        np.asarray(v),
-        np.asarray(bounds, np.float64),
-        spectrum=np.asarray(spectrum, np.float64),
+        u.T,
+        s.astype(np.float64),
+        v,
+        bounds.astype(np.float64),
+        spectrum=spectrum.astype(np.float64),
     )
 
 

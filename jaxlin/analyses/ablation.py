@@ -28,6 +28,7 @@ from jaxlin._config import ModelConfig
 from jaxlin.analyses.base import Analysis, Context
 from jaxlin.analyses.certificate import CertificateResult
 from jaxlin.devices import map_in_batches
+from jaxlin.distributed import to_host
 from jaxlin.jacobian import DetachedJacobian
 from jaxlin.model import Params
 from jaxlin.run_config import AnalysisSection
@@ -132,7 +133,7 @@ def ablate(
     token = int(jnp.argmax(model_fns.logits(config, params, hidden)))
     chunk = None if chunk is None or chunk >= len(ids) else chunk
     arrays = _ablate(params, jnp.asarray(ids), hidden, contributions, jnp.asarray(token), config, chunk)
-    linear, linear_top, removed, removed_top, zeroed, zeroed_top = (np.asarray(a) for a in arrays)
+    linear, linear_top, removed, removed_top, zeroed, zeroed_top = to_host(arrays)
     return Ablation(token, linear, linear_top, removed, removed_top, zeroed, zeroed_top)
 
 

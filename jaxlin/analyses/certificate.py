@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxlin import model as model_fns
 from jaxlin.analyses.base import Analysis, Context
+from jaxlin.distributed import to_host
 from jaxlin.jacobian import DetachedJacobian
 from jaxlin.operator import Certificate, certify, contributions, contributions_from_rows
 from jaxlin.run_config import AnalysisSection
@@ -33,7 +34,7 @@ class CertificateResult:
 
     @property
     def contributions_float64(self) -> np.ndarray:
-        return np.asarray(self.contributions, dtype=np.float64)
+        return to_host(self.contributions, np.float64)
 
     def summary_entries(self) -> dict[str, Any]:
         return {
@@ -73,14 +74,14 @@ def run(jacobian: DetachedJacobian, context: Context) -> CertificateResult:
         certificate = certify(
             jacobian.output, c, lambda h: model_fns.logits(config, params, h), jacobian.bias
         )
-    y = np.asarray(jacobian.output, dtype=np.float64)
+    y = to_host(jacobian.output, np.float64)
     ordinary_contributions = ordinary_bias = ordinary_error = None
     if compares_ordinary(options, n):
         with context.timer.step("ordinary Jacobian contributions"):
             ordinary = context.ordinary(jacobian)
             c_ordinary = contributions(ordinary, options.chunk, context.products)
-            ordinary_contributions = np.asarray(c_ordinary, dtype=np.float64)
-            ordinary_bias = np.asarray(ordinary.bias, dtype=np.float64)
+            ordinary_contributions = to_host(c_ordinary, np.float64)
+            ordinary_bias = to_host(ordinary.bias, np.float64)
             total = ordinary_contributions.sum(0) + ordinary_bias
             ordinary_error = float(np.linalg.norm(total - y) / np.linalg.norm(y))
     return CertificateResult(
@@ -89,7 +90,7 @@ def run(jacobian: DetachedJacobian, context: Context) -> CertificateResult:
         affine=config.has_biases,
         contributions=c,
         y=y,
-        bias=np.asarray(jacobian.bias, dtype=np.float64),
+        bias=to_host(jacobian.bias, np.float64),
         ordinary_contributions=ordinary_contributions,
         ordinary_bias=ordinary_bias,
         ordinary_error=ordinary_error,

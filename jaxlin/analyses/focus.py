@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxlin.analyses.base import Analysis, Context
 from jaxlin.analyses.certificate import CertificateResult
+from jaxlin.distributed import to_host
 from jaxlin.jacobian import DetachedJacobian
 from jaxlin.operator import block_from_rows, token_block
 from jaxlin.tokens import starts_with_bos
@@ -50,8 +51,8 @@ def run(jacobian: DetachedJacobian, context: Context) -> FocusResult:
         )
         ordinary = None
         if certificate.ordinary_error is not None:
-            ordinary = np.asarray(token_block(context.ordinary(jacobian), focus, chunk, products), np.float32)
-    return FocusResult(focus, np.asarray(block, np.float32), ordinary)
+            ordinary = to_host(token_block(context.ordinary(jacobian), focus, chunk, products), np.float32)
+    return FocusResult(focus, to_host(block, np.float32), ordinary)
 
 
 ANALYSIS = Analysis("focus", run, uses_rows=True)

@@ -14,6 +14,7 @@ from jaxlin.analyses.base import Analysis, Context
 from jaxlin.analyses.certificate import CertificateResult
 from jaxlin.analyses.per_token import PerTokenResult
 from jaxlin.analyses.spectrum import SpectrumResult
+from jaxlin.distributed import to_host
 from jaxlin.jacobian import DetachedJacobian
 from jaxlin.spectral import frobenius_estimate
 
@@ -55,7 +56,7 @@ def run(jacobian: DetachedJacobian, context: Context) -> NormsResult:
         with context.timer.step(f"Hutchinson estimate of ‖J_t‖_F ({samples} samples)"):
             key = jax.random.key(context.options.seed)
             estimate = frobenius_estimate(jacobian, key, samples, context.products)
-            token_frobenius = np.sqrt(np.maximum(np.asarray(estimate, np.float64), 0.0))
+            token_frobenius = np.sqrt(np.maximum(to_host(estimate, np.float64), 0.0))
         method = f"Hutchinson estimate, {samples} samples"
     contributions = context.earlier(CertificateResult).contributions_float64
     return NormsResult(

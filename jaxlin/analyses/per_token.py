@@ -15,6 +15,7 @@ from jaxlin._config import ModelConfig
 from jaxlin.analyses.base import Analysis, Context
 from jaxlin.analyses.certificate import CertificateResult
 from jaxlin.decoding import decode_left_vectors, nearest_embedding_tokens
+from jaxlin.distributed import to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import DetachedJacobian
 from jaxlin.operator import rows
@@ -101,9 +102,7 @@ def run(jacobian: DetachedJacobian, context: Context) -> PerTokenResult:
         else:
             basis = krylov_basis(jacobian, section.rank, options.seed, context.products)
             projected = rows(jacobian, basis, options.chunk, context.products)
-        left, sigma, right, bounds, frob_sq = (
-            np.asarray(a) for a in per_token_from_rows(projected, basis, section.top_k)
-        )
+        left, sigma, right, bounds, frob_sq = to_host(per_token_from_rows(projected, basis, section.top_k))
     y = context.earlier(CertificateResult).y
     return PerTokenResult(
         method=section.method,
