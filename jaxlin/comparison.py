@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from jaxlin.devices import batch_devices
 from jaxlin.distributed import is_writer
 from jaxlin.errors import JaxlinError
-from jaxlin.outputs import claim_output, write_json_atomic
+from jaxlin.outputs import claim_output, make_directory, write_json_atomic
 from jaxlin.record import DecodedVector, RightVector
 from jaxlin.run_config import AnalysisSection, ComparedModel, ComparisonSection, LayersSection, RunConfig
 
@@ -370,7 +370,7 @@ def run_comparison(config: RunConfig, verbose: bool = True) -> tuple[ComparisonR
         device_mesh(config.devices),
     ):
         out = output.target
-        (out / RESULTS_DIR).mkdir(exist_ok=True)
+        make_directory(out / RESULTS_DIR)
         infos: list[ComparedModelInfo] = []
         per_model: list[list[ModelResult]] = []
         reused = 0
