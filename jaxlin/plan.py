@@ -12,6 +12,15 @@ residuals stay resident. So the peak is
 (arguments of a program are already resident: the weights, J, small vectors). This is
 what XLA will allocate, not a calibration: `benchmarks/memory_scaling.py` compares it
 with the measured peak resident memory.
+
+On a data × fsdp × tensor mesh (`jaxlin.mesh`) the abstract weights carry the shardings
+its rules give them, the programs are partitioned as a run's are, and every size is one
+device's: the weights' shards, J's residuals as the partitioner placed them, and XLA's
+per-device memory analysis. `smallest_mesh` searches meshes by device count for the first
+whose peak fits a device's memory; `jaxlin plan --devices N` compiles for N host CPU
+devices when fewer are present (compiling needs the devices, not their memory).
+`--quantized Q4_K` plans the matrices in that GGUF block layout, as `model.quantized`
+keeps a GGUF's on device (jaxlin.quantized).
 """
 
 from __future__ import annotations
@@ -511,6 +520,9 @@ def plan_run(
     if devices is not None and devices < 1:
         raise JaxlinError(f"--devices: {devices} is not a positive device count")
     model, architecture = read_planning_config(config.model)
+    if getattr(config.model, "quantized", False) and quantized is None:
+        # The file's own per-tensor types are not read yet: say what was planned.
+        architecture += "; model.quantized: planned as float (--quantized TYPE plans a block layout)"
     if model.max_positions is not None and max(tokens) > model.max_positions:
         raise JaxlinError(f"--tokens: {max(tokens)} exceeds the model's {model.max_positions} positions")
     dtype = enable_dtype(config.model.dtype)
