@@ -32,9 +32,9 @@ CONFIGS = ROOT / "configs" / "published"
 # (label, dtype, quantized layout)
 VARIANTS = (
     ("float32", "float32", None),
-    ("float64", "float64", None),
     ("bfloat16", "bfloat16", None),
     ("Q4_K (float32)", "float32", "Q4_K"),
+    ("float64", "float64", None),
 )
 
 
@@ -59,8 +59,8 @@ def main() -> None:
     limit = parse_bytes(args.device_memory)
     names = args.models or sorted(path.stem for path in CONFIGS.glob("*.yaml"))
     rows: list[dict] = []
-    for name in names:
-        for label, dtype, quantized in VARIANTS:
+    for label, dtype, quantized in VARIANTS:  # every model at one variant, then the next
+        for name in names:
             misfits: set[tuple[int, ...]] = set()
             for n in sorted(args.tokens):
                 start = time.perf_counter()
