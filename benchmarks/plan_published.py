@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096, 32768])
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--device-memory", default="80GB")
+    parser.add_argument("--variants", nargs="*", help="labels of VARIANTS to plan (default: all)")
     parser.add_argument("--name", default="plan_published", help="result name under benchmarks/results")
     args = parser.parse_args()
 
@@ -59,7 +60,8 @@ def main() -> None:
     limit = parse_bytes(args.device_memory)
     names = args.models or sorted(path.stem for path in CONFIGS.glob("*.yaml"))
     rows: list[dict] = []
-    for label, dtype, quantized in VARIANTS:  # every model at one variant, then the next
+    variants = [variant for variant in VARIANTS if not args.variants or variant[0] in args.variants]
+    for label, dtype, quantized in variants:  # every model at one variant, then the next
         for name in names:
             misfits: set[tuple[int, ...]] = set()
             for n in sorted(args.tokens):
