@@ -152,6 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     plan_parser.add_argument("config", help="path to a run config (see configs/)")
     plan_parser.add_argument("--tokens", type=int, nargs="+", required=True, help="input lengths (tokens)")
+    plan_parser.add_argument(
+        "--devices", type=int, help="search meshes of up to this many devices (default: those present)"
+    )
+    plan_parser.add_argument(
+        "--device-memory", help="memory of each device, e.g. 80GB (default: the present device's)"
+    )
+    plan_parser.add_argument(
+        "--quantized", help="plan the matrices in a GGUF block layout kept quantized (Q4_K, Q4_0, Q4_1, Q8_0)"
+    )
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _study(args, "bench")
@@ -197,17 +206,19 @@ def _plan(args: argparse.Namespace) -> int:
     """`jaxlin plan CONFIG --tokens N …` (see jaxlin.plan): nothing is loaded or written."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        from jaxlin.memory import total_bytes
-        from jaxlin.plan import describe, plan_run
+        from jaxlin.plan import parse_bytes, plan_run, request_host_devices
         from jaxlin.run_config import load_run_config
 
-        plans = plan_run(load_run_config(args.config), args.tokens)
+        config = load_run_config(args.config)
+        configured = config.mesh.data * config.mesh.fsdp * config.mesh.tensor if config.mesh else 1
+        # Before jax starts: host devices to compile for, when there are fewer devices.
+        request_host_devices(max(args.devices or 1, configured))
+        memory = parse_bytes(args.device_memory) if args.device_memory is not None else None
+        report = plan_run(config, args.tokens, args.devices, memory, args.quantized)
     except JaxlinError as error:
         print(f"jaxlin: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    limit = total_bytes()
-    for planned in plans:
-        print(describe(planned, limit))
+    print(report.text())
     return 0
 
 

@@ -1,9 +1,15 @@
 """The shape of the model a run names (hidden size, layers, …), read from its config
 alone — GGUF metadata or config.json — without reading a weight, so that a run config
-the model cannot satisfy is refused before the expensive load."""
+the model cannot satisfy is refused before the expensive load.
+
+The planner (`jaxlin plan`) may also plan a published model that is not on this machine:
+for a hub id missing from the local HF cache it reads the architecture jaxlin ships
+(jaxlin/data/architectures/<org>__<name>.json: the config.json fields the ports read,
+no weights, no code). The cache's own config.json always wins; a run never uses these."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,47 @@ def read_model_config(section: ModelSection) -> ModelConfig:
 
         return _gguf_model_config(wheel_gguf(wheel_model(str(section.path)), default_cache_dir()))
     return _hf_model_config(resolve_model_directory(section.path))
+
+
+# Architectures of published models (see the module docstring), by hub id "org/name".
+ARCHITECTURES = Path(__file__).parent / "data" / "architectures"
+
+
+def shipped_architecture(hub_id: str) -> Path | None:
+    """The shipped architecture file of a hub id, if jaxlin has one."""
+    org, _, name = hub_id.partition("/")
+    if not org or not name or "/" in name or org.startswith("."):
+        return None
+    path = ARCHITECTURES / f"{org}__{name}.json"
+    return path if path.is_file() else None
+
+
+def read_planning_config(section: ModelSection) -> tuple[ModelConfig, str]:
+    """`read_model_config` for a plan, and where the architecture came from: an HF hub id
+    missing from the local cache falls back to the shipped architecture of that id."""
+    from converters.hf import CheckpointError, resolve_model_directory
+
+    where = f"{section.source} {section.path}" if section.path is not None else section.source
+    if section.source != "hf":
+        return read_model_config(section), where
+    try:
+        directory = resolve_model_directory(section.path)
+    except CheckpointError:
+        shipped = shipped_architecture(str(section.path))
+        if shipped is None:
+            raise
+        note = (
+            f"{section.path} is not in the local Hugging Face cache: architecture from jaxlin's "
+            f"{shipped.relative_to(ARCHITECTURES.parents[2])} (hyperparameters only, no weights)"
+        )
+        return architecture_config(shipped), note
+    return _hf_model_config(directory), f"{section.path}: {directory / 'config.json'}"
+
+
+def architecture_config(path: Path) -> ModelConfig:
+    """The `ModelConfig` of a shipped architecture file (config.json's fields, through
+    transformers' config class for its model_type as for a model directory)."""
+    return _config_from_data(json.loads(path.read_text(encoding="utf-8")), path)
 
 
 def gguf_file(path: str | None) -> Path:
@@ -55,9 +102,6 @@ def _gguf_model_config(file: Path) -> ModelConfig:
 def _hf_model_config(directory: Path) -> ModelConfig:
     """config.json read as JSON by jaxlin, then through transformers' class for its
     model_type (never `AutoConfig.from_pretrained`, which can reach custom code)."""
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import CONFIG_MAPPING
-
     from converters.hf import CheckpointError, checked_config_json
 
     path = directory / "config.json"
@@ -69,6 +113,13 @@ def _hf_model_config(directory: Path) -> ModelConfig:
         data = checked_config_json(directory)
     except CheckpointError as error:
         raise ConfigError(f"model.path: {error}") from None
+    return _config_from_data(data, path)
+
+
+def _config_from_data(data: dict[str, Any], path: Path) -> ModelConfig:
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import CONFIG_MAPPING
+
     try:
         hf_config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
     except (TypeError, ValueError, KeyError, StrictDataclassError) as error:

@@ -12,11 +12,23 @@ residuals stay resident. So the peak is
 (arguments of a program are already resident: the weights, J, small vectors). This is
 what XLA will allocate, not a calibration: `benchmarks/memory_scaling.py` compares it
 with the measured peak resident memory.
+
+On a data × fsdp × tensor mesh (`jaxlin.mesh`) the abstract weights carry the shardings
+its rules give them, the programs are partitioned as a run's are, and every size is one
+device's: the weights' shards, J's residuals as the partitioner placed them, and XLA's
+per-device memory analysis. `smallest_mesh` searches meshes by device count for the first
+whose peak fits a device's memory; `jaxlin plan --devices N` compiles for N host CPU
+devices when fewer are present (compiling needs the devices, not their memory).
+`--quantized Q4_K` plans the matrices in that GGUF block layout, as `model.quantized`
+keeps a GGUF's on device (jaxlin.quantized).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -27,9 +39,22 @@ import jax.numpy as jnp
 from jaxlin._config import ModelConfig
 from jaxlin._modules import Transformer
 from jaxlin._policy import FreezePolicy
-from jaxlin.jacobian import DEFAULT_ATTENTION_BLOCK, DetachedJacobian, _linearize, linearize
+from jaxlin.jacobian import DEFAULT_ATTENTION_BLOCK, DetachedJacobian, _linearize, _resolve_params
+from jaxlin.mesh import MESH_AXES, input_sharding, make_mesh, param_specs
 
 Abstract = jax.ShapeDtypeStruct
+MeshSizes = dict[str, int]  # axis → size (jaxlin.mesh's data × fsdp × tensor); an axis left out is 1
+
+# GGUF block layouts a plan can assume for an HF source's matrices (`--quantized`), as
+# jaxlin.quantized holds them on device: (bits, values per group, per-group offset).
+# Q4_K: 4-bit codes with a float32 scale and offset per 32 values (6 bits a value on
+# device; llama.cpp's file stores 4.5). Q8_0: int8 codes, a float32 scale per 32 values.
+QUANTIZED_LAYOUTS: dict[str, tuple[int, int, bool]] = {
+    "Q4_K": (4, 32, True),
+    "Q4_0": (4, 32, False),
+    "Q4_1": (4, 32, True),
+    "Q8_0": (8, 32, False),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +94,11 @@ class ProgramMemory:
 class Plan:
     tokens: int
     dtype: str
-    weights: int  # every parameter, resident for the whole run
+    weights: int  # every parameter (this device's shards), resident for the whole run
     jacobian: int  # J's own residuals (N-dependent; the weights it refers to are not copied)
     programs: tuple[ProgramMemory, ...]
+    mesh: tuple[tuple[str, int], ...] = ()  # the data × fsdp × tensor sizes; () for one device
+    quantized: str | None = None  # the block layout assumed for the matrices, if any
 
     @property
     def peak(self) -> int:
@@ -83,21 +110,80 @@ class Plan:
         return self.peak - self.weights
 
 
-def abstract_params(config: ModelConfig, dtype: jnp.dtype) -> Any:
-    """The params pytree as shapes and dtypes, from the config alone."""
+def abstract_params(
+    config: ModelConfig, dtype: jnp.dtype, mesh: Any = None, quantized: str | None = None
+) -> Any:
+    """The params pytree as shapes and dtypes, from the config alone; with `quantized`, its
+    matrices in that GGUF block layout (`quantized_layouts`); on `mesh`, each leaf carries
+    the NamedSharding `jaxlin.mesh`'s rules give it."""
     model = Transformer(config, FreezePolicy.DETACHED, dtype)
     ids = jnp.zeros((1,), jnp.int32)
     init = lambda: model.init(jax.random.key(0), ids, method=Transformer.embed_and_decode)  # noqa: E731
-    return jax.eval_shape(init)["params"]
+    params = jax.eval_shape(init)["params"]
+    if quantized is not None:
+        from jaxlin.quantized import with_layouts
+
+        params = with_layouts(params, quantized_layouts(params, quantized), dtype)
+    if mesh is not None:
+        specs = param_specs(params, config, mesh)
+        params = jax.tree_util.tree_map(
+            lambda leaf, spec: leaf.update(sharding=jax.sharding.NamedSharding(mesh, spec)), params, specs
+        )
+    return params
+
+
+def quantized_layouts(params: Any, kind: str) -> dict[str, dict[str, Any]]:
+    """`jaxlin.quantized.layouts` of the params as a GGUF file quantized to `kind` would have
+    them: every Dense kernel and the embedding (matrices whose rows split into whole groups);
+    norm scales, biases and position tables stay float, as llama.cpp keeps them."""
+    from jaxlin.errors import JaxlinError
+
+    if kind not in QUANTIZED_LAYOUTS:
+        raise JaxlinError(f"--quantized: {kind!r} is not one of {', '.join(QUANTIZED_LAYOUTS)}")
+    bits, group, with_offset = QUANTIZED_LAYOUTS[kind]
+    layouts: dict[str, dict[str, Any]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [str(getattr(key, "key", key)) for key in path]
+        kernel = names[-1] == "kernel" and len(leaf.shape) >= 2
+        embedding = names[-2:] == ["embedder", "embedding"]
+        if not (kernel or embedding):
+            continue
+        # GGUF stores HF's (out, in) matrix; a Flax kernel is its transpose (in, out).
+        *lead, rows, cols = leaf.shape if embedding else (*leaf.shape[:-2], leaf.shape[-1], leaf.shape[-2])
+        if cols % group:
+            continue  # llama.cpp falls back to another type for such rows: planned as float
+        scale = [*lead, rows, cols // group]
+        codes = [*lead, rows, cols // 2 if bits == 4 else cols]
+        layouts[jax.tree_util.keystr(path)] = {
+            "bits": bits,
+            "group": group,
+            "code_offset": -8 if kind == "Q4_0" else 0,
+            "transposed": kernel,
+            "codes": [codes, "uint8" if bits == 4 else "int8"],
+            "scale": scale,
+            "offset": with_offset,
+        }
+    return layouts
+
+
+def _leaf_bytes(leaf: Any) -> int:
+    """Bytes of one (abstract) array on one device: its shard when it carries a sharding."""
+    sharding = getattr(leaf, "sharding", None)
+    shape = sharding.shard_shape(tuple(leaf.shape)) if sharding is not None else leaf.shape
+    return math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
 
 
 def nbytes(tree: Any) -> int:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
+    """Bytes of a pytree of (abstract) arrays on one device."""
+    return sum(_leaf_bytes(leaf) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def _memory(name: str, lowered: Any, held: int = 0) -> ProgramMemory:
-    stats = lowered.compile().memory_analysis()
+    return _compiled_memory(name, lowered.compile(), held)
+
+
+def _compiled_memory(name: str, compiled: Any, held: int = 0) -> ProgramMemory:
+    stats = compiled.memory_analysis()
     return ProgramMemory(
         name,
         int(stats.argument_size_in_bytes),
@@ -141,20 +227,39 @@ def _analysis_programs(
         yield "per-token", lambda: spectral.per_token_from_rows.lower(projected, wide_basis, k)
 
 
-def plan(config: ModelConfig, tokens: int, dtype: jnp.dtype, work: Workload | None = None) -> Plan:
+def plan(
+    config: ModelConfig,
+    tokens: int,
+    dtype: jnp.dtype,
+    work: Workload | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    quantized: str | None = None,
+) -> Plan:
     """Compile the run's programs for `tokens` input tokens with abstract weights and read
-    their memory analyses (minutes for a large model on CPU: compiling is the cost)."""
-    work = work or Workload()
-    dtype = jnp.dtype(dtype)
-    params = abstract_params(config, dtype)
-    inputs = Abstract((tokens, config.hidden_size), dtype)
+    their memory analyses (minutes for a large model on CPU: compiling is the cost). On
+    `mesh` the programs are partitioned as a run under it partitions them (the weights
+    placed by `jaxlin.mesh`'s rules) and every size is one device's."""
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return _plan(config, tokens, jnp.dtype(dtype), work or Workload(), mesh, quantized)
+
+
+def _plan(
+    config: ModelConfig, tokens: int, dtype: jnp.dtype, work: Workload, mesh: Any, quantized: str | None
+) -> Plan:
+    params = abstract_params(config, dtype, mesh, quantized)
+    sharding = input_sharding(mesh) if mesh is not None else None
+    inputs = Abstract((tokens, config.hidden_size), dtype, sharding=sharding)
 
     def linearization(policy: FreezePolicy, block: int | None) -> tuple[ProgramMemory, DetachedJacobian, int]:
-        program = _memory("linearize", _linearize.lower(params, inputs, config, policy, block, None))
-        # What J holds itself: the program's outputs, where the weights are `ParamRef`s.
-        own = nbytes(jax.eval_shape(_linearize, params, inputs, config, policy, block, None))
-        jacobian = jax.eval_shape(lambda p, x: linearize(p, x, config, policy, block), params, inputs)
-        return program, jacobian, own
+        compiled = _linearize.lower(params, inputs, config, policy, block, None).compile()
+        program = _compiled_memory("linearize", compiled)
+        # What J holds itself: the program's outputs, where the weights are `ParamRef`s
+        # (on a mesh, each output as the partitioner placed it).
+        out = jax.eval_shape(_linearize, params, inputs, config, policy, block, None)
+        if mesh is not None:
+            out = jax.tree_util.tree_map(lambda a, s: a.update(sharding=s), out, compiled.output_shardings)
+        jacobian = dataclasses.replace(out, linear=_resolve_params(out.linear, params))
+        return program, jacobian, nbytes(out)
 
     first, jacobian, held = linearization(FreezePolicy.DETACHED, work.attention_block)
     programs = [first]
@@ -168,7 +273,8 @@ def plan(config: ModelConfig, tokens: int, dtype: jnp.dtype, work: Workload | No
         programs.append(dataclasses.replace(second, name="ordinary linearize", held=held))
         lowered = operator._contributions.lower(ordinary, work.chunk)
         programs.append(_memory("ordinary contributions", lowered, held + ordinary_held))
-    return Plan(tokens, dtype.name, nbytes(params), held, tuple(programs))
+    sizes = tuple(mesh.shape.items()) if mesh is not None else ()
+    return Plan(tokens, dtype.name, nbytes(params), held, tuple(programs), sizes, quantized)
 
 
 def workload(options: Any) -> Workload:
@@ -188,11 +294,20 @@ def workload(options: Any) -> Workload:
     )
 
 
+def mesh_label(sizes: MeshSizes) -> str:
+    """'data 1 × fsdp 2 × tensor 4 (8 devices)'."""
+    count = math.prod(sizes.get(axis, 1) for axis in MESH_AXES)
+    axes = " × ".join(f"{axis} {sizes.get(axis, 1)}" for axis in MESH_AXES)
+    return f"{axes} ({count} device{'s' if count > 1 else ''})"
+
+
 def describe(planned: Plan, limit: int | None) -> str:
     """The plan as terminal lines: each program, the peak, and whether it fits."""
     gib = lambda value: f"{value / 2**30:8.2f} GiB"  # noqa: E731
+    placement = f", {mesh_label(dict(planned.mesh))}" if planned.mesh else ""
+    weights = f"weights ({planned.quantized} layout) " if planned.quantized else "weights "
     lines = [
-        f"{planned.tokens} tokens, {planned.dtype}: weights {gib(planned.weights)}, "
+        f"{planned.tokens} tokens, {planned.dtype}{placement}: {weights}{gib(planned.weights)}, "
         f"J's own residuals {gib(planned.jacobian)}",
         f"  {'program':<24}{'held':>12}{'outputs':>12}{'temporaries':>12}",
     ]
@@ -206,19 +321,228 @@ def describe(planned: Plan, limit: int | None) -> str:
     return "\n".join(lines)
 
 
-def plan_run(config: Any, tokens: Sequence[int]) -> list[Plan]:
+# ------------------------------------------------------------------ the smallest mesh
+
+
+def mesh_candidates(devices: int) -> list[MeshSizes]:
+    """Every data × fsdp × tensor mesh whose device count divides `devices`."""
+    divisors = [n for n in range(1, devices + 1) if devices % n == 0]
+    return [
+        dict(zip(MESH_AXES, sizes, strict=True))
+        for sizes in itertools.product(divisors, repeat=len(MESH_AXES))
+        if devices % math.prod(sizes) == 0
+    ]
+
+
+def weights_per_device(config: ModelConfig, dtype: jnp.dtype, sizes: MeshSizes, quantized: str | None) -> int:
+    """One device's share of the weights on a mesh of `sizes` (an abstract mesh: no devices)."""
+    shape = tuple(sizes.get(axis, 1) for axis in MESH_AXES)
+    mesh = jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+    return nbytes(abstract_params(config, jnp.dtype(dtype), mesh, quantized))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshTrial:
+    sizes: MeshSizes
+    weights: int  # one device's weights
+    peak: (
+        int | None
+    )  # the compiled plan's peak; None: not compiled (weights over the limit, or known not to fit)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSearch:
+    """The search for the fewest devices whose per-device peak fits `limit`."""
+
+    devices: int
+    limit: int
+    trials: tuple[MeshTrial, ...]
+    found: Plan | None  # the first mesh that fits; None: none of `devices` or fewer fits
+
+    @property
+    def sizes(self) -> MeshSizes | None:
+        return None if self.found is None else self.trials[-1].sizes
+
+
+def smallest_mesh(
+    devices: int,
+    limit: int,
+    weights_on: Callable[[MeshSizes], int],
+    plan_on: Callable[[MeshSizes], Plan],
+    known_misfit: Callable[[MeshSizes], bool] = lambda sizes: False,
+    per_count: int | None = None,
+) -> MeshSearch:
+    """The mesh of fewest devices (up to `devices`) whose plan's peak fits `limit`.
+
+    Meshes are tried by device count; within a count, those holding the fewest weights per
+    device first, then the wider tensor axis, then fsdp (data splits only the batches of
+    vectors). A mesh whose weights alone exceed the limit is not compiled (a peak is at
+    least the weights), nor one the caller knows not to fit (`known_misfit`: say, one that
+    did not fit a shorter input). So every mesh of fewer devices than the answer — each
+    neighbour with an axis halved among them — was tried and does not fit.
+
+    `per_count` limits the search to the first that many meshes of each device count (in
+    the order above): cheaper, and then only an upper bound on the devices needed."""
+
+    def order(sizes: MeshSizes) -> tuple[int, int, int, int]:
+        count = math.prod(sizes.values())
+        return (count, weights_on(sizes), -sizes["tensor"], -sizes["fsdp"])
+
+    candidates = sorted(mesh_candidates(devices), key=order)
+    if per_count is not None:
+        by_count = itertools.groupby(candidates, key=lambda sizes: math.prod(sizes.values()))
+        candidates = [sizes for _, group in by_count for sizes in itertools.islice(group, per_count)]
+    trials: list[MeshTrial] = []
+    for sizes in candidates:
+        weights = weights_on(sizes)
+        if weights > limit or known_misfit(sizes):
+            trials.append(MeshTrial(sizes, weights, None))
+            continue
+        planned = plan_on(sizes)
+        trials.append(MeshTrial(sizes, weights, planned.peak))
+        if planned.peak <= limit:
+            return MeshSearch(devices, limit, tuple(trials), planned)
+    return MeshSearch(devices, limit, tuple(trials), None)
+
+
+def request_host_devices(count: int) -> None:
+    """Ask jax for `count` host CPU devices to compile a plan for `count` assumed devices
+    (compiling needs the devices, not their memory). Only possible before jax starts its
+    backends; afterwards `planning_devices` says what is missing."""
+    from jax._src import xla_bridge
+
+    if count > 1 and not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_num_cpu_devices", count)
+
+
+def planning_devices(count: int) -> list[jax.Device]:
+    """`count` devices to compile for: the default backend's when it has them, else host
+    CPU devices standing in for them."""
+    from jaxlin.errors import JaxlinError
+
+    for devices in (jax.devices(), jax.devices("cpu")):
+        if len(devices) >= count:
+            return list(devices[:count])
+    raise JaxlinError(
+        f"--devices {count}: this process has {len(jax.devices())} device(s); "
+        "jaxlin plan asks for host CPU devices to compile for only before jax has started"
+    )
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' → 80·10⁹, '80GiB' → 80·2³⁰, '8e10' → 8·10¹⁰ (the --device-memory option)."""
+    from jaxlin.errors import JaxlinError
+
+    units = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "tb": 10**12, "gb": 10**9, "mb": 10**6, "b": 1}
+    lowered = text.strip().lower()
+    unit = next((name for name in units if lowered.endswith(name)), "b")
+    try:
+        value = float(lowered.removesuffix(unit) if lowered.endswith(unit) else lowered)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value <= 0:
+        raise JaxlinError(f"--device-memory: {text!r} is not a size (e.g. 80GB, 80GiB)")
+    return int(value * units[unit])
+
+
+# ------------------------------------------------------------------ `jaxlin plan`
+
+
+def _mesh_key(sizes: MeshSizes) -> tuple[int, ...]:
+    return tuple(sizes.get(axis, 1) for axis in MESH_AXES)
+
+
+def plans_by_mesh(
+    config: ModelConfig, tokens: int, dtype: jnp.dtype, work: Workload, quantized: str | None
+) -> Callable[[MeshSizes], Plan]:
+    """mesh sizes → the plan on that mesh (one device: no mesh), each compiled once."""
+
+    @functools.cache
+    def planned(key: tuple[int, ...]) -> Plan:
+        count = math.prod(key)
+        mesh = (
+            make_mesh(dict(zip(MESH_AXES, key, strict=True)), planning_devices(count)) if count > 1 else None
+        )
+        return plan(config, tokens, dtype, work, mesh, quantized)
+
+    return lambda sizes: planned(_mesh_key(sizes))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanReport:
+    """What `jaxlin plan` prints: where the model's architecture came from, each length's
+    plan on the configured mesh (or one device), and the smallest mesh that fits."""
+
+    architecture: str
+    limit: int | None
+    plans: tuple[Plan, ...]
+    searches: tuple[MeshSearch | None, ...]
+
+    def text(self) -> str:
+        lines = [f"model: {self.architecture}"]
+        for planned, search in zip(self.plans, self.searches, strict=True):
+            lines.append(describe(planned, self.limit))
+            if search is not None:
+                lines.append("  " + _search_line(search))
+        return "\n".join(lines)
+
+
+def _search_line(search: MeshSearch) -> str:
+    limit = f"{search.limit / 2**30:.2f} GiB"
+    compiled = sum(trial.peak is not None for trial in search.trials)
+    tried = f"{len(search.trials)} meshes tried, {compiled} compiled"
+    if search.found is None:
+        return f"smallest mesh: none of up to {search.devices} devices of {limit} fits ({tried})"
+    peak = f"{search.found.peak / 2**30:.2f} GiB"
+    return f"smallest mesh that fits {limit}: {mesh_label(search.sizes or {})}, {peak} at peak ({tried})"
+
+
+def plan_run(
+    config: Any,
+    tokens: Sequence[int],
+    devices: int | None = None,
+    device_memory: int | None = None,
+    quantized: str | None = None,
+) -> PlanReport:
     """The plans of a run config's analysis for each input length, from the model's config
-    alone: no weight is read (`jaxlin.model_source`)."""
+    alone: no weight is read (`jaxlin.model_source`). On the config's `mesh:` if it has
+    one; then the smallest mesh of up to `devices` (default: those present) whose peak fits
+    `device_memory` (default: the default device's memory)."""
+    from jaxlin.analyses.certificate import compares_ordinary
     from jaxlin.errors import JaxlinError
     from jaxlin.loading import enable_dtype
-    from jaxlin.model_source import read_model_config
+    from jaxlin.memory import total_bytes
+    from jaxlin.model_source import read_planning_config
 
     bad = [n for n in tokens if n < 1]
     if bad:
         raise JaxlinError(f"--tokens: every length must be at least 1 (got {bad[0]})")
-    model = read_model_config(config.model)
+    if devices is not None and devices < 1:
+        raise JaxlinError(f"--devices: {devices} is not a positive device count")
+    model, architecture = read_planning_config(config.model)
+    if getattr(config.model, "quantized", False) and quantized is None:
+        # The file's own per-tensor types are not read yet: say what was planned.
+        architecture += "; model.quantized: planned as float (--quantized TYPE plans a block layout)"
     if model.max_positions is not None and max(tokens) > model.max_positions:
         raise JaxlinError(f"--tokens: {max(tokens)} exceeds the model's {model.max_positions} positions")
     dtype = enable_dtype(config.model.dtype)
-    work = workload(config.analysis)
-    return [plan(model, n, dtype, work) for n in tokens]
+    limit = device_memory if device_memory is not None else total_bytes()
+    count = devices if devices is not None else len(jax.devices())
+    configured = config.mesh.sizes() if config.mesh is not None else {axis: 1 for axis in MESH_AXES}
+
+    @functools.cache
+    def weights_on(key: tuple[int, ...]) -> int:
+        return weights_per_device(model, dtype, dict(zip(MESH_AXES, key, strict=True)), quantized)
+
+    plans, searches = [], []
+    for n in tokens:
+        # As the run decides: the ordinary Jacobian only for inputs short enough for it.
+        work = dataclasses.replace(workload(config.analysis), ordinary=compares_ordinary(config.analysis, n))
+        plan_on = plans_by_mesh(model, n, dtype, work, quantized)
+        plans.append(plan_on(configured))
+        searches.append(
+            None
+            if limit is None
+            else smallest_mesh(count, limit, lambda sizes: weights_on(_mesh_key(sizes)), plan_on)
+        )
+    return PlanReport(architecture, limit, tuple(plans), tuple(searches))

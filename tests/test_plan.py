@@ -3,6 +3,9 @@ equal to what a real run allocates for the same shapes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +107,270 @@ def test_plan_command_reads_no_weight_and_writes_nothing(tiny_model_dir, tmp_pat
     assert main(["plan", str(config), "--tokens", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxlin: error: --tokens") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------- published models
+
+PUBLISHED = Path(__file__).resolve().parent.parent / "configs" / "published"
+# Model cards' parameter counts (Gemma 3: the multimodal checkpoint, vision tower included).
+PUBLISHED_PARAMETERS = {
+    "meta-llama/Llama-3.1-8B-Instruct": 8.03e9,
+    "meta-llama/Llama-3.3-70B-Instruct": 70.6e9,
+    "Qwen/Qwen3-8B": 8.2e9,
+    "Qwen/Qwen3-14B": 14.8e9,
+    "Qwen/Qwen3-32B": 32.8e9,
+    "google/gemma-3-4b-it": 4.3e9,
+    "google/gemma-3-12b-it": 12.2e9,
+    "google/gemma-3-27b-it": 27.4e9,
+    "microsoft/phi-4": 14.7e9,
+    "mistralai/Ministral-8B-Instruct-2410": 8.02e9,
+    "allenai/OLMo-2-1124-7B": 7.3e9,
+}
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty local Hugging Face cache, offline: hub ids must come from jaxlin's own files."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_every_published_config_names_a_shipped_architecture(empty_hf_cache):
+    from jaxlin.model_source import read_planning_config, shipped_architecture
+    from jaxlin.run_config import load_run_config
+
+    configs = sorted(PUBLISHED.glob("*.yaml"))
+    assert len(configs) == len(PUBLISHED_PARAMETERS)
+    hub_ids = set()
+    for path in configs:
+        config = load_run_config(path)
+        assert config.model.source == "hf"
+        hub_ids.add(config.model.path)
+        model, where = read_planning_config(config.model)
+        shipped = shipped_architecture(config.model.path)
+        assert shipped is not None and shipped.name in where and "not in the local" in where
+        assert model.num_layers > 0 and model.hidden_size > 0
+        # Each names the mesh it needs, from the planner.
+        assert "smallest mesh" in path.read_text(), path.name
+    assert hub_ids == set(PUBLISHED_PARAMETERS)
+
+
+def test_the_local_cache_config_wins_over_the_shipped_one(empty_hf_cache, tiny_model_dir):
+    """A hub id in the cache is read from the cache's config.json, not jaxlin's file."""
+    from jaxlin.model_source import read_planning_config
+    from jaxlin.run_config import ModelSection
+
+    snapshot = empty_hf_cache / "models--Qwen--Qwen3-8B" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    (snapshot / "config.json").write_text((tiny_model_dir("llama_gqa_untied") / "config.json").read_text())
+    model, where = read_planning_config(ModelSection(source="hf", path="Qwen/Qwen3-8B"))
+    assert model.family == "llama" and model.hidden_size < 1000 and "not in the local" not in where
+
+
+@pytest.mark.parametrize("hub_id", sorted(PUBLISHED_PARAMETERS))
+def test_shipped_architectures_have_the_published_parameter_counts(hub_id):
+    """jaxlin's params from the shipped file count exactly what transformers' model class
+    builds from it (its language model), and that is the model card's count."""
+    torch = pytest.importorskip("torch")
+    import json
+
+    import transformers
+
+    from jaxlin.model_source import architecture_config, shipped_architecture
+
+    path = shipped_architecture(hub_id)
+    data = json.loads(path.read_text())
+    hf_config = transformers.CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    multimodal = data["model_type"] == "gemma3"
+    model_class = (
+        transformers.Gemma3ForConditionalGeneration
+        if multimodal
+        else transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
+    )
+    with torch.device("meta"):
+        hf_model = model_class(hf_config)
+    total = sum(p.numel() for p in hf_model.parameters())
+    language = sum(
+        p.numel()
+        for name, p in hf_model.named_parameters()
+        if "vision" not in name and "multi_modal" not in name
+    )
+    params = abstract_params(architecture_config(path), jnp.bfloat16)
+    assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params)) == language
+    assert abs(total - PUBLISHED_PARAMETERS[hub_id]) / PUBLISHED_PARAMETERS[hub_id] < 0.005
+    assert multimodal == (language < total)
+
+
+def test_plan_command_on_a_published_config_needs_no_weights_or_network(empty_hf_cache, capsys, monkeypatch):
+    from jaxlin import loading
+    from jaxlin.cli import main
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("jaxlin plan loaded the model's weights")
+
+    monkeypatch.setattr(loading, "load_model", tripwire)
+    config = PUBLISHED / "gemma-3-4b.yaml"
+    assert main(["plan", str(config), "--tokens", "8", "--device-memory", "80GB", "--quantized", "Q4_K"]) == 0
+    out = capsys.readouterr().out
+    assert "google/gemma-3-4b-it is not in the local Hugging Face cache" in out
+    assert "google__gemma-3-4b-it.json" in out and "8 tokens, float32" in out and "Q4_K layout" in out
+    assert "peak per device" in out and "smallest mesh that fits 74.51 GiB: data 1 × fsdp 1 × tensor 1" in out
+    assert main(["plan", str(config), "--tokens", "8", "--device-memory", "lots"]) == 2
+    assert capsys.readouterr().err.startswith("jaxlin: error: --device-memory")
+
+
+def test_parse_bytes():
+    from jaxlin.errors import JaxlinError
+    from jaxlin.plan import parse_bytes
+
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("80GiB") == 80 * 2**30
+    assert parse_bytes("1.5e9") == 1_500_000_000 and parse_bytes(" 2 tb ") == 2 * 10**12
+    for bad in ("", "GB", "-1GB", "0", "nanGB", "infGB"):
+        with pytest.raises(JaxlinError, match="--device-memory"):
+            parse_bytes(bad)
+
+
+# ----------------------------------------------------------------- quantized plans
+
+
+def test_quantized_plan_layouts_are_what_a_q4_k_gguf_loads(tmp_path):
+    """`--quantized Q4_K` plans the params a GGUF with every matrix in Q4_K loads as:
+    the same quantized params, layouts and bytes."""
+    torch = pytest.importorskip("torch")
+    from test_gguf import HF_CONFIGS, llama_cpp_convert, tiny_hf_model, write_llama_cpp_gguf
+    from test_quantized import WIDE, quantized_blocks
+
+    from converters.gguf_model import load_gguf_model
+    from jaxlin.quantized import layouts, params_nbytes
+
+    fields = {**HF_CONFIGS["qwen2"], **WIDE, "head_dim": 64}
+    fields.pop("rope_theta")
+    model, hf = tiny_hf_model("llama", torch, fields)
+    rng = np.random.default_rng(0)
+    tensors = {
+        name: (quantized_blocks(values, gguf.GGMLQuantizationType.Q4_K, rng), gguf.GGMLQuantizationType.Q4_K)
+        if values.ndim == 2
+        else (values, qtype)
+        for name, (values, qtype) in llama_cpp_convert("llama", model.config, hf).items()
+    }
+    path = write_llama_cpp_gguf(tmp_path / "q4k.gguf", "llama", model.config, tensors)
+    loaded = load_gguf_model(path, jnp.float32, keep_quantized=True)
+    planned = abstract_params(loaded.config, jnp.float32, quantized="Q4_K")
+    assert layouts(planned) == layouts(loaded.params) and layouts(planned)
+    assert (
+        nbytes(planned) == params_nbytes(loaded.params) < nbytes(abstract_params(loaded.config, jnp.float32))
+    )
+    quantized = plan(loaded.config, 16, jnp.float32, Workload(top_k=2), quantized="Q4_K")
+    assert quantized.weights == params_nbytes(loaded.params) and quantized.quantized == "Q4_K"
+
+
+def test_quantized_layout_names_are_checked():
+    from jaxlin.errors import JaxlinError
+    from jaxlin.plan import quantized_layouts
+
+    with pytest.raises(JaxlinError, match="--quantized: 'Q3_K'"):
+        quantized_layouts({}, "Q3_K")
+
+
+# ----------------------------------------------------------------- the smallest mesh
+
+
+def test_smallest_mesh_search_order_and_pruning():
+    """The search tries meshes by device count, skips (uncompiled) those whose weights
+    alone exceed the limit or that are known not to fit, and stops at the first fit."""
+    from jaxlin.plan import Plan, ProgramMemory, mesh_candidates, smallest_mesh
+
+    assert len(mesh_candidates(8)) == 20 and len(mesh_candidates(6)) == 1 + 3 + 3 + 9
+    weights = lambda sizes: 100 // (sizes["fsdp"] * sizes["tensor"])  # noqa: E731
+    peaks = {(1, 2, 2): 40, (1, 1, 4): 35}  # the rest: 10 over their weights
+    compiled = []
+
+    def plan_on(sizes):
+        key = (sizes["data"], sizes["fsdp"], sizes["tensor"])
+        compiled.append(key)
+        above = peaks.get(key, weights(sizes) + 10) - weights(sizes)
+        program = ProgramMemory("linearize", 0, above, 0, 0)
+        return Plan(1, "float32", weights(sizes), 0, (program,), tuple(sizes.items()))
+
+    search = smallest_mesh(8, 40, weights, plan_on, known_misfit=lambda sizes: sizes["tensor"] == 4)
+    assert search.sizes == {"data": 1, "fsdp": 2, "tensor": 2} and search.found.peak == 40
+    assert all(weights(t.sizes) > 40 or t.sizes["tensor"] == 4 for t in search.trials if t.peak is None)
+    assert compiled == [(1, 2, 2)]  # the 1- and 2-device meshes hold 50+ weights per device
+    # One mesh per device count: the fewest weights per device, the widest tensor axis first.
+    compiled.clear()
+    cheap = smallest_mesh(8, 40, weights, plan_on, per_count=1)
+    assert [tuple(t.sizes.values()) for t in cheap.trials] == [(1, 1, 1), (1, 1, 2), (1, 1, 4)]
+    assert compiled == [(1, 1, 4)] and cheap.found.peak == 35
+
+
+MESH_SCRIPT = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+from jaxlin.model_source import read_model_config
+from jaxlin.run_config import ModelSection
+from jaxlin.mesh import MESH_AXES
+from jaxlin.plan import (Workload, mesh_candidates, nbytes, plans_by_mesh, smallest_mesh,
+                         weights_per_device)
+config = read_model_config(ModelSection(source="hf", path=sys.argv[1]))
+work = Workload(top_k=2, chunk=4)
+plan_on = plans_by_mesh(config, 24, jnp.dtype("float64"), work, None)
+weights_on = lambda sizes: weights_per_device(config, jnp.float64, sizes, None)
+# Every mesh of 1 or 2 devices compiled (the search's answer has 2: see the limit).
+peaks = {tuple(s[a] for a in MESH_AXES): plan_on(s).peak for s in mesh_candidates(2)}
+weights = {tuple(s[a] for a in MESH_AXES): weights_on(s) for s in mesh_candidates(4)}
+one = plan_on({"data": 1, "fsdp": 1, "tensor": 1})
+best_two = min(peak for key, peak in peaks.items() if key[0] * key[1] * key[2] == 2)
+limit = (one.peak + best_two) // 2
+search = smallest_mesh(4, limit, weights_on, plan_on)
+print(json.dumps({"peaks": [[list(k), v] for k, v in peaks.items()],
+                  "weights": [[list(k), v] for k, v in weights.items()],
+                  "limit": limit, "found": search.sizes, "found_peak": search.found.peak,
+                  "found_weights": search.found.weights, "one_weights": one.weights}))
+"""
+
+
+def test_smallest_mesh_fits_and_its_smaller_neighbours_do_not(tiny_model_dir):
+    """On 4 host CPU devices (a subprocess: the count is fixed when jax starts), compiled
+    plans of a tiny model: the mesh found fits, each neighbour with an axis halved does not,
+    and the weights each device holds shrink with fsdp × tensor."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    directory = tiny_model_dir("llama_gqa_untied")
+    result = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT, str(directory)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    peaks = {tuple(key): peak for key, peak in found["peaks"]}
+    weights = {tuple(key): value for key, value in found["weights"]}
+    mesh = tuple(found["found"][axis] for axis in ("data", "fsdp", "tensor"))
+    limit = found["limit"]
+    assert peaks[mesh] == found["found_peak"] <= limit and mesh != (1, 1, 1)
+    for axis in range(3):
+        if mesh[axis] > 1:
+            neighbour = tuple(size // 2 if i == axis else size for i, size in enumerate(mesh))
+            assert peaks[neighbour] > limit, (neighbour, peaks)
+    assert all(peak > limit for key, peak in peaks.items() if np.prod(key) < np.prod(mesh))
+    # Weights per device: replicated along data, split along fsdp and tensor.
+    assert weights[(1, 1, 1)] == found["one_weights"] == weights[(2, 1, 1)] == weights[(4, 1, 1)]
+    assert weights[(1, 2, 2)] < weights[(1, 2, 1)] < weights[(1, 1, 1)]
+    assert found["found_weights"] == weights[mesh]
