@@ -125,3 +125,16 @@ def test_layer_right_vectors_decode_to_planted_embedding_rows(tiny_model_dir):
         assert first["dominant_token"] == f"t{ids[first['dominant_position']]}"
         assert first["relative_residual"] <= 1e-10
         assert ("residual stream" in row["right_vector_space"]) == (row["scope"] == "local")
+
+
+def test_one_linearizing_program_serves_every_layer(tiny_model_dir):
+    """The tap's layer is data: a sweep compiles one linearization per tap kind, not per layer."""
+    from jaxlin import jacobian
+
+    model = load_hf_model(tiny_model_dir("gemma3_sliding"), jnp.float64)
+    config, params = model.config, model.params
+    assert config.num_layers > 1
+    embeddings = model_fns.embed(config, params, jnp.asarray(np.arange(5)))
+    jacobian._linearize.clear_cache()
+    sweep(config, params, embeddings, ("residual", "mlp"), local=False, final_norm=True)
+    assert jacobian._linearize._cache_size() == 2
