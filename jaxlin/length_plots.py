@@ -94,7 +94,7 @@ def influence_vs_distance(path: Path, summary: dict[str, Any], records: Rows) ->
     factor-2 bins of δ); the sink tokens are marked."""
     fig, ax = plt.subplots(figsize=(6.8, 4.8))
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(records)))
-    for record, color in zip(records, colors, strict=True):
+    for record, row, color in zip(records, summary["rows"], colors, strict=True):
         p = record["length"]
         influence = np.sqrt(np.maximum(np.asarray(record["influence"]["jacobian_sq"]), 0.0))
         distance = p - 1 - np.arange(p)
@@ -102,7 +102,7 @@ def influence_vs_distance(path: Path, summary: dict[str, Any], records: Rows) ->
         past = slice(sink, p - 1)
         ax.scatter(distance[past], influence[past], s=3, alpha=0.35, color=color)
         ax.scatter(distance[:sink], influence[:sink], s=30, marker="*", color=color)
-        decay = record["decay"]
+        decay = row["decay"]  # the summary's fits (a resumed record keeps those of its day)
         label = f"p = {p}"
         if decay is not None:
             x = np.asarray([1.0, float(p - 1)])

@@ -323,3 +323,21 @@ def test_settings_of_a_bench_follow_the_run_config():
     settings = StudySettings.from_config(config, "bench")
     assert settings.influence == "stochastic" and settings.influence_samples == 9
     assert not settings.exact_influence(8)
+
+
+def test_a_length_stored_before_the_binned_fit_resumes_with_it(tmp_path, tiny_model_dir):
+    """A stored length keeps the decay fit of the code that wrote it; the summary and the
+    figures recompute the fits from its stored per-token norms, so a resume renders today's."""
+    config = parse_run_config(study_config(tmp_path, tiny_model_dir(VARIANT)))
+    first, out = run_study(config, verbose=False)
+    for length in first["lengths"]:  # as an earlier version wrote them
+        path = length_path(out, length)
+        record = json.loads(path.read_text(encoding="utf-8"))
+        del record["decay"]["binned"]
+        path.write_text(json.dumps(record), encoding="utf-8")
+    (out / "influence_vs_distance.png").unlink()
+    again, _ = run_study(config, verbose=False)
+    assert again["lengths_reused"] == first["lengths"]
+    assert [row["decay"] for row in again["rows"]] == [row["decay"] for row in first["rows"]]
+    assert all(row["decay"]["binned"] is not None for row in again["rows"])
+    assert (out / "influence_vs_distance.png").is_file()
