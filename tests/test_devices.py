@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_test_script
 from jax.sharding import AxisType
 
 from converters.hf import load_hf_model
@@ -99,16 +100,7 @@ def test_analyses_under_a_batch_mesh_match(tiny_model_dir):
 @pytest.mark.parametrize("devices", [2, 4])
 def test_analyses_split_across_host_devices(tiny_model_dir, devices):
     model_dir = tiny_model_dir("gemma3_sliding")
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    # A deadlock shows as a timeout, not as a hung suite.
-    done = subprocess.run(
-        [sys.executable, __file__, str(model_dir), str(devices)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=Path(__file__).parent.parent,
-    )
+    done = run_test_script(__file__, str(model_dir), str(devices), timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"{devices} devices agree" in done.stdout
 

@@ -11,7 +11,6 @@ a script, this file is that subprocess: `python tests/test_mesh.py MODEL_DIR...`
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_test_script
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from converters.hf import load_hf_model
@@ -150,15 +150,7 @@ def check_vector_placement() -> None:
 
 def test_every_family_on_two_meshes_of_eight_host_devices(tiny_model_dir):
     dirs = [str(tiny_model_dir(variant)) for variant in FAMILY_VARIANTS]
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    done = subprocess.run(
-        [sys.executable, __file__, *dirs],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        cwd=Path(__file__).parent.parent,
-    )
+    done = run_test_script(__file__, *dirs, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "vectors split along data" in done.stdout
     for directory in dirs:
