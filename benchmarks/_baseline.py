@@ -1,7 +1,7 @@
 """The published JAX algorithm, re-implemented from its description (no published code
 used), as the honest baseline: matfree `tridiag_sym(K, reortho="full")` where every
 product calls `jax.vjp` and `jax.jvp` of the full detached forward afresh (dense
-attention, `attention_block=None`), `eigh` of the tridiagonal, σ = sqrt(λ).
+attention, `attention_chunk=None`), `eigh` of the tridiagonal, σ = sqrt(λ).
 
 - whole J: Lanczos on the d-sized side J·Jᵀ; right vectors V = Jᵀ·U/σ (one fresh vjp,
   vmapped over the k vectors).

@@ -1,4 +1,4 @@
-"""Top-4 singular triplets of every per-token block J_t (d × d), N = 64: jaxlin
+"""Top-4 singular triplets of every token Jacobian J_t (d × d), N = 64: jaxlin
 `spectral.per_token_top_k` (one batched transposed pass of the identity basis gives every
 J_t exactly; optionally a rank-r Krylov projection basis) against the published per-token
 algorithm (`_baseline.per_token`: for each token, Lanczos on J_tᵀJ_t with fresh

@@ -1,5 +1,5 @@
 """Cost of one Lanczos step on J·Jᵀ against the input length N: jaxlin (the products of
-one linearization, blockwise attention) vs the published algorithm (a fresh `jax.vjp`
+one linearization, chunked attention) vs the published algorithm (a fresh `jax.vjp`
 then `jax.jvp` of the full detached forward, dense attention, at every step: each
 recomputes the forward, see `_baseline._afresh`), and vs the same code with XLA free to
 hoist the loop-invariant forward (a stronger baseline than the published one).

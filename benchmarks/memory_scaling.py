@@ -1,6 +1,6 @@
 """Peak resident memory of a whole-J top-k run against input length N, jaxlin's
-blockwise attention (attention_block=256) against naive linearization (dense attention,
-attention_block=None, which stores every heads × N × N probability matrix).
+chunked attention (attention_chunk=256) against naive linearization (dense attention,
+attention_chunk=None, which stores every heads × N × N probability matrix).
 
 Each (N, implementation) runs in a fresh child process: load the model, reset the
 kernel's peak-RSS counter (`echo 5 > /proc/self/clear_refs`, so the transient peak of
@@ -50,7 +50,7 @@ def child(n: int, block: int | None) -> None:
     start = time.perf_counter()
     # The linearization is its own program now: its residuals (the DetachedJacobian's
     # leaves) are live arrays between it and the Lanczos program that uses them.
-    jacobian = jax.block_until_ready(linearize(model.params, x, model.config, attention_block=block))
+    jacobian = jax.block_until_ready(linearize(model.params, x, model.config, attention_chunk=block))
     compiled = spectral.lanczos_top_k.lower(jacobian, key, k=K, depth=DEPTH, chunk=CHUNK).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -60,7 +60,7 @@ def child(n: int, block: int | None) -> None:
     bounds = np.asarray(out[3])
     record = {
         "N": n,
-        "attention_block": block,
+        "attention_chunk": block,
         "peak_bytes": C.peak_rss_bytes(),
         "baseline_bytes": baseline,
         "load_peak_bytes": load_peak,
@@ -119,7 +119,7 @@ def run_child(n: int, block: int | None, cap_bytes: int, log: Path) -> dict[str,
             return record
     return {
         "N": n,
-        "attention_block": block,
+        "attention_chunk": block,
         "failed": True,
         "killed_at_cap": killed,
         "max_rss_seen_bytes": max_seen,
@@ -162,7 +162,7 @@ def main() -> None:
         for n in sizes:
             estimate = estimate_bytes(config, n, block)
             if block is None and estimate > cap:
-                record: dict[str, Any] = {"N": n, "attention_block": None, "skipped": True}
+                record: dict[str, Any] = {"N": n, "attention_chunk": None, "skipped": True}
                 print(f"{impl} N={n}: skipped, estimated {estimate / 1e9:.1f} GB > cap {args.cap_gb} GB")
             else:
                 print(f"{impl} N={n}: running (estimate {estimate / 1e9:.2f} GB + model) ...", flush=True)

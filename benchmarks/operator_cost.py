@@ -37,7 +37,7 @@ def make_programs(config: Any, block: int | None) -> dict[str, Any]:
 
     @jax.jit
     def jv(params: Any, x: jax.Array, vs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        op = linearize(params, x, config, attention_block=block)
+        op = linearize(params, x, config, attention_chunk=block)
 
         def step(acc: jax.Array, v: jax.Array) -> tuple[jax.Array, None]:
             return acc + op.matvec(v), None
@@ -47,7 +47,7 @@ def make_programs(config: Any, block: int | None) -> dict[str, Any]:
 
     @jax.jit
     def jtu(params: Any, x: jax.Array, us: jax.Array) -> tuple[jax.Array, jax.Array]:
-        op = linearize(params, x, config, attention_block=block)
+        op = linearize(params, x, config, attention_chunk=block)
 
         def step(acc: jax.Array, u: jax.Array) -> tuple[jax.Array, None]:
             return acc + op.rmatvec(u), None
@@ -65,7 +65,7 @@ def run_size(model: Any, n: int, block: int | None, ms: tuple[int, int], repeats
     progs = make_programs(config, block)
     key = jax.random.key(0)
     m_half, m = ms
-    row: dict[str, Any] = {"N": n, "attention_block": block, "m": m, "m_half": m_half, "repeats": repeats}
+    row: dict[str, Any] = {"N": n, "attention_chunk": block, "m": m, "m_half": m_half, "repeats": repeats}
 
     fwd = C.time_repeats(functools.partial(progs["forward"], params, x), repeats)
     row["forward_s"] = fwd["median_s"]
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, smoke run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", type=int, nargs="*", default=None)
-    parser.add_argument("--naive", action="store_true", help="also time attention_block=None at N > 256")
+    parser.add_argument("--naive", action="store_true", help="also time attention_chunk=None at N > 256")
     args = parser.parse_args()
 
     model = C.load_model()
@@ -122,7 +122,7 @@ def main() -> None:
         repeats = args.repeats
     rows = [run_size(model, n, block, ms, repeats) for n, block, ms in plan]
     columns = [
-        "N", "attention_block", "forward_s", "plain_forward_s", "linearize_s",
+        "N", "attention_chunk", "forward_s", "plain_forward_s", "linearize_s",
         "jv_per_product_s", "jv_ratio_to_forward", "jtu_per_product_s", "jtu_ratio_to_forward",
         "jv_slope_ratio_to_forward", "jtu_slope_ratio_to_forward", "target_met",
     ]  # fmt: skip

@@ -1,5 +1,5 @@
 """Peak resident memory and time of the exact all-token path (`spectral.per_token_top_k`
-with the identity basis: every block J_t, top-4 each) against N, one process per N.
+with the identity basis: every token Jacobian J_t, top-4 each) against N, one process per N.
 
 Its floor is J itself, d·N·d numbers (the rows of the one batched transposed pass); the
 per-token Gram matrices and eigenvectors are formed a group of tokens at a time

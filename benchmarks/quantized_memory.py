@@ -33,12 +33,12 @@ def compiled_linearization(model: Any, n: int) -> dict[str, float]:
     """The linearizing program's memory analysis, lowered on abstract params and inputs."""
     import jax
 
-    from jaxlin.jacobian import DEFAULT_ATTENTION_BLOCK, _linearize
+    from jaxlin.jacobian import DEFAULT_ATTENTION_CHUNK, _linearize
 
     abstract = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), model.params)
     inputs = jax.ShapeDtypeStruct((n, model.config.hidden_size), model.dtype)
     stats = (
-        _linearize.lower(abstract, inputs, model.config, _detached(), DEFAULT_ATTENTION_BLOCK, None)
+        _linearize.lower(abstract, inputs, model.config, _detached(), DEFAULT_ATTENTION_CHUNK, None)
         .compile()
         .memory_analysis()
     )

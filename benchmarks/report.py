@@ -24,7 +24,7 @@ def operator_cost() -> None:
     for r in data["rows"]:
         rows.append({
             "N": r["N"],
-            "attention": "blockwise 256" if r["attention_block"] and r["N"] > 256 else "dense",
+            "attention": "chunked 256" if r["attention_chunk"] and r["N"] > 256 else "dense",
             "forward (s)": r["forward_s"],
             "plain dense forward (s)": r["plain_forward_s"],
             "linearize T(0) (s)": r["linearize_s"],

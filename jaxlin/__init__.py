@@ -32,7 +32,7 @@ _PUBLIC: dict[str, str] = {
     "certify": "jaxlin.operator",
     "contributions": "jaxlin.operator",
     "rows": "jaxlin.operator",
-    "token_block": "jaxlin.operator",
+    "token_jacobian": "jaxlin.operator",
     "Triplets": "jaxlin.spectral",
     "frobenius_estimate": "jaxlin.spectral",
     "krylov_basis": "jaxlin.spectral",

@@ -3,11 +3,11 @@
 `dense`: materializes the (heads, N, N) probabilities. Linearizing it stores them as
 residuals: memory quadratic in N.
 
-`blockwise` (detached policy only): the probabilities are never stored. A first pass
+`chunked` (detached policy only): the probabilities are never stored. A first pass
 computes each query's log-sum-exp (frozen); the linear part then recomputes each
-block of probabilities from the frozen q, k and log-sum-exp under `jax.checkpoint`,
+chunk of queries' probabilities from the frozen q, k and log-sum-exp under `jax.checkpoint`,
 so `jax.linearize` keeps only q, k, lse (O(N)) and every J·v / Jᵀ·u recomputes
-exp(q·k − lse) block by block: memory O(block · N), the same values to rounding.
+exp(q·k − lse) chunk by chunk: memory O(chunk · N), the same values to rounding.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def dense_attention(
     return jnp.einsum("kgqs,skh->qkgh", probs.astype(v.dtype), v, precision=PRECISION)
 
 
-def blockwise_frozen_attention(
+def chunked_frozen_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
@@ -76,40 +76,40 @@ def blockwise_frozen_attention(
     window: int | None,
     scale: float,
     softcap: float | None,
-    block: int,
+    chunk: int,
 ) -> jax.Array:
-    """Same values as `dense_attention` under the detached policy, O(block · N) memory
+    """Same values as `dense_attention` under the detached policy, O(chunk · N) memory
     in the linearization. q, k are frozen here (they only feed the probabilities)."""
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     n = q.shape[0]
-    num_blocks = -(-n // block)
-    padded = num_blocks * block
+    num_chunks = -(-n // chunk)
+    padded = num_chunks * chunk
     # Padded query rows see key 0 at least (causal from a position ≥ 0), so no row is
     # fully masked; their outputs are dropped below.
-    q_blocks = jnp.pad(q, ((0, padded - n),) + ((0, 0),) * 3).reshape(num_blocks, block, *q.shape[1:])
-    starts = jnp.arange(num_blocks) * block
+    q_chunks = jnp.pad(q, ((0, padded - n),) + ((0, 0),) * 3).reshape(num_chunks, chunk, *q.shape[1:])
+    starts = jnp.arange(num_chunks) * chunk
     all_positions = jnp.arange(n)
-    # A sliding layer's query block [s, s+B) only sees keys [s−W+1, s+B): slice that span
+    # A sliding layer's query chunk [s, s+B) only sees keys [s−W+1, s+B): slice that span
     # (front-padded with W−1 masked keys) instead of scoring all N keys. Which span a
     # layer uses is data (`is_sliding` rides along the layer scan), hence `lax.cond`.
-    local = window is not None and window + block - 1 < n
+    local = window is not None and window + chunk - 1 < n
     pad_front = (window - 1) if local else 0
-    span = block + pad_front
+    span = chunk + pad_front
 
     def local_slice(array: jax.Array, start: jax.Array) -> jax.Array:
         padded_array = jnp.pad(array, ((pad_front, padded - n),) + ((0, 0),) * (array.ndim - 1))
         return jax.lax.dynamic_slice_in_dim(padded_array, start, span, axis=0)
 
-    def global_terms(q_block: jax.Array, start: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
-        query_pos = start + jnp.arange(block)
-        return _scores(q_block, k, query_pos, all_positions, is_sliding, window, scale, softcap), values
+    def global_terms(q_chunk: jax.Array, start: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        query_pos = start + jnp.arange(chunk)
+        return _scores(q_chunk, k, query_pos, all_positions, is_sliding, window, scale, softcap), values
 
-    def local_terms(q_block: jax.Array, start: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
-        query_pos = start + jnp.arange(block)
+    def local_terms(q_chunk: jax.Array, start: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        query_pos = start + jnp.arange(chunk)
         key_pos = start - pad_front + jnp.arange(span)
         key_pos = jnp.where(key_pos < n, key_pos, -1)  # back padding is masked too
         scores = _scores(
-            q_block, local_slice(k, start), query_pos, key_pos, is_sliding, window, scale, softcap
+            q_chunk, local_slice(k, start), query_pos, key_pos, is_sliding, window, scale, softcap
         )
         return scores, local_slice(values, start)
 
@@ -121,20 +121,20 @@ def blockwise_frozen_attention(
             is_sliding, lambda: reduce(*local_terms(*args)), lambda: reduce(*global_terms(*args))
         )
 
-    def block_lse(args: tuple[jax.Array, jax.Array]) -> jax.Array:
+    def chunk_lse(args: tuple[jax.Array, jax.Array]) -> jax.Array:
         return per_span(lambda scores, _: jax.nn.logsumexp(scores, axis=-1), *args, v)
 
-    lse = jax.lax.stop_gradient(jax.lax.map(block_lse, (q_blocks, starts)))
+    lse = jax.lax.stop_gradient(jax.lax.map(chunk_lse, (q_chunks, starts)))
 
     @jax.checkpoint
-    def block_output(
-        q_block: jax.Array, start: jax.Array, lse_block: jax.Array, values: jax.Array
+    def chunk_output(
+        q_chunk: jax.Array, start: jax.Array, lse_chunk: jax.Array, values: jax.Array
     ) -> jax.Array:
         def weighted_sum(scores: jax.Array, vals: jax.Array) -> jax.Array:
-            probs = jnp.exp(scores - lse_block[..., None])
+            probs = jnp.exp(scores - lse_chunk[..., None])
             return jnp.einsum("kgqs,skh->qkgh", probs.astype(vals.dtype), vals, precision=PRECISION)
 
-        return per_span(weighted_sum, q_block, start, values)
+        return per_span(weighted_sum, q_chunk, start, values)
 
-    out = jax.lax.map(lambda args: block_output(*args, v), (q_blocks, starts, lse))
+    out = jax.lax.map(lambda args: chunk_output(*args, v), (q_chunks, starts, lse))
     return out.reshape(padded, *out.shape[2:])[:n]

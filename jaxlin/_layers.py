@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlin._attention import blockwise_frozen_attention, dense_attention
+from jaxlin._attention import chunked_frozen_attention, dense_attention
 from jaxlin._config import Activation, MLPKind, ModelConfig, NormKind, NormPlacement, RopeConfig
 from jaxlin._policy import FreezePolicy
 from jaxlin.quantized import QuantizedArray
@@ -221,12 +221,12 @@ class GatedMLP(nn.Module):
 class Attention(nn.Module):
     """Grouped-query attention with RoPE and optional QK-norm. The attention
     probabilities are the frozen coefficient: only V → o_proj stays on the linear path.
-    `block` selects the O(N)-memory blockwise implementation (detached policy only)."""
+    `chunk` selects the O(N)-memory chunked implementation (detached policy only)."""
 
     config: ModelConfig
     policy: FreezePolicy
     dtype: jnp.dtype = jnp.float32
-    block: int | None = None
+    chunk: int | None = None
 
     @nn.compact
     def __call__(
@@ -258,10 +258,10 @@ class Attention(nn.Module):
             scale=cfg.score_scale,
             softcap=cfg.attn_logit_softcap,
         )
-        if self.block is not None and n > self.block:
+        if self.chunk is not None and n > self.chunk:
             if self.policy is not FreezePolicy.DETACHED:
-                raise ValueError("blockwise attention is exact only under the detached policy")
-            out = blockwise_frozen_attention(q, k, v, **common, block=self.block)
+                raise ValueError("chunked attention is exact only under the detached policy")
+            out = chunked_frozen_attention(q, k, v, **common, chunk=self.chunk)
         else:
             out = dense_attention(q, k, v, **common, policy=self.policy)
         out = out.reshape(n, cfg.num_heads * cfg.head_dim)
@@ -277,7 +277,7 @@ class DecoderBlock(nn.Module):
     config: ModelConfig
     policy: FreezePolicy
     dtype: jnp.dtype = jnp.float32
-    attention_block: int | None = None
+    attention_chunk: int | None = None
 
     @nn.compact
     def __call__(
@@ -315,7 +315,7 @@ def _layer(
     post_norms = placement is not NormPlacement.PRE
 
     attn_in = make_norm(cfg, policy, dtype, "input_norm")(h) if pre_norms else h
-    attention = Attention(cfg, policy, dtype, block.attention_block, name="attn")
+    attention = Attention(cfg, policy, dtype, block.attention_chunk, name="attn")
     attn_out = attention(attn_in, cos, sin, is_sliding)
     if post_norms:
         attn_out = make_norm(cfg, policy, dtype, "post_attn_norm")(attn_out)

@@ -20,8 +20,8 @@ class Transformer(nn.Module):
     config: ModelConfig
     policy: FreezePolicy = FreezePolicy.DETACHED
     dtype: jnp.dtype = jnp.float32
-    # Query block size of the O(N)-memory attention (detached policy); None: dense.
-    attention_block: int | None = None
+    # Query chunk size of the O(N)-memory attention (detached policy); None: dense.
+    attention_chunk: int | None = None
 
     def setup(self) -> None:
         cfg = self.config
@@ -39,7 +39,7 @@ class Transformer(nn.Module):
             in_axes=(0, nn.broadcast, 0),
             length=cfg.num_layers,
         )
-        self.layers = scanned(cfg, self.policy, self.dtype, self.attention_block)
+        self.layers = scanned(cfg, self.policy, self.dtype, self.attention_chunk)
         self.final_norm = make_norm(cfg, self.policy, self.dtype, "final_norm")
         if not cfg.tie_word_embeddings:
             self.lm_head = Dense(

@@ -37,9 +37,9 @@ from jaxlin._config import ModelConfig
 from jaxlin._policy import FreezePolicy
 from jaxlin.model import Params, Tap, final_hidden, tap_values
 
-# Query block of the O(N)-memory attention used by the detached operator. Inputs up to
-# this length use dense attention (the same numbers; the block only bounds memory).
-DEFAULT_ATTENTION_BLOCK = 256
+# Query chunk of the O(N)-memory attention used by the detached operator. Inputs up to
+# this length use dense attention (the same numbers; the chunk only bounds memory).
+DEFAULT_ATTENTION_CHUNK = 256
 
 
 def scale_biases(params: Params, beta: jax.Array) -> Params:
@@ -56,21 +56,21 @@ def target_function(
     config: ModelConfig,
     params: Params,
     policy: FreezePolicy,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+    attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
     tap: Tap | None = None,
 ) -> Callable[..., jax.Array]:
     """(X (N, d), β = 1) → y (d,): the last token's final-normed hidden state, with
     every bias scaled by β. With a `tap`, the tap's value at the last token instead, as a
     function of the tap's input (X, or the residual stream entering a local tap's layer)."""
-    # Blockwise attention relies on frozen probabilities; the ordinary Jacobian (a
+    # Chunked attention relies on frozen probabilities; the ordinary Jacobian (a
     # comparison for short inputs) always uses dense attention.
-    block = attention_block if policy is FreezePolicy.DETACHED else None
+    chunk = attention_chunk if policy is FreezePolicy.DETACHED else None
 
     def target(embeddings: jax.Array, beta: jax.Array | float = 1.0) -> jax.Array:
         scaled = scale_biases(params, jnp.asarray(beta)) if config.has_biases else params
         if tap is not None:
-            return tap_values(config, scaled, embeddings, tap, policy, block)[-1]
-        return final_hidden(config, scaled, embeddings, policy, block)[-1]
+            return tap_values(config, scaled, embeddings, tap, policy, chunk)[-1]
+        return final_hidden(config, scaled, embeddings, policy, chunk)[-1]
 
     return target
 
@@ -142,16 +142,16 @@ class DetachedJacobian:
 
 
 # The tap is an argument, not static: its layer is data, so one program serves every layer.
-@functools.partial(jax.jit, static_argnames=("config", "policy", "attention_block"))
+@functools.partial(jax.jit, static_argnames=("config", "policy", "attention_chunk"))
 def _linearize(
     params: Params,
     inputs: jax.Array,
     config: ModelConfig,
     policy: FreezePolicy,
-    attention_block: int | None,
+    attention_chunk: int | None,
     tap: Tap | None,
 ) -> DetachedJacobian:
-    target = target_function(config, params, policy, attention_block, tap)
+    target = target_function(config, params, policy, attention_chunk, tap)
     beta = jnp.ones((), inputs.dtype)
     output, linear = jax.linearize(target, inputs, beta)
     # A bias-free network ignores β: its bias term is exactly zero, no product needed.
@@ -176,7 +176,7 @@ def linearize(
     inputs: jax.Array,
     config: ModelConfig,
     policy: FreezePolicy = FreezePolicy.DETACHED,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+    attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
     tap: Tap | None = None,
     products: Products | None = None,
 ) -> DetachedJacobian:
@@ -184,5 +184,5 @@ def linearize(
     if products is not None:
         products.linearizations += 1
         products.matvecs += int(config.has_biases)
-    jacobian = _linearize(params, inputs, config, policy, attention_block, tap)
+    jacobian = _linearize(params, inputs, config, policy, attention_chunk, tap)
     return dataclasses.replace(jacobian, linear=_resolve_params(jacobian.linear, params))

@@ -34,7 +34,7 @@ import numpy as np
 from jaxlin._config import ModelConfig
 from jaxlin.decoding import dominant_rows
 from jaxlin.distributed import to_host
-from jaxlin.jacobian import DEFAULT_ATTENTION_BLOCK, DetachedJacobian, Products, linearize
+from jaxlin.jacobian import DEFAULT_ATTENTION_CHUNK, DetachedJacobian, Products, linearize
 from jaxlin.memory import available_bytes
 from jaxlin.model import Params, Tap, layer_inputs
 from jaxlin.operator import contributions, contributions_from_rows, rows
@@ -121,7 +121,7 @@ def sweep(
     final_norm: bool,
     top_k: int = 3,
     chunk: int = 64,
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
+    attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK,
     progress: Callable[[str], None] | None = None,
     keep_right_vectors: bool = False,
     rows_in_memory: bool | None = None,
@@ -133,14 +133,14 @@ def sweep(
     quarter of the free memory."""
     if rows_in_memory is None:
         rows_in_memory = _rows_fit(config, embeddings)
-    inputs_per_layer = layer_inputs(config, params, embeddings, attention_block) if local else None
+    inputs_per_layer = layer_inputs(config, params, embeddings, attention_chunk) if local else None
     results = []
     for kind in kinds:
         for layer in range(config.num_layers):
             inputs = inputs_per_layer[layer] if local else embeddings
             tap = Tap(layer, kind, final_norm, local)
             jacobian = linearize(
-                params, inputs, config, attention_block=attention_block, tap=tap, products=products
+                params, inputs, config, attention_chunk=attention_chunk, tap=tap, products=products
             )
             triplets, total = tap_spectrum(jacobian, top_k, chunk, rows_in_memory, products)
             value, total, bias = to_host((jacobian.output, total, jacobian.bias), np.float64)

@@ -94,7 +94,7 @@ class StudySettings:
     krylov_depth: int | None
     seed: int
     chunk: int
-    attention_block: int
+    attention_chunk: int
     influence: Literal["auto", "exact", "stochastic"]
     max_exact_tokens: int
     influence_samples: int
@@ -103,7 +103,7 @@ class StudySettings:
     @classmethod
     def from_config(cls, config: RunConfig, kind: StudyKind) -> StudySettings:
         """A study reads its `length_study` section; a bench without one takes the run's own
-        per-token setting (exact blocks → exact influence, else the Frobenius estimate's samples)."""
+        per-token setting (exact token Jacobians → exact influence, else the Frobenius estimate's samples)."""
         analysis, section = config.analysis, config.length_study
         if section is None:
             section = LengthStudySection(
@@ -116,7 +116,7 @@ class StudySettings:
             krylov_depth=analysis.krylov_depth,
             seed=analysis.seed,
             chunk=analysis.chunk,
-            attention_block=analysis.attention_block,
+            attention_chunk=analysis.attention_chunk,
             influence=section.influence,
             max_exact_tokens=section.max_exact_tokens,
             influence_samples=section.influence_samples,
@@ -239,7 +239,7 @@ def measure_prefix(
     products = Products()
     prefix = inputs[:length]
     jacobian = linearize(
-        params, prefix, config, FreezePolicy.DETACHED, settings.attention_block, products=products
+        params, prefix, config, FreezePolicy.DETACHED, settings.attention_chunk, products=products
     )
 
     def logits_of(hidden: jax.Array) -> jax.Array:
@@ -496,10 +496,10 @@ def measured() -> Iterator[dict[str, Any]]:
 
 
 def _memory_estimate(config: ModelConfig, length: int, dtype: Any, settings: StudySettings) -> int:
-    block = settings.attention_block
+    chunk = settings.attention_chunk
     wide = jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
-    estimate = linearization_bytes(config, length, dtype, block)
-    estimate += product_bytes(config, length, dtype, settings.chunk, block)
+    estimate = linearization_bytes(config, length, dtype, chunk)
+    estimate += product_bytes(config, length, dtype, settings.chunk, chunk)
     if settings.exact_influence(length):
         estimate += config.hidden_size**2 * length * wide  # J's rows, kept for the exact spectrum
     return estimate

@@ -16,34 +16,34 @@ class InsufficientMemoryError(JaxlinError):
     pass
 
 
-def linearization_bytes(config: ModelConfig, n: int, dtype: jnp.dtype, attention_block: int | None) -> int:
+def linearization_bytes(config: ModelConfig, n: int, dtype: jnp.dtype, attention_chunk: int | None) -> int:
     """Residuals `jax.linearize` keeps for the detached map, per the blocks' frozen
     coefficients: per layer the block input and norm inputs (≈4·N·d), frozen q/k in the
-    compute dtype (N·(H+K)·h), the MLP gate (N·I) and, without blockwise attention, the
+    compute dtype (N·(H+K)·h), the MLP gate (N·I) and, without chunked attention, the
     (H × N × N) probabilities."""
     item = jnp.dtype(dtype).itemsize
     wide = jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
     per_layer = 4 * n * config.hidden_size * item + n * config.intermediate_size * item
     per_layer += n * (config.num_heads + config.num_kv_heads) * config.head_dim * wide
-    per_layer += (n * n if attention_block is None or n <= attention_block else 0) * config.num_heads * wide
+    per_layer += (n * n if attention_chunk is None or n <= attention_chunk else 0) * config.num_heads * wide
     return config.num_layers * per_layer
 
 
 def product_bytes(
-    config: ModelConfig, n: int, dtype: jnp.dtype, batch: int, attention_block: int | None
+    config: ModelConfig, n: int, dtype: jnp.dtype, batch: int, attention_chunk: int | None
 ) -> int:
     """Transient memory of one batched J·v / Jᵀ·u: per vector two (N × width) activations
-    of the widest layer, plus, when attention is blockwise, one query block of recomputed
+    of the widest layer, plus, when attention is chunked, one query chunk of recomputed
     probabilities (dense attention reads the stored ones, counted in the linearization).
 
     Calibrated on Gemma 3 270M float32, batch 16 (benchmarks/memory_scaling.py): with
     `linearization_bytes` this is 1.0–1.6× the measured peak above the loaded model for
-    N = 1k–8k blockwise and 1.15–1.2× for dense attention at 1k–4k — conservative, but no
+    N = 1k–8k chunked and 1.15–1.2× for dense attention at 1k–4k — conservative, but no
     longer refusing inputs of twice the size that fit."""
     wide = jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
     width = max(config.intermediate_size, config.num_heads * config.head_dim, config.hidden_size)
-    blockwise = attention_block is not None and n > attention_block
-    probs = attention_block * n * config.num_heads * wide if blockwise else 0
+    chunked = attention_chunk is not None and n > attention_chunk
+    probs = attention_chunk * n * config.num_heads * wide if chunked else 0
     return batch * (2 * n * width * wide + probs)
 
 

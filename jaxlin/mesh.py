@@ -35,9 +35,9 @@ from the safetensors or GGUF file, so the whole model is never on one device or 
 host; `place_params` re-places params already built.
 
 The sequence axis is not sharded: the input X (N, d) and every activation keep all N
-tokens on each device, and attention (dense, or the blockwise O(N)-memory form) runs
+tokens on each device, and attention (dense, or the chunked O(N)-memory form) runs
 over all queries and keys locally, split only by heads along `tensor`. Very long inputs
-are bounded by the blockwise attention's memory, not yet by sequence parallelism.
+are bounded by the chunked attention's memory, not yet by sequence parallelism.
 
 Tested on 8 forced host CPU devices (tests/test_mesh.py): every family's tiny model
 under tensor 2 × fsdp 2 × data 2 and tensor 4 × data 2 gives the single-device numbers

@@ -23,9 +23,9 @@ def module(
     config: ModelConfig,
     params: Params,
     policy: FreezePolicy = FreezePolicy.DETACHED,
-    attention_block: int | None = None,
+    attention_chunk: int | None = None,
 ) -> Transformer:
-    return Transformer(config, policy, params_dtype(params), attention_block)
+    return Transformer(config, policy, params_dtype(params), attention_chunk)
 
 
 def embed(config: ModelConfig, params: Params, token_ids: jax.Array) -> jax.Array:
@@ -38,11 +38,11 @@ def final_hidden(
     params: Params,
     embeddings: jax.Array,
     policy: FreezePolicy = FreezePolicy.DETACHED,
-    attention_block: int | None = None,
+    attention_chunk: int | None = None,
 ) -> jax.Array:
     """Final-normed hidden states (N, d). Values do not depend on the policy (nor, up
     to rounding, on the attention implementation)."""
-    return module(config, params, policy, attention_block).apply({"params": params}, embeddings)
+    return module(config, params, policy, attention_chunk).apply({"params": params}, embeddings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +90,10 @@ def layer_slice(config: ModelConfig, params: Params, start: int, stop: int) -> t
 
 
 def layer_inputs(
-    config: ModelConfig, params: Params, embeddings: jax.Array, attention_block: int | None = None
+    config: ModelConfig, params: Params, embeddings: jax.Array, attention_chunk: int | None = None
 ) -> jax.Array:
     """The residual stream entering each layer, (L, N, d): the inputs of local taps."""
-    transformer = module(config, params, attention_block=attention_block)
+    transformer = module(config, params, attention_chunk=attention_chunk)
     variables = {"params": params}
     h0 = transformer.apply(variables, embeddings, method=Transformer.scale_embeddings)
     _, taps = transformer.apply(variables, h0, method=Transformer.blocks)
@@ -101,13 +101,13 @@ def layer_inputs(
 
 
 def tap_input(
-    config: ModelConfig, params: Params, embeddings: jax.Array, tap: Tap, attention_block: int | None = None
+    config: ModelConfig, params: Params, embeddings: jax.Array, tap: Tap, attention_chunk: int | None = None
 ) -> jax.Array:
     """What the tap's Jacobian is taken w.r.t.: X for cumulative taps, the residual
     stream entering layer `tap.layer` for local ones."""
     if not tap.local:
         return embeddings
-    return layer_inputs(config, params, embeddings, attention_block)[tap.layer]
+    return layer_inputs(config, params, embeddings, attention_chunk)[tap.layer]
 
 
 def tap_values(
@@ -116,7 +116,7 @@ def tap_values(
     inputs: jax.Array,
     tap: Tap,
     policy: FreezePolicy = FreezePolicy.DETACHED,
-    attention_block: int | None = None,
+    attention_chunk: int | None = None,
 ) -> jax.Array:
     """The tap (N, d) as a function of its input (see `tap_input`). The layer may be
     data: a local tap picks its layer's params with a dynamic slice; a cumulative one runs
@@ -128,13 +128,13 @@ def tap_values(
         sub["layers"] = jax.tree_util.tree_map(
             lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, tap.layer, 1), params["layers"]
         )
-        transformer = module(one, sub, policy, attention_block)
+        transformer = module(one, sub, policy, attention_chunk)
         variables = {"params": sub}
         flags = jax.lax.dynamic_slice_in_dim(jnp.asarray(config.layer_is_sliding), tap.layer, 1)
         _, taps = transformer.apply(variables, inputs, flags, method=Transformer.blocks)
         value = taps[tap.kind][0]
     else:
-        transformer = module(config, params, policy, attention_block)
+        transformer = module(config, params, policy, attention_chunk)
         variables = {"params": params}
         h0 = transformer.apply(variables, inputs, method=Transformer.scale_embeddings)
         _, taps = transformer.apply(variables, h0, None, tap.layer, method=Transformer.blocks)

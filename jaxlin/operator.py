@@ -1,9 +1,9 @@
 """Products through a detached Jacobian J (see `jaxlin.jacobian`): J's rows, the
-per-token contributions c_t = J_t·x_t, one token's block J_t, and the certificate of
+per-token contributions c_t = J_t·x_t, one token Jacobian J_t, and the certificate of
 exactness Σ_t c_t + c_bias = y. Each function takes the linearized value J, so none of
 them runs the forward again; batches of products are split across devices by
 `map_in_batches`. When J's rows are at hand, `contributions_from_rows` and
-`block_from_rows` read the same numbers off them without another product."""
+`token_jacobian_from_rows` read the same numbers off them without another product."""
 
 from __future__ import annotations
 
@@ -83,13 +83,13 @@ def contributions_from_rows(dense: jax.Array, inputs: jax.Array) -> jax.Array:
     return jnp.einsum("itj,tj->ti", dense, inputs.astype(dense.dtype), precision=jax.lax.Precision.HIGHEST)
 
 
-def block_from_rows(dense: jax.Array, token: int) -> jax.Array:
+def token_jacobian_from_rows(dense: jax.Array, token: int) -> jax.Array:
     """J_t (d_out × d_in) from J's rows (d, N, d)."""
     return dense[:, token, :]
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
-def _token_block(jacobian: DetachedJacobian, token: jax.Array, chunk: int | None) -> jax.Array:
+def _token_jacobian(jacobian: DetachedJacobian, token: jax.Array, chunk: int | None) -> jax.Array:
     inputs = jacobian.inputs
     d = inputs.shape[1]
 
@@ -99,14 +99,14 @@ def _token_block(jacobian: DetachedJacobian, token: jax.Array, chunk: int | None
     return map_in_batches(column, jnp.eye(d, dtype=inputs.dtype), chunk_size(d, chunk)).T
 
 
-def token_block(
+def token_jacobian(
     jacobian: DetachedJacobian, token: int, chunk: int | None = 64, products: Products | None = None
 ) -> jax.Array:
-    """One block J_t (d × d) from d forward products whose tangent lives on token t
-    (for when J's rows are not at hand: see `block_from_rows`)."""
+    """One token Jacobian J_t (d × d) from d forward products whose tangent lives on token t
+    (for when J's rows are not at hand: see `token_jacobian_from_rows`)."""
     if products is not None:
         products.matvecs += jacobian.inputs.shape[1]
-    return _token_block(jacobian, jnp.asarray(token), chunk)
+    return _token_jacobian(jacobian, jnp.asarray(token), chunk)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jaxlin._config import ModelConfig
 from jaxlin._modules import Transformer
 from jaxlin._policy import FreezePolicy
-from jaxlin.jacobian import DEFAULT_ATTENTION_BLOCK, DetachedJacobian, _linearize, _resolve_params
+from jaxlin.jacobian import DEFAULT_ATTENTION_CHUNK, DetachedJacobian, _linearize, _resolve_params
 from jaxlin.mesh import MESH_AXES, input_sharding, make_mesh, param_specs
 
 Abstract = jax.ShapeDtypeStruct
@@ -64,7 +64,7 @@ class Workload:
     top_k: int = 8
     depth: int | None = None  # first Lanczos depth; None: `spectral.top_k`'s default
     chunk: int = 16
-    attention_block: int | None = DEFAULT_ATTENTION_BLOCK
+    attention_chunk: int | None = DEFAULT_ATTENTION_CHUNK
     method: str = "lanczos"  # lanczos | rows (J's d rows, then exact spectra from them)
     per_token: str = "off"  # off | exact | projected
     per_token_top_k: int = 3
@@ -250,18 +250,18 @@ def _plan(
     sharding = input_sharding(mesh) if mesh is not None else None
     inputs = Abstract((tokens, config.hidden_size), dtype, sharding=sharding)
 
-    def linearization(policy: FreezePolicy, block: int | None) -> tuple[ProgramMemory, DetachedJacobian, int]:
-        compiled = _linearize.lower(params, inputs, config, policy, block, None).compile()
+    def linearization(policy: FreezePolicy, chunk: int | None) -> tuple[ProgramMemory, DetachedJacobian, int]:
+        compiled = _linearize.lower(params, inputs, config, policy, chunk, None).compile()
         program = _compiled_memory("linearize", compiled)
         # What J holds itself: the program's outputs, where the weights are `ParamRef`s
         # (on a mesh, each output as the partitioner placed it).
-        out = jax.eval_shape(_linearize, params, inputs, config, policy, block, None)
+        out = jax.eval_shape(_linearize, params, inputs, config, policy, chunk, None)
         if mesh is not None:
             out = jax.tree_util.tree_map(lambda a, s: a.update(sharding=s), out, compiled.output_shardings)
         jacobian = dataclasses.replace(out, linear=_resolve_params(out.linear, params))
         return program, jacobian, nbytes(out)
 
-    first, jacobian, held = linearization(FreezePolicy.DETACHED, work.attention_block)
+    first, jacobian, held = linearization(FreezePolicy.DETACHED, work.attention_chunk)
     programs = [first]
     for name, lower in _analysis_programs(jacobian, config, work):
         programs.append(_memory(name, lower(), held))
@@ -285,7 +285,7 @@ def workload(options: Any) -> Workload:
         top_k=options.top_k,
         depth=options.krylov_depth,
         chunk=options.chunk,
-        attention_block=options.attention_block,
+        attention_chunk=options.attention_chunk,
         method="rows" if rows else "lanczos",
         per_token=per_token.method,
         per_token_top_k=per_token.top_k,

@@ -217,7 +217,7 @@ def importance_strip(
 def jacobian_images(
     path: Path, detached: np.ndarray, ordinary: np.ndarray | None, token: str, position: int
 ) -> None:
-    """The block J_t of one token as an image (detached, and ordinary beside it), each
+    """The token Jacobian J_t of one token as an image (detached, and ordinary beside it), each
     with its singular values inset."""
     panels = [("detached", detached)] + ([("ordinary", ordinary)] if ordinary is not None else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.6), squeeze=False)
@@ -322,10 +322,10 @@ def _importance(path: Path, record: RunRecord, arrays: Arrays) -> None:
     importance_strip(path, record.tokens, arrays["token_contribution_norms"], arrays["token_frobenius"])
 
 
-def _jacobian_block(path: Path, record: RunRecord, arrays: Arrays) -> None:
+def _focus_jacobian(path: Path, record: RunRecord, arrays: Arrays) -> None:
     focus = int(arrays["focus_position"])
     jacobian_images(
-        path, arrays["focus_block"], arrays.get("focus_block_ordinary"), record.tokens[focus], focus
+        path, arrays["focus_jacobian"], arrays.get("focus_jacobian_ordinary"), record.tokens[focus], focus
     )
 
 
@@ -352,7 +352,7 @@ DRAW: dict[str, Callable[[Path, Any, Arrays], None]] = {
     "singular_values.png": _singular_values,
     "per_token.png": _per_token,
     "importance.png": _importance,
-    "jacobian_block.png": _jacobian_block,
+    "focus_jacobian.png": _focus_jacobian,
     "ablation.png": _ablation,
     "layers.png": _layers,
     "layers_path.png": _layers_path,

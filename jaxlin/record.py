@@ -372,9 +372,9 @@ FIGURES: dict[str, FigureSpec] = {
     "importance.png": FigureSpec(
         "per-token", "‖c_t‖ and ‖J_t‖_F as heat strips over the input text (darker = larger)"
     ),
-    "jacobian_block.png": FigureSpec(
+    "focus_jacobian.png": FigureSpec(
         "per-token",
-        "the block J_t of the focus token (largest ‖c_t‖ past a leading BOS) as an image, detached "
+        "the token Jacobian J_t of the focus token (largest ‖c_t‖ past a leading BOS) as an image, detached "
         "and ordinary if computed, with its singular values inset",
     ),
     "ablation.png": FigureSpec(
@@ -400,7 +400,7 @@ def figure_names(record: Record) -> list[str]:
         names = {"prompts.png"} | ({"layers.png"} if record.layers else set())
     else:
         names = {"reconstruction.png", "singular_values.png", "per_token.png"}
-        names |= {"importance.png", "jacobian_block.png"}
+        names |= {"importance.png", "focus_jacobian.png"}
         if record.ablation is not None:
             names.add("ablation.png")
         if record.layers:

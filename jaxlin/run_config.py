@@ -58,8 +58,8 @@ class ModelSection(_Strict):
 class PerTokenSection(_Strict):
     method: Literal["exact", "projected", "off"] = Field(
         "exact",
-        description="exact: every block J_t from d transposed products; projected: blocks projected on a "
-        "rank-`rank` Krylov basis of the whole J (cheaper, approximate); off: skip",
+        description="exact: every token Jacobian J_t from d transposed products; projected: token "
+        "Jacobians projected on a rank-`rank` Krylov basis of the whole J (cheaper, approximate); off: skip",
     )
     top_k: int = Field(4, ge=1, description="singular triplets per token")
     rank: int = Field(64, ge=1, description="projection rank for method=projected")
@@ -120,7 +120,7 @@ class AnalysisSection(_Strict):
     )
     max_dense_tokens: int = Field(48, ge=1, description="longest input for method=dense")
     chunk: int = Field(64, ge=1, description="vectors pushed through the operator at once")
-    attention_block: int = Field(256, ge=1, description="query block of the O(N)-memory attention")
+    attention_chunk: int = Field(256, ge=1, description="queries per chunk of the O(N)-memory attention")
 
 
 class SteeringSection(_Strict):
@@ -139,7 +139,7 @@ class SteeringSection(_Strict):
 class LengthStudySection(_Strict):
     """One long document, the target at each prefix length (see jaxlin.length_study).
     Spectra use the analysis section's top_k, tolerance, krylov_depth, seed, chunk and
-    attention_block."""
+    attention_chunk."""
 
     document: str | None = Field(None, description="the document's text")
     document_file: str | None = Field(None, description="a UTF-8 file holding the document")
@@ -245,7 +245,7 @@ class ComparedModel(ModelSection):
 
 class ComparisonSection(_Strict):
     """Several models on the same prompts (see jaxlin.comparison). Spectra use the analysis
-    section's top_k, tolerance, krylov_depth, seed, chunk, attention_block, frobenius_samples,
+    section's top_k, tolerance, krylov_depth, seed, chunk, attention_chunk, frobenius_samples,
     decode_top_tokens and layers.final_norm / layers.top_k."""
 
     models: list[ComparedModel] = Field(
@@ -431,12 +431,17 @@ def _yaml_error(error: yaml.YAMLError) -> str:
     return " ".join(str(error).split())
 
 
+# Keys a release renamed, so that an old config's error says what to write instead.
+RENAMED_KEYS = {"attention_block": "attention_chunk"}
+
+
 def _format(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "<root>"
     message = first["msg"]
     if first["type"] == "extra_forbidden":
-        message = "unknown key"
+        renamed = RENAMED_KEYS.get(str(first["loc"][-1]))
+        message = "unknown key" + (f" (renamed to {renamed})" if renamed else "")
     elif first["type"] == "value_error":
         message = str(first["ctx"]["error"])  # our own validators' text, without "Value error, "
     elif first["type"] == "model_type":

@@ -46,8 +46,8 @@ def memory_estimate(
     config: ModelConfig, n: int, dtype: Any, options: AnalysisSection, analyses: Sequence[Analysis]
 ) -> int:
     """The linearization, one batch of products, and what each enabled analysis keeps."""
-    estimate = linearization_bytes(config, n, dtype, options.attention_block)
-    estimate += product_bytes(config, n, dtype, options.chunk, options.attention_block)
+    estimate = linearization_bytes(config, n, dtype, options.attention_chunk)
+    estimate += product_bytes(config, n, dtype, options.chunk, options.attention_chunk)
     return estimate + sum(analysis.memory_bytes(config, n, dtype, options) for analysis in analyses)
 
 
@@ -105,7 +105,7 @@ def analyse(
     keep_rows = any(analysis.needs_rows(options) for analysis in analyses)
     with timer.step(f"detached Jacobian ({n} tokens)" + (": all d rows" if keep_rows else "")):
         jacobian = linearize(
-            params, inputs, config, FreezePolicy.DETACHED, options.attention_block, products=products
+            params, inputs, config, FreezePolicy.DETACHED, options.attention_chunk, products=products
         )
         if keep_rows:
             context.rows = rows(jacobian, None, options.chunk, products)

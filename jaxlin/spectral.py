@@ -11,11 +11,11 @@ residual bound from one batched forward pass (see `_triplet_bounds`). matfree ha
 convergence test: `top_k` grows the Krylov depth until the bounds meet the tolerance,
 or stops (not converged) when they no longer improve: the operator's rounding has a floor.
 
-Every block J_t at once — one transposed pass of a batch of output-space vectors B
+Every token Jacobian J_t at once — one transposed pass of a batch of output-space vectors B
 (b × d) gives B·J_t for *all* tokens t together (the transpose separates tokens, the
-forward pass would mix them). With B = I (b = d) that is every block exactly; with B
+forward pass would mix them). With B = I (b = d) that is every token Jacobian exactly; with B
 an orthonormal basis of the whole-J Krylov space (b < d) it is a projection that keeps
-each block's dominant directions at a fraction of the cost (`per_token_top_k`).
+each token Jacobian's dominant directions at a fraction of the cost (`per_token_top_k`).
 
 Krylov vectors and reductions are kept in at least float32 (bf16 params included).
 """
@@ -228,7 +228,7 @@ TOKEN_GROUP_BYTES = 256 * 2**20
 
 
 def token_group_size(n: int, b: int, d: int, itemsize: int) -> int:
-    """Tokens decomposed together: their blocks, Gram matrices and eigenvectors (about
+    """Tokens decomposed together: their Jacobians, Gram matrices and eigenvectors (about
     3·b·max(b, d) numbers each) within `TOKEN_GROUP_BYTES`, in groups of equal size (so
     that the last group overlaps the others by fewer tokens than there are groups)."""
     largest = max(1, min(n, TOKEN_GROUP_BYTES // (3 * b * max(b, d) * itemsize)))
@@ -244,7 +244,7 @@ def per_token_top_k(
     token_group: int | None = None,
     products: Products | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Top-k triplets of every block B·J_t (t = 1..N) from one batched transposed pass
+    """Top-k triplets of every token Jacobian B·J_t (t = 1..N) from one batched transposed pass
     (`rows`), decomposed by `per_token_from_rows`."""
     return per_token_from_rows(rows(op, basis, chunk, products), basis, k, token_group)
 
@@ -253,11 +253,11 @@ def per_token_top_k(
 def per_token_from_rows(
     projected: jax.Array, basis: jax.Array, k: int, token_group: int | None = None
 ) -> tuple[jax.Array, ...]:
-    """Top-k triplets of every block B·J_t from the rows B·J (b, N, d).
+    """Top-k triplets of every token Jacobian B·J_t from the rows B·J (b, N, d).
 
-    `basis` (b, d) has orthonormal rows. With the identity (b = d) the blocks are the
+    `basis` (b, d) has orthonormal rows. With the identity (b = d) the token Jacobians are the
     exact J_t. Returns U (N, k, d) left vectors in output space, S (N, k), V (N, k, d),
-    bounds (N, k) (residual bounds w.r.t. the projected blocks B·J_t, see
+    bounds (N, k) (residual bounds w.r.t. the projected token Jacobians B·J_t, see
     `_triplet_bounds`), and the squared Frobenius norms ‖B·J_t‖² (N,). Memory: the
     b·N·d rows, plus one group of tokens' Gram matrices at a time (`token_group` tokens;
     default `token_group_size`)."""

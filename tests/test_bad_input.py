@@ -87,6 +87,11 @@ CASES: list[Case] = [
     ),
     # --- keys and types
     Case("unknown_key", run_config(analysis={"topk": 3}), ("analysis.topk", "unknown key")),
+    Case(
+        "renamed_key",
+        run_config(analysis={"attention_block": 64}),
+        ("analysis.attention_block", "renamed to attention_chunk"),
+    ),
     Case("unknown_source", run_config(model={"source": "onnx"}), ("model.source",)),
     Case("section_null", "text: hi\nmodel:\n", ("model", "expected a mapping", "got null")),
     Case("bool_for_int", run_config(analysis={"top_k": True}), ("analysis.top_k", "integer", "true")),

@@ -10,7 +10,13 @@ import numpy as np
 from converters.hf import load_hf_model
 from jaxlin import model as model_fns
 from jaxlin.jacobian import DetachedJacobian, Products, linearize
-from jaxlin.operator import block_from_rows, contributions, contributions_from_rows, rows, token_block
+from jaxlin.operator import (
+    contributions,
+    contributions_from_rows,
+    rows,
+    token_jacobian,
+    token_jacobian_from_rows,
+)
 from jaxlin.run_config import AnalysisSection
 from jaxlin.runner import analyse
 
@@ -51,7 +57,7 @@ def test_quantities_read_off_rows_equal_fresh_products(tiny_model_dir):
     )
     for token in (0, 5, len(TOKENS) - 1):
         np.testing.assert_allclose(
-            block_from_rows(dense, token), token_block(jacobian, token), rtol=1e-11, atol=1e-13
+            token_jacobian_from_rows(dense, token), token_jacobian(jacobian, token), rtol=1e-11, atol=1e-13
         )
     total = contributions_from_rows(dense, inputs).sum(0) + jacobian.bias
     assert float(jnp.linalg.norm(total - jacobian.output) / jnp.linalg.norm(jacobian.output)) <= 1e-12

@@ -112,19 +112,19 @@ def residual_fraction(jacobian: DetachedJacobian) -> float:
     return held / sum(leaf.size for leaf in large)
 
 
-def check_family_on_meshes(model_dir: Path, attention_block: int | None) -> None:
+def check_family_on_meshes(model_dir: Path, attention_chunk: int | None) -> None:
     model = load_hf_model(model_dir, jnp.float64)
     config, params = model.config, model.params
     ids = np.random.default_rng(5).integers(0, 128, size=13)
     x = model_fns.embed(config, params, jnp.asarray(ids))
-    single = analyses(linearize(params, x, config, attention_block=attention_block))
+    single = analyses(linearize(params, x, config, attention_chunk=attention_chunk))
     for sizes in MESHES:
         mesh = make_mesh(sizes)
         sharded = place_params(params, config, mesh)
         check_shards(sharded, config, sizes)
         with jax.set_mesh(mesh):
             jacobian = linearize(
-                sharded, jax.device_put(x, input_sharding(mesh)), config, attention_block=attention_block
+                sharded, jax.device_put(x, input_sharding(mesh)), config, attention_chunk=attention_chunk
             )
             split = analyses(jacobian)
         # The linearization keeps the weights it stores as sharded as the parameters.
@@ -225,6 +225,6 @@ if __name__ == "__main__":
     check_vector_placement()
     print("vectors split along data", flush=True)
     for index, directory in enumerate(sys.argv[1:]):
-        # Every other family through the blockwise attention (block 4 < 13 tokens).
-        check_family_on_meshes(Path(directory), attention_block=4 if index % 2 else None)
+        # Every other family through the chunked attention (block 4 < 13 tokens).
+        check_family_on_meshes(Path(directory), attention_chunk=4 if index % 2 else None)
         print(f"{Path(directory).name}: 2 meshes agree", flush=True)

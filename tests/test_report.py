@@ -362,14 +362,14 @@ def test_every_figure_in_its_section_with_its_caption(tmp_path, many):
             "singular_values.png",
             "per_token.png",
             "importance.png",
-            "jacobian_block.png",
+            "focus_jacobian.png",
             "ablation.png",
             "layers.png",
             "layers_path.png",
         }
     )
     assert set(names) == expected
-    assert {FIGURES[n].section for n in ("importance.png", "jacobian_block.png")} == {"per-token"}
+    assert {FIGURES[n].section for n in ("importance.png", "focus_jacobian.png")} == {"per-token"}
 
 
 def test_self_contained(tmp_path):

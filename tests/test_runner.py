@@ -23,7 +23,7 @@ from jaxlin.jacobian import DetachedJacobian, linearize
 from jaxlin.layer_sweep import sweep
 from jaxlin.loading import load_model
 from jaxlin.memory import linearization_bytes, product_bytes
-from jaxlin.operator import contributions, rows, token_block
+from jaxlin.operator import contributions, rows, token_jacobian
 from jaxlin.run_config import AnalysisSection
 from jaxlin.runner import analyse, memory_estimate
 from jaxlin.spectral import TOKEN_GROUP_BYTES
@@ -92,10 +92,9 @@ def test_every_result_equals_an_independent_computation(loaded):
     assert int(ids[0]) == loaded.tokenizer.bos_token_id
     focus = 1 + int(np.argmax(np.linalg.norm(c[1:], axis=-1)))
     assert int(arrays["focus_position"]) == focus
-    close(arrays["focus_block"], np.asarray(token_block(detached, focus), np.float32), rtol=0, atol=0)
-    close(
-        arrays["focus_block_ordinary"], np.asarray(token_block(ordinary, focus), np.float32), rtol=0, atol=0
-    )
+    close(arrays["focus_jacobian"], np.asarray(token_jacobian(detached, focus), np.float32), rtol=0, atol=0)
+    ordinary_focus = np.asarray(token_jacobian(ordinary, focus), np.float32)
+    close(arrays["focus_jacobian_ordinary"], ordinary_focus, rtol=0, atol=0)
 
     # The ablation and the layer sweep, called directly.
     ablated = ablate(config, params, ids, detached.output, contributions(detached))

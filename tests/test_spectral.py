@@ -104,7 +104,7 @@ def test_results_are_deterministic_for_a_seed(cases):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_every_token_block_matches_dense_svd(variant, cases):
+def test_every_token_jacobian_matches_dense_svd(variant, cases):
     model, jacobian, dense = cases(variant)
     d = model.config.hidden_size
     left, sigma, right, bounds, frob_sq = per_token_top_k(jacobian, jnp.eye(d), 4)

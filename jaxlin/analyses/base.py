@@ -98,7 +98,7 @@ class Context:
                 jacobian.inputs,
                 self.config,
                 FreezePolicy.ORDINARY,
-                self.options.attention_block,
+                self.options.attention_chunk,
                 products=self.products,
             )
         return self._ordinary

@@ -1,4 +1,4 @@
-"""The most important token's block J_t (d × d) as an image, detached and (when the
+"""The most important token's Jacobian J_t (d × d) as an image, detached and (when the
 ordinary Jacobian is compared) ordinary. The focus token is the one with the largest
 contribution ‖c_t‖, past a leading BOS, which often acts as an attention sink."""
 
@@ -13,23 +13,23 @@ from jaxlin.analyses.base import Analysis, Context
 from jaxlin.analyses.certificate import CertificateResult
 from jaxlin.distributed import to_host
 from jaxlin.jacobian import DetachedJacobian
-from jaxlin.operator import block_from_rows, token_block
+from jaxlin.operator import token_jacobian, token_jacobian_from_rows
 from jaxlin.tokens import starts_with_bos
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FocusResult:
     position: int
-    block: np.ndarray  # (d, d) float32
-    ordinary_block: np.ndarray | None  # (d, d) float32
+    jacobian: np.ndarray  # (d, d) float32
+    ordinary_jacobian: np.ndarray | None  # (d, d) float32
 
     def summary_entries(self) -> dict[str, Any]:
         return {}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        arrays = {"focus_block": self.block, "focus_position": np.asarray(self.position)}
-        if self.ordinary_block is not None:
-            arrays["focus_block_ordinary"] = self.ordinary_block
+        arrays = {"focus_jacobian": self.jacobian, "focus_position": np.asarray(self.position)}
+        if self.ordinary_jacobian is not None:
+            arrays["focus_jacobian_ordinary"] = self.ordinary_jacobian
         return arrays
 
 
@@ -43,16 +43,16 @@ def run(jacobian: DetachedJacobian, context: Context) -> FocusResult:
     certificate = context.earlier(CertificateResult)
     focus = focus_position(certificate.contributions_float64, starts_with_bos(context.tokenizer, context.ids))
     chunk, products = context.options.chunk, context.products
-    with context.timer.step(f"Jacobian block of token {focus}"):
-        block = (
-            token_block(jacobian, focus, chunk, products)
+    with context.timer.step(f"Jacobian of token {focus}"):
+        focus_jacobian = (
+            token_jacobian(jacobian, focus, chunk, products)
             if context.rows is None
-            else block_from_rows(context.rows, focus)
+            else token_jacobian_from_rows(context.rows, focus)
         )
         ordinary = None
         if certificate.ordinary_error is not None:
-            ordinary = to_host(token_block(context.ordinary(jacobian), focus, chunk, products), np.float32)
-    return FocusResult(focus, to_host(block, np.float32), ordinary)
+            ordinary = to_host(token_jacobian(context.ordinary(jacobian), focus, chunk, products), np.float32)
+    return FocusResult(focus, to_host(focus_jacobian, np.float32), ordinary)
 
 
 ANALYSIS = Analysis("focus", run, uses_rows=True)

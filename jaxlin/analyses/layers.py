@@ -65,7 +65,7 @@ def dynamics(
             section.final_norm,
             section.top_k,
             options.chunk,
-            options.attention_block,
+            options.attention_chunk,
             progress,
             products=products,
         )

@@ -1,4 +1,4 @@
-"""Every token's own block J_t: its top singular triplets with residual bounds, exact
+"""Every token Jacobian J_t: its top singular triplets with residual bounds, exact
 (from J's d rows) or projected on a rank-r Krylov basis of the whole J. The first left
 vector of each J_t is read as the tokens it pushes up, the first right vector as the
 nearest input-embedding rows."""
@@ -38,7 +38,7 @@ class PerTokenResult:
 
     @property
     def exact_token_frobenius(self) -> np.ndarray | None:
-        """‖J_t‖_F (N,) when the blocks are exact."""
+        """‖J_t‖_F (N,) when the token Jacobians are exact."""
         return self.frobenius if self.method == "exact" else None
 
     def summary_entries(self) -> dict[str, Any]:

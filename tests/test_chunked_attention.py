@@ -13,7 +13,7 @@ from jaxlin import model as model_fns
 from jaxlin._policy import FreezePolicy
 from jaxlin.jacobian import linearize, target_function
 
-N = 41  # longer than the windows (8, 6) and than several blocks
+N = 41  # longer than the windows (8, 6) and than several chunks
 
 
 def setup(tiny_model_dir, variant):
@@ -27,8 +27,8 @@ def relative(a, b) -> float:
 
 
 @pytest.mark.parametrize("variant", ["gemma3_sliding", "qwen3_sliding", "gemma3_untied_softcap"])
-@pytest.mark.parametrize("block", [4, 16])
-def test_blockwise_operator_equals_naive(variant, block, tiny_model_dir):
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_chunked_operator_equals_naive(variant, chunk, tiny_model_dir):
     model, inputs = setup(tiny_model_dir, variant)
     keys = jax.random.split(jax.random.key(4), 2)
     v = jax.random.normal(keys[0], inputs.shape, jnp.float64)
@@ -36,15 +36,15 @@ def test_blockwise_operator_equals_naive(variant, block, tiny_model_dir):
 
     @jax.jit
     def products(inputs, v, u):
-        naive = linearize(model.params, inputs, model.config, attention_block=None)
-        blockwise = linearize(model.params, inputs, model.config, attention_block=block)
+        naive = linearize(model.params, inputs, model.config, attention_chunk=None)
+        chunked = linearize(model.params, inputs, model.config, attention_chunk=chunk)
         return (
             naive.output,
-            blockwise.output,
+            chunked.output,
             naive.matvec(v),
-            blockwise.matvec(v),
+            chunked.matvec(v),
             naive.rmatvec(u),
-            blockwise.rmatvec(u),
+            chunked.rmatvec(u),
         )
 
     y_n, y_b, jv_n, jv_b, jtu_n, jtu_b = products(inputs, v, u)
@@ -53,12 +53,12 @@ def test_blockwise_operator_equals_naive(variant, block, tiny_model_dir):
     assert relative(jtu_b, jtu_n) <= 1e-12
 
 
-def test_blockwise_linearization_keeps_no_quadratic_residual(tiny_model_dir):
+def test_chunked_linearization_keeps_no_quadratic_residual(tiny_model_dir):
     model, inputs = setup(tiny_model_dir, "gemma3_sliding")
 
-    def residual_shapes(block):
+    def residual_shapes(chunk):
         _, jvp = jax.linearize(
-            target_function(model.config, model.params, FreezePolicy.DETACHED, block), inputs
+            target_function(model.config, model.params, FreezePolicy.DETACHED, chunk), inputs
         )
         return [leaf.shape for leaf in jax.tree_util.tree_leaves(jvp) if hasattr(leaf, "shape")]
 
@@ -69,8 +69,8 @@ def test_blockwise_linearization_keeps_no_quadratic_residual(tiny_model_dir):
     assert not has_n_by_n(residual_shapes(8))
 
 
-def test_blockwise_refuses_the_ordinary_policy(tiny_model_dir):
+def test_chunked_refuses_the_ordinary_policy(tiny_model_dir):
     model, inputs = setup(tiny_model_dir, "llama_gqa_untied")
-    transformer = model_fns.module(model.config, model.params, FreezePolicy.ORDINARY, attention_block=8)
+    transformer = model_fns.module(model.config, model.params, FreezePolicy.ORDINARY, attention_chunk=8)
     with pytest.raises(ValueError, match="detached"):
         transformer.apply({"params": model.params}, inputs)
