@@ -13,6 +13,11 @@ from __future__ import annotations
 import enum
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
+
+# The name every frozen coefficient carries: what a detached linearization must keep,
+# and all it keeps besides the weights (`jax.checkpoint_policies.save_only_these_names`).
+FROZEN = "frozen"
 
 
 class FreezePolicy(enum.Enum):
@@ -22,5 +27,5 @@ class FreezePolicy(enum.Enum):
     def freeze(self, coefficient: jax.Array) -> jax.Array:
         """`coefficient` as a constant of differentiation under DETACHED, as-is otherwise."""
         if self is FreezePolicy.DETACHED:
-            return jax.lax.stop_gradient(coefficient)
+            return checkpoint_name(jax.lax.stop_gradient(coefficient), FROZEN)
         return coefficient

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jaxlin._config import ModelConfig
 from jaxlin._modules import Transformer
-from jaxlin._policy import FreezePolicy
+from jaxlin._policy import FROZEN, FreezePolicy
 
 Params = dict[str, Any]
 
@@ -118,10 +118,17 @@ def tap_values(
     policy: FreezePolicy = FreezePolicy.DETACHED,
     attention_chunk: int | None = None,
 ) -> jax.Array:
-    """The tap (N, d) as a function of its input (see `tap_input`). The layer may be
-    data: a local tap picks its layer's params with a dynamic slice; a cumulative one runs
-    the stack with the layers above the tap passed through (they cannot change it, and
-    skipping them halves the products' cost on average over a sweep)."""
+    """The tap (N, d) as a function of its input (see `tap_input`). The layer is data, so
+    one compiled program serves every layer. A local tap picks its layer's params with a
+    dynamic slice (J holds that slice: one layer's weights). A cumulative one runs the
+    stack with the layers above the tap passed through under a `cond` (they cannot change
+    it, and skipping them halves the products' cost on average over a sweep).
+
+    Linearizing a `cond` returns the weights its branch reads as fresh residuals, so J
+    would hold a copy of every layer's weights; under `jax.checkpoint` the partial
+    evaluation hands the branch its operands instead, and J refers to the params
+    themselves. Everything is saved, so the residuals and the products' cost are those
+    of a plain linearization."""
     if tap.local:
         one = dataclasses.replace(config, num_layers=1, sliding_layers=())
         sub = dict(params)
@@ -137,7 +144,12 @@ def tap_values(
         transformer = module(config, params, policy, attention_chunk)
         variables = {"params": params}
         h0 = transformer.apply(variables, inputs, method=Transformer.scale_embeddings)
-        _, taps = transformer.apply(variables, h0, None, tap.layer, method=Transformer.blocks)
+
+        def stack(params: Params, h0: jax.Array, layer: jax.Array) -> dict[str, jax.Array]:
+            return transformer.apply({"params": params}, h0, None, layer, method=Transformer.blocks)[1]
+
+        stack = jax.checkpoint(stack, policy=jax.checkpoint_policies.save_only_these_names(FROZEN))
+        taps = stack(params, h0, tap.layer)
         value = jax.lax.dynamic_index_in_dim(taps[tap.kind], tap.layer, keepdims=False)
     if tap.final_norm:
         value = transformer.apply(variables, value, method=Transformer.normalize)

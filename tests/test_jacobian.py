@@ -6,10 +6,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from converters.hf import load_hf_model
 from jaxlin import model as model_fns
 from jaxlin.jacobian import DetachedJacobian, Products, linearize
+from jaxlin.model import Tap
 from jaxlin.operator import (
     contributions,
     contributions_from_rows,
@@ -92,25 +94,31 @@ def test_bias_term_costs_one_product_only_where_there_are_biases(tiny_model_dir)
         assert (float(jnp.linalg.norm(jacobian.bias)) > 0) == biased
 
 
-def test_jacobian_refers_to_the_weights_instead_of_copying_them(tiny_model_dir):
+@pytest.mark.parametrize("tap", [None, Tap(1, "residual"), Tap(0, "attention", final_norm=False)], ids=str)
+def test_jacobian_refers_to_the_weights_instead_of_copying_them(tap, tiny_model_dir):
     # A jitted program's outputs are fresh buffers: weights returned as residuals would be
     # a second copy of every layer matrix the tangent passes through (≈0.5 GB on Gemma 3
     # 270M). The value must hold the caller's own arrays, and only N-dependent ones besides.
-    model, inputs, jacobian = jacobian_of(tiny_model_dir)
+    # A cumulative tap runs its layers under a `cond`, whose linearization copies them
+    # unless the tap is taken under `jax.checkpoint` (model.tap_values). (A local tap
+    # holds its one layer's slice of the weights.)
+    model, inputs, _ = jacobian_of(tiny_model_dir)
+    jacobian = linearize(model.params, inputs, model.config, tap=tap)
     own = {leaf.unsafe_buffer_pointer() for leaf in jax.tree_util.tree_leaves(model.params)}
-    weights = {
-        leaf.shape: leaf for leaf in jax.tree_util.tree_leaves(model.params) if leaf.ndim == 3
-    }  # stacked (layers, in, out) matrices
+    stacked = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(model.params) if leaf.ndim == 3]
     residuals = jax.tree_util.tree_leaves(jacobian.linear)
     referred = [leaf for leaf in residuals if leaf.unsafe_buffer_pointer() in own]
     assert referred, "the tangent passes through weight matrices: some residuals must be the weights"
     for leaf in residuals:
-        if leaf.unsafe_buffer_pointer() in own:
+        if leaf.unsafe_buffer_pointer() in own or leaf.ndim != 3:
             continue
-        same = weights.get(leaf.shape)
-        assert same is None or not np.array_equal(np.asarray(leaf), np.asarray(same)), (
-            f"a residual {leaf.shape} is a copy of a weight matrix"
-        )
+        for weights in stacked:  # (layers, in, out): the whole stack, or any run of its layers
+            if leaf.shape[1:] == weights.shape[1:] and leaf.shape[0] <= weights.shape[0]:
+                copies = [
+                    np.array_equal(np.asarray(leaf), weights[i : i + leaf.shape[0]])
+                    for i in range(weights.shape[0] - leaf.shape[0] + 1)
+                ]
+                assert not any(copies), f"a residual {leaf.shape} is a copy of weight matrices"
     # Still the same map: ⟨u, Jv⟩ = ⟨Jᵀu, v⟩ with the transpose taken from the shared residuals.
     v = jax.random.normal(jax.random.key(2), inputs.shape, jnp.float64)
     u = jax.random.normal(jax.random.key(3), (model.config.hidden_size,), jnp.float64)
