@@ -49,7 +49,8 @@ are bounded by the blockwise attention's memory, not yet by sequence parallelism
 
 Tested on 8 forced host CPU devices (tests/test_mesh.py): every family's tiny model
 under tensor 2 × fsdp 2 × data 2 and tensor 4 × data 2 gives the single-device numbers
-to float64 rounding.
+to float64 rounding; so does a GGUF kept quantized in several block layouts
+(tests/test_shards.py), each device holding its block of every quantized leaf.
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ which the layer scan slices like any other param. `dense` and `embedding_rows` d
 inside `jax.checkpoint`: the linearization keeps the quantized leaves (the params
 themselves) as residuals and J·v / Jᵀ·u dequantize again, so no float copy of a weight
 outlives the layer that uses it.
+
+On a device mesh the leaves are split as the float param would be (`jaxlin.mesh.
+quantized_spec`: rows freely, columns only in whole groups); the dequantization is
+elementwise per group, so the partitioner runs it on each device's block, and the
+products are partitioned as the float path's.
 """
 
 from __future__ import annotations

@@ -11,7 +11,12 @@ under another (and under none) to the same bits. Run as a script, this file is t
 subprocess: `python tests/test_shards.py HF_DIR... -- GGUF... -- CACHE_DIR`.
 
 The host memory claim is measured by benchmarks/conversion_memory.py, which this file
-runs on a ~400 MB model."""
+runs on a ~400 MB model.
+
+Kept quantized (`python tests/test_shards.py --quantized GGUF CACHE_DIR`): a GGUF in
+several block layouts, converted onto two meshes, gives the one-device numbers, each
+device holding its block of every quantized leaf, the planned bytes a device, and a cache
+entry restored across meshes."""
 
 from __future__ import annotations
 
@@ -117,7 +122,7 @@ def check_placed(params: dict, config, mesh) -> None:
     q = params["layers"]["attn"]["q_proj"]["kernel"]
     up = params["layers"]["mlp"]["up_proj"]["kernel"]
     if not isinstance(q, jax.Array) or not isinstance(up, jax.Array):
-        return  # kept quantized (replicated)
+        return  # kept quantized: their leaves' shards are checked by check_quantized_shards
     assert q.addressable_shards[0].data.shape == (
         config.num_layers,
         config.hidden_size // fsdp,
@@ -160,8 +165,9 @@ def check_gguf(path: Path, meshes: list) -> None:
     tensors = read_gguf_state_dict(path)  # each tensor read whole (as conversion did before)
     model = load_gguf_model(path, jnp.float32)
     bit_equal(model.params, whole_then_device_put(model.config, family, tensors, jnp.float32))
-    # Q8_0 matrices kept quantized: placed whole (replicated, as the rules place them), and
-    # layers of a param stored partly in float (layer 0 F32, layer 1 Q8_0) dequantized.
+    # Q8_0 matrices kept quantized: placed by the rules (here one group a row: the columns
+    # stay whole), and layers of a param stored partly in float (layer 0 F32, layer 1 Q8_0)
+    # dequantized.
     quantized = load_gguf_model(path, jnp.float32, keep_quantized=True).params
     assert any(is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(quantized, is_leaf=is_quantized))
     for mesh in meshes:
