@@ -484,3 +484,39 @@ def test_plan_of_a_quantized_gguf_reads_its_layouts_not_its_weights(tmp_path, mo
     assert main(["plan", str(config_path), "--tokens", "12"]) == 0
     out = capsys.readouterr().out
     assert "model.quantized: the GGUF's own block layouts" in out and "weights (the GGUF's own layout)" in out
+
+
+def test_quantized_specs_follow_the_float_param_and_keep_groups_whole(tmp_path):
+    """On abstract meshes: a quantized param's leaves are split as its float param along
+    the matrix's rows and columns (a Flax kernel is the transpose of the stored matrix),
+    the columns only where each shard holds whole groups of 32."""
+    from jax.sharding import AbstractMesh, AxisType
+    from jax.sharding import PartitionSpec as P
+
+    from converters.gguf_model import gguf_quantized_layouts
+    from jaxlin.mesh import param_specs
+    from jaxlin.model_source import read_model_config
+    from jaxlin.plan import abstract_params
+    from jaxlin.run_config import ModelSection
+
+    path = write_mixed_layout_gguf(tmp_path / "mixed.gguf")
+    config = read_model_config(ModelSection(source="gguf", path=str(path)))
+    quantized = abstract_params(config, jnp.float32, quantized=gguf_quantized_layouts(path))
+    floats = abstract_params(config, jnp.float32)
+
+    def specs(data: int, fsdp: int, tensor: int) -> tuple[Any, Any]:
+        mesh = AbstractMesh((data, fsdp, tensor), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+        return param_specs(quantized, config, mesh), param_specs(floats, config, mesh)
+
+    ours, theirs = specs(1, 2, 2)
+    q, down = ours["layers"]["attn"]["q_proj"]["kernel"], ours["layers"]["mlp"]["down_proj"]["kernel"]
+    assert theirs["layers"]["attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor")  # (in, out)
+    assert (q.codes, q.scale, q.offset) == (P(None, "tensor", "fsdp"),) * 3  # (out, in) stored
+    assert theirs["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "tensor", "fsdp")
+    assert (down.codes, down.scale, down.offset) == (P(None, "fsdp", None), P(None, "fsdp", None), None)
+    # 256 columns over fsdp 8: one group a shard (split); over fsdp 16: half a group (whole).
+    for fsdp, cols in ((8, "fsdp"), (16, None)):
+        ours, theirs = specs(1, fsdp, 1)
+        assert theirs["embedder"]["embedding"] == P(None, "fsdp")
+        assert ours["embedder"]["embedding"].codes == P(None, cols)
+        assert ours["layers"]["attn"]["k_proj"]["kernel"].scale == P(None, None, cols)
