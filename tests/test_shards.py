@@ -199,7 +199,7 @@ def check_cache_across_meshes(directory: Path, cache: Path, meshes: list) -> Non
 
 def check_quantized_cache_across_meshes(path: Path, cache: Path, meshes: list) -> None:
     """A GGUF's entry with Q8_0 matrices kept quantized, saved under one mesh and restored
-    under another: quantized params replicated, float ones sharded, the same bits."""
+    under another: every param placed by the rules on the new mesh, the same bits."""
     from jaxlin.loading import load_model
 
     first, second = meshes
