@@ -181,7 +181,8 @@ def quantized_spec(
 ) -> QuantizedArray:
     """The PartitionSpecs of a quantized param's codes, scales and offsets (as a
     QuantizedArray of specs): the float param's split, moved onto the matrix's (rows,
-    cols), the columns left whole unless each shard holds whole groups."""
+    cols), the columns left whole unless each shard holds whole groups (whole groups are
+    whole bytes of 4-bit codes too: the two values of a byte are in one group)."""
     *lead, first, second = param_spec(path, weight.shape, config, axis_sizes)
     rows, cols = (second, first) if weight.transposed else (first, second)
     if cols is not None and (weight.matrix_shape[-1] // axis_sizes[cols]) % weight.group:
