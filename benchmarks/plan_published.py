@@ -14,8 +14,8 @@ device, widest tensor axis first — so "devices needed" is an upper bound (`jax
 searches every mesh) — and it assumes that a mesh
 which does not fit a shorter input does not fit a longer one (such meshes are not compiled
 again). Nothing is assumed across dtypes: bfloat16 runs can peak above float32 ones.
-Quantized matrices are replicated on a mesh (jaxlin.mesh's rules name float params only),
-so more devices do not shrink them.
+Quantized matrices are split on a mesh as the float params they replace (jaxlin.mesh:
+columns only where each shard holds whole groups).
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ saved from.
 
 GGUF sources may keep their quantized matrices quantized (`quantized=True`,
 jaxlin/quantized.py): such an entry has its own key and records each quantized param's
-layout in model.json; it is never restored as a float entry, nor the other way round."""
+layout in model.json; it is never restored as a float entry, nor the other way round.
+Its quantized params are saved and restored sharded like float ones (codes, scales and
+offsets split as `jaxlin.mesh` splits a quantized param on the run's mesh)."""
 
 from __future__ import annotations
 

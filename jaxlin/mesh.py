@@ -29,6 +29,14 @@ whole heads (a head is never split). Norm scales and d-sized biases are replicat
 are O(layers · d) and multiply activations that are not split along d. The scanned layer
 axis is never split (each scan step needs its whole layer).
 
+A quantized matrix (`jaxlin.quantized.QuantizedArray`, kept from a GGUF) is split as the
+float param it stands for: its rows (output features, in the checkpoint's order) and its
+columns along the mesh axes of the matching param dimensions (mind `transposed`: the param
+is then the matrix's transpose), the same split for its codes, scales and offsets. Each
+row is cut into groups of `group` values sharing a scale, so the columns are split only
+when every shard holds whole groups (and so whole bytes of 4-bit codes); otherwise they
+stay whole on every device, like a KV projection with too few heads.
+
 Checkpoints are converted straight into these shardings (`sharded_shapes`, used by
 converters/params.py and the params cache's restore): each device reads only its shard
 from the safetensors or GGUF file, so the whole model is never on one device or on the
@@ -41,11 +49,13 @@ are bounded by the chunked attention's memory, not yet by sequence parallelism.
 
 Tested on 8 forced host CPU devices (tests/test_mesh.py): every family's tiny model
 under tensor 2 × fsdp 2 × data 2 and tensor 4 × data 2 gives the single-device numbers
-to float64 rounding.
+to float64 rounding; so does a GGUF kept quantized in several block layouts
+(tests/test_shards.py), each device holding its block of every quantized leaf.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -55,6 +65,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlin._config import ModelConfig
 from jaxlin.errors import JaxlinError
+from jaxlin.quantized import QuantizedArray, is_quantized
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -165,17 +176,38 @@ def param_spec(
     return PartitionSpec(*spec)
 
 
+def quantized_spec(
+    path: tuple[str, ...], weight: QuantizedArray, config: ModelConfig, axis_sizes: Mapping[str, int]
+) -> QuantizedArray:
+    """The PartitionSpecs of a quantized param's codes, scales and offsets (as a
+    QuantizedArray of specs): the float param's split, moved onto the matrix's (rows,
+    cols), the columns left whole unless each shard holds whole groups (whole groups are
+    whole bytes of 4-bit codes too: the two values of a byte are in one group)."""
+    *lead, first, second = param_spec(path, weight.shape, config, axis_sizes)
+    rows, cols = (second, first) if weight.transposed else (first, second)
+    if cols is not None and (weight.matrix_shape[-1] // axis_sizes[cols]) % weight.group:
+        cols = None  # a shard would cut through a group of values that share a scale
+    spec = PartitionSpec(*lead, rows, cols)
+    offset = None if weight.offset is None else spec
+    return dataclasses.replace(weight, codes=spec, scale=spec, offset=offset)
+
+
 def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(str(getattr(key, "key", key)) for key in path)
 
 
 def param_specs(params: Any, config: ModelConfig, mesh: Mesh | jax.sharding.AbstractMesh) -> Any:
     """The params pytree's PartitionSpecs on `mesh` (leaves need only `.shape`, so
-    `jax.ShapeDtypeStruct`s serve: no weights are needed to plan a placement)."""
+    `jax.ShapeDtypeStruct`s serve: no weights are needed to plan a placement). A quantized
+    param gets a QuantizedArray of specs, one per leaf (`quantized_spec`)."""
     axis_sizes = dict(mesh.shape)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: param_spec(_path_names(path), tuple(leaf.shape), config, axis_sizes), params
-    )
+
+    def spec(path: tuple[Any, ...], leaf: Any) -> PartitionSpec | QuantizedArray:
+        if is_quantized(leaf):
+            return quantized_spec(_path_names(path), leaf, config, axis_sizes)
+        return param_spec(_path_names(path), tuple(leaf.shape), config, axis_sizes)
+
+    return jax.tree_util.tree_map_with_path(spec, params, is_leaf=is_quantized)
 
 
 def param_shardings(params: Any, config: ModelConfig, mesh: Mesh) -> Any:

@@ -22,18 +22,24 @@ from jaxlin.run_config import ConfigError, ModelSection
 def read_model_config(section: ModelSection) -> ModelConfig:
     """The `ModelConfig` that loading `section`'s model will build, from its config alone."""
     from converters.hf import resolve_model_directory
+
+    if section.source == "hf":
+        return _hf_model_config(resolve_model_directory(section.path))
+    return _gguf_model_config(gguf_path(section))
+
+
+def gguf_path(section: ModelSection) -> Path:
+    """The GGUF file of an embedded, gguf or pypi source."""
     from jaxlin.loading import embedded_gguf_path
 
     if section.source == "embedded":
-        return _gguf_model_config(embedded_gguf_path())
-    if section.source == "gguf":
-        return _gguf_model_config(gguf_file(section.path))
+        return embedded_gguf_path()
     if section.source == "pypi":
         from converters.wheel import wheel_gguf, wheel_model
         from jaxlin.loading import default_cache_dir
 
-        return _gguf_model_config(wheel_gguf(wheel_model(str(section.path)), default_cache_dir()))
-    return _hf_model_config(resolve_model_directory(section.path))
+        return wheel_gguf(wheel_model(str(section.path)), default_cache_dir())
+    return gguf_file(section.path)
 
 
 # Architectures of published models (see the module docstring), by hub id "org/name".

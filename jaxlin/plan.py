@@ -20,7 +20,9 @@ per-device memory analysis. `smallest_mesh` searches meshes by device count for 
 whose peak fits a device's memory; `jaxlin plan --devices N` compiles for N host CPU
 devices when fewer are present (compiling needs the devices, not their memory).
 `--quantized Q4_K` plans the matrices in that GGUF block layout, as `model.quantized`
-keeps a GGUF's on device (jaxlin.quantized).
+keeps a GGUF's on device (jaxlin.quantized). A GGUF source with `model.quantized: true`
+is planned in the file's own layouts, read from its header and tensor index (no weight),
+and split on a mesh as `jaxlin.mesh` splits quantized params.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -44,6 +46,10 @@ from jaxlin.mesh import MESH_AXES, input_sharding, make_mesh, param_specs
 
 Abstract = jax.ShapeDtypeStruct
 MeshSizes = dict[str, int]  # axis → size (jaxlin.mesh's data × fsdp × tensor); an axis left out is 1
+# The quantized layouts planned: a GGUF block type's name (`QUANTIZED_LAYOUTS`), or a file's
+# own layouts by param path (`jaxlin.quantized.layouts`, as `gguf_quantized_layouts` reads them).
+Quantized = str | Mapping[str, Mapping[str, Any]]
+GGUF_OWN_LAYOUTS = "the GGUF's own"
 
 # GGUF block layouts a plan can assume for an HF source's matrices (`--quantized`), as
 # jaxlin.quantized holds them on device: (bits, values per group, per-group offset).
@@ -111,11 +117,11 @@ class Plan:
 
 
 def abstract_params(
-    config: ModelConfig, dtype: jnp.dtype, mesh: Any = None, quantized: str | None = None
+    config: ModelConfig, dtype: jnp.dtype, mesh: Any = None, quantized: Quantized | None = None
 ) -> Any:
     """The params pytree as shapes and dtypes, from the config alone; with `quantized`, its
-    matrices in that GGUF block layout (`quantized_layouts`); on `mesh`, each leaf carries
-    the NamedSharding `jaxlin.mesh`'s rules give it."""
+    matrices in that GGUF block layout (`quantized_layouts`) or in a file's own layouts; on
+    `mesh`, each leaf carries the NamedSharding `jaxlin.mesh`'s rules give it."""
     model = Transformer(config, FreezePolicy.DETACHED, dtype)
     ids = jnp.zeros((1,), jnp.int32)
     init = lambda: model.init(jax.random.key(0), ids, method=Transformer.embed_and_decode)  # noqa: E731
@@ -123,7 +129,8 @@ def abstract_params(
     if quantized is not None:
         from jaxlin.quantized import with_layouts
 
-        params = with_layouts(params, quantized_layouts(params, quantized), dtype)
+        recorded = quantized_layouts(params, quantized) if isinstance(quantized, str) else quantized
+        params = with_layouts(params, recorded, dtype)
     if mesh is not None:
         specs = param_specs(params, config, mesh)
         params = jax.tree_util.tree_map(
@@ -233,7 +240,7 @@ def plan(
     dtype: jnp.dtype,
     work: Workload | None = None,
     mesh: jax.sharding.Mesh | None = None,
-    quantized: str | None = None,
+    quantized: Quantized | None = None,
 ) -> Plan:
     """Compile the run's programs for `tokens` input tokens with abstract weights and read
     their memory analyses (minutes for a large model on CPU: compiling is the cost). On
@@ -244,7 +251,7 @@ def plan(
 
 
 def _plan(
-    config: ModelConfig, tokens: int, dtype: jnp.dtype, work: Workload, mesh: Any, quantized: str | None
+    config: ModelConfig, tokens: int, dtype: jnp.dtype, work: Workload, mesh: Any, quantized: Quantized | None
 ) -> Plan:
     params = abstract_params(config, dtype, mesh, quantized)
     sharding = input_sharding(mesh) if mesh is not None else None
@@ -274,7 +281,8 @@ def _plan(
         lowered = operator._contributions.lower(ordinary, work.chunk)
         programs.append(_memory("ordinary contributions", lowered, held + ordinary_held))
     sizes = tuple(mesh.shape.items()) if mesh is not None else ()
-    return Plan(tokens, dtype.name, nbytes(params), held, tuple(programs), sizes, quantized)
+    label = quantized if quantized is None or isinstance(quantized, str) else GGUF_OWN_LAYOUTS
+    return Plan(tokens, dtype.name, nbytes(params), held, tuple(programs), sizes, label)
 
 
 def workload(options: Any) -> Workload:
@@ -334,7 +342,9 @@ def mesh_candidates(devices: int) -> list[MeshSizes]:
     ]
 
 
-def weights_per_device(config: ModelConfig, dtype: jnp.dtype, sizes: MeshSizes, quantized: str | None) -> int:
+def weights_per_device(
+    config: ModelConfig, dtype: jnp.dtype, sizes: MeshSizes, quantized: Quantized | None
+) -> int:
     """One device's share of the weights on a mesh of `sizes` (an abstract mesh: no devices)."""
     shape = tuple(sizes.get(axis, 1) for axis in MESH_AXES)
     mesh = jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
@@ -453,7 +463,7 @@ def _mesh_key(sizes: MeshSizes) -> tuple[int, ...]:
 
 
 def plans_by_mesh(
-    config: ModelConfig, tokens: int, dtype: jnp.dtype, work: Workload, quantized: str | None
+    config: ModelConfig, tokens: int, dtype: jnp.dtype, work: Workload, quantized: Quantized | None
 ) -> Callable[[MeshSizes], Plan]:
     """mesh sizes → the plan on that mesh (one device: no mesh), each compiled once."""
 
@@ -520,9 +530,13 @@ def plan_run(
     if devices is not None and devices < 1:
         raise JaxlinError(f"--devices: {devices} is not a positive device count")
     model, architecture = read_planning_config(config.model)
+    planned_layouts: Quantized | None = quantized
     if getattr(config.model, "quantized", False) and quantized is None:
-        # The file's own per-tensor types are not read yet: say what was planned.
-        architecture += "; model.quantized: planned as float (--quantized TYPE plans a block layout)"
+        from converters.gguf_model import gguf_quantized_layouts
+        from jaxlin.model_source import gguf_path
+
+        planned_layouts = gguf_quantized_layouts(gguf_path(config.model))  # its header only
+        architecture += f"; model.quantized: {GGUF_OWN_LAYOUTS} block layouts"
     if model.max_positions is not None and max(tokens) > model.max_positions:
         raise JaxlinError(f"--tokens: {max(tokens)} exceeds the model's {model.max_positions} positions")
     dtype = enable_dtype(config.model.dtype)
@@ -532,13 +546,13 @@ def plan_run(
 
     @functools.cache
     def weights_on(key: tuple[int, ...]) -> int:
-        return weights_per_device(model, dtype, dict(zip(MESH_AXES, key, strict=True)), quantized)
+        return weights_per_device(model, dtype, dict(zip(MESH_AXES, key, strict=True)), planned_layouts)
 
     plans, searches = [], []
     for n in tokens:
         # As the run decides: the ordinary Jacobian only for inputs short enough for it.
         work = dataclasses.replace(workload(config.analysis), ordinary=compares_ordinary(config.analysis, n))
-        plan_on = plans_by_mesh(model, n, dtype, work, quantized)
+        plan_on = plans_by_mesh(model, n, dtype, work, planned_layouts)
         plans.append(plan_on(configured))
         searches.append(
             None

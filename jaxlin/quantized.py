@@ -22,6 +22,11 @@ which the layer scan slices like any other param. `dense` and `embedding_rows` d
 inside `jax.checkpoint`: the linearization keeps the quantized leaves (the params
 themselves) as residuals and J·v / Jᵀ·u dequantize again, so no float copy of a weight
 outlives the layer that uses it.
+
+On a device mesh the leaves are split as the float param would be (`jaxlin.mesh.
+quantized_spec`: rows freely, columns only in whole groups); the dequantization is
+elementwise per group, so the partitioner runs it on each device's block, and the
+products are partitioned as the float path's.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -181,22 +186,69 @@ def widen(weight: QuantizedArray, group: int, with_offset: bool) -> QuantizedArr
     return QuantizedArray(codes, scale, offset, 8, group, 0, weight.transposed, weight.dtype)
 
 
-def _layout(weight: QuantizedArray) -> tuple:
-    return (weight.bits, weight.group, weight.code_offset, weight.offset is None, weight.transposed)
+class Layout(NamedTuple):
+    """How a matrix's values are stored (the static fields but orientation and dtype):
+    what the layers of a stacked param must share. Known from a GGUF tensor's type alone."""
+
+    bits: int
+    group: int
+    code_offset: int
+    has_offset: bool
+
+
+def layout_of(weight: QuantizedArray) -> Layout:
+    return Layout(weight.bits, weight.group, weight.code_offset, weight.offset is not None)
+
+
+def common_layout(layouts: Sequence[Layout]) -> Layout:
+    """The layout of a stack of matrices in `layouts`: theirs when they agree; otherwise
+    int8 codes in groups of the groups' gcd, with an offset if any has one (`widen`), which
+    holds each of them exactly (llama.cpp's K-quant mixes give some layers more bits)."""
+    if len(set(layouts)) == 1:
+        return layouts[0]
+    group = int(np.gcd.reduce([layout.group for layout in layouts]))
+    return Layout(8, group, 0, any(layout.has_offset for layout in layouts))
+
+
+def as_layout(weight: QuantizedArray, layout: Layout) -> QuantizedArray:
+    """`weight` stored in `layout` (`common_layout` of a stack that includes it)."""
+    if layout_of(weight) == layout:
+        return weight
+    if layout.bits != 8 or layout.code_offset:
+        raise ValueError(f"a matrix cannot be re-stored as {layout}")
+    return widen(weight, layout.group, layout.has_offset)
+
+
+def abstract_matrix(
+    layout: Layout, matrix_shape: Sequence[int], transposed: bool, dtype: Any
+) -> QuantizedArray:
+    """The QuantizedArray of a matrix of `matrix_shape` (leading axes included, in the
+    checkpoint's order) stored in `layout`, as ShapeDtypeStructs: no values needed."""
+    *lead, rows, cols = (int(size) for size in matrix_shape)
+    packed = layout.bits == 4
+    codes_dtype = np.uint8 if packed else np.int8
+    codes = jax.ShapeDtypeStruct((*lead, rows, cols // 2 if packed else cols), codes_dtype)
+    scale = jax.ShapeDtypeStruct((*lead, rows, cols // layout.group), np.float32)
+    return QuantizedArray(
+        codes=codes,
+        scale=scale,
+        offset=scale if layout.has_offset else None,
+        bits=layout.bits,
+        group=layout.group,
+        code_offset=layout.code_offset,
+        transposed=transposed,
+        dtype=jnp.dtype(dtype),
+    )
 
 
 def stack(weights: Sequence[QuantizedArray]) -> QuantizedArray:
     """One QuantizedArray with a leading axis over `weights` (the layers of a stacked
-    param). Layers quantized alike keep their layout; mixed ones (llama.cpp's K-quant
-    mixes give some layers more bits) are widened to one that holds them all exactly."""
+    param), stored in their `common_layout`."""
     first = weights[0]
     if any(w.matrix_shape != first.matrix_shape or w.transposed != first.transposed for w in weights):
         raise ValueError("stacked quantized matrices must have one shape and orientation")
-    if len({_layout(w) for w in weights}) > 1:
-        group = int(np.gcd.reduce([w.group for w in weights]))
-        with_offset = any(w.offset is not None for w in weights)
-        weights = [widen(w, group, with_offset) for w in weights]
-        first = weights[0]
+    layout = common_layout([layout_of(w) for w in weights])
+    weights = [as_layout(w, layout) for w in weights]
 
     def stacked(*leaves: Any) -> Any:
         return np.stack([np.asarray(leaf) for leaf in leaves])

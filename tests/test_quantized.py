@@ -371,3 +371,152 @@ def test_real_model_kept_quantized_equals_dequantized_float32(
     assert certificate.predicted_token_id == certificate0.predicted_token_id
     assert certificate.argmax_matches and certificate0.argmax_matches
     assert abs(certificate.relative_error - certificate0.relative_error) <= 1e-6
+
+
+# --------------------------------------------------------------------------- sharded and planned
+#
+# A tiny Llama GGUF whose matrices keep several layouts, for the mesh tests of
+# tests/test_shards.py and the plan below: Q4_K (4-bit codes with offsets), Q4_0, Q4_1,
+# Q8_0, attn_v Q4_K in layer 0 and Q8_0 in layer 1 (stacked in a widened layout), and an
+# MLP width of 96 (3 groups of 32): no tensor split of ffn_down's columns holds whole groups.
+
+MIXED_HIDDEN, MIXED_HEADS, MIXED_KV_HEADS, MIXED_FFN, MIXED_LAYERS = 256, 4, 2, 96, 2
+
+
+def mixed_layout_tensors(seed: int = 0) -> dict[str, tuple[np.ndarray, Q]]:
+    """llama.cpp name → (stored data: float32 values, or the raw blocks of a K-quant, which
+    gguf cannot quantize; its type)."""
+    from test_gguf import VOCAB
+
+    rng = np.random.default_rng(seed)
+    d, head_dim = MIXED_HIDDEN, MIXED_HIDDEN // MIXED_HEADS
+
+    def matrix(rows: int, cols: int, qtype: Q) -> tuple[np.ndarray, Q]:
+        if qtype == Q.Q4_K:
+            return random_blocks(qtype, rows, cols, rng, scale=2e-3, signed=False), qtype
+        return (0.1 * rng.standard_normal((rows, cols))).astype(np.float32), qtype
+
+    def norm() -> tuple[np.ndarray, Q]:
+        return (1 + 0.1 * rng.standard_normal(d)).astype(np.float32), F32
+
+    tensors = {
+        "token_embd.weight": matrix(VOCAB, d, Q.Q8_0),
+        "output_norm.weight": norm(),
+        "output.weight": matrix(VOCAB, d, Q.Q4_K),
+    }
+    for layer in range(MIXED_LAYERS):
+        blk = f"blk.{layer}."
+        tensors |= {
+            blk + "attn_norm.weight": norm(),
+            blk + "ffn_norm.weight": norm(),
+            blk + "attn_q.weight": matrix(MIXED_HEADS * head_dim, d, Q.Q4_K),
+            blk + "attn_k.weight": matrix(MIXED_KV_HEADS * head_dim, d, Q.Q4_0),
+            blk + "attn_v.weight": matrix(MIXED_KV_HEADS * head_dim, d, Q.Q8_0 if layer else Q.Q4_K),
+            blk + "attn_output.weight": matrix(d, MIXED_HEADS * head_dim, Q.Q4_1),
+            blk + "ffn_gate.weight": matrix(MIXED_FFN, d, Q.Q4_0),
+            blk + "ffn_up.weight": matrix(MIXED_FFN, d, Q.Q8_0),
+            blk + "ffn_down.weight": matrix(d, MIXED_FFN, Q.Q8_0),
+        }
+    return tensors
+
+
+def write_mixed_layout_gguf(path: Path) -> Path:
+    from test_gguf import add_byte_level_tokenizer
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(MIXED_HIDDEN)
+    writer.add_block_count(MIXED_LAYERS)
+    writer.add_feed_forward_length(MIXED_FFN)
+    writer.add_head_count(MIXED_HEADS)
+    writer.add_head_count_kv(MIXED_KV_HEADS)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(MIXED_HIDDEN // MIXED_HEADS)
+    add_byte_level_tokenizer(writer, "llama-bpe")
+    for name, (values, qtype) in mixed_layout_tensors().items():
+        if qtype == F32:
+            writer.add_tensor(name, values)
+        else:
+            raw = values if values.dtype == np.uint8 else gguf.quants.quantize(values, qtype)
+            writer.add_tensor(name, raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_plan_of_a_quantized_gguf_reads_its_layouts_not_its_weights(tmp_path, monkeypatch, capsys):
+    """`jaxlin plan` on a GGUF with `model.quantized: true` plans the file's own layouts
+    (mixed layers widened as loading widens them), read from the header alone: its planned
+    weights are the loaded quantized params' bytes, and no block is decoded."""
+    import yaml
+
+    from converters.gguf_model import gguf_quantized_layouts
+    from converters.lazy import LazyTensor
+    from converters.lazy_quantized import LazyQuantized
+    from jaxlin.cli import main
+    from jaxlin.plan import plan_run
+    from jaxlin.quantized import layouts
+    from jaxlin.run_config import load_run_config
+
+    path = write_mixed_layout_gguf(tmp_path / "mixed.gguf")
+    loaded = load_gguf_model(path, jnp.float64, keep_quantized=True)
+    recorded = gguf_quantized_layouts(path)
+    assert recorded == layouts(loaded.params) and len(recorded) == 9
+    assert recorded["['layers']['attn']['v_proj']['kernel']"]["bits"] == 8  # Q4_K and Q8_0 layers
+
+    def tripwire(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("jaxlin plan decoded a weight")
+
+    monkeypatch.setattr(LazyQuantized, "read", tripwire)
+    monkeypatch.setattr(LazyTensor, "__getitem__", tripwire)
+    model = {"source": "gguf", "path": str(path), "dtype": "float64", "quantized": True, "cache": False}
+    run = str(tmp_path / "run")
+    data = {"model": model, "text": "the theme", "analysis": {"top_k": 2}, "output_dir": run}
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    report = plan_run(load_run_config(config_path), [12])
+    (planned,) = report.plans
+    assert planned.weights == params_nbytes(loaded.params) and planned.quantized == "the GGUF's own"
+    assert "planned as float" not in report.architecture
+    assert main(["plan", str(config_path), "--tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "model.quantized: the GGUF's own block layouts" in out and "weights (the GGUF's own layout)" in out
+
+
+def test_quantized_specs_follow_the_float_param_and_keep_groups_whole(tmp_path):
+    """On abstract meshes: a quantized param's leaves are split as its float param along
+    the matrix's rows and columns (a Flax kernel is the transpose of the stored matrix),
+    the columns only where each shard holds whole groups of 32."""
+    from jax.sharding import AbstractMesh, AxisType
+    from jax.sharding import PartitionSpec as P
+
+    from converters.gguf_model import gguf_quantized_layouts
+    from jaxlin.mesh import param_specs
+    from jaxlin.model_source import read_model_config
+    from jaxlin.plan import abstract_params
+    from jaxlin.run_config import ModelSection
+
+    path = write_mixed_layout_gguf(tmp_path / "mixed.gguf")
+    config = read_model_config(ModelSection(source="gguf", path=str(path)))
+    quantized = abstract_params(config, jnp.float32, quantized=gguf_quantized_layouts(path))
+    floats = abstract_params(config, jnp.float32)
+
+    def specs(data: int, fsdp: int, tensor: int) -> tuple[Any, Any]:
+        mesh = AbstractMesh((data, fsdp, tensor), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+        return param_specs(quantized, config, mesh), param_specs(floats, config, mesh)
+
+    ours, theirs = specs(1, 2, 2)
+    q, down = ours["layers"]["attn"]["q_proj"]["kernel"], ours["layers"]["mlp"]["down_proj"]["kernel"]
+    assert theirs["layers"]["attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor")  # (in, out)
+    assert (q.codes, q.scale, q.offset) == (P(None, "tensor", "fsdp"),) * 3  # (out, in) stored
+    assert theirs["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "tensor", "fsdp")
+    assert (down.codes, down.scale, down.offset) == (P(None, "fsdp", None), P(None, "fsdp", None), None)
+    # 256 columns over fsdp 8: one group a shard (split); over fsdp 16: half a group (whole).
+    for fsdp, cols in ((8, "fsdp"), (16, None)):
+        ours, theirs = specs(1, fsdp, 1)
+        assert theirs["embedder"]["embedding"] == P(None, "fsdp")
+        assert ours["embedder"]["embedding"].codes == P(None, cols)
+        assert ours["layers"]["attn"]["k_proj"]["kernel"].scale == P(None, None, cols)

@@ -11,7 +11,12 @@ under another (and under none) to the same bits. Run as a script, this file is t
 subprocess: `python tests/test_shards.py HF_DIR... -- GGUF... -- CACHE_DIR`.
 
 The host memory claim is measured by benchmarks/conversion_memory.py, which this file
-runs on a ~400 MB model."""
+runs on a ~400 MB model.
+
+Kept quantized (`python tests/test_shards.py --quantized GGUF CACHE_DIR`): a GGUF in
+several block layouts, converted onto two meshes, gives the one-device numbers, each
+device holding its block of every quantized leaf, the planned bytes a device, and a cache
+entry restored across meshes."""
 
 from __future__ import annotations
 
@@ -117,7 +122,7 @@ def check_placed(params: dict, config, mesh) -> None:
     q = params["layers"]["attn"]["q_proj"]["kernel"]
     up = params["layers"]["mlp"]["up_proj"]["kernel"]
     if not isinstance(q, jax.Array) or not isinstance(up, jax.Array):
-        return  # kept quantized (replicated)
+        return  # kept quantized: their leaves' shards are checked by check_quantized_shards
     assert q.addressable_shards[0].data.shape == (
         config.num_layers,
         config.hidden_size // fsdp,
@@ -160,8 +165,9 @@ def check_gguf(path: Path, meshes: list) -> None:
     tensors = read_gguf_state_dict(path)  # each tensor read whole (as conversion did before)
     model = load_gguf_model(path, jnp.float32)
     bit_equal(model.params, whole_then_device_put(model.config, family, tensors, jnp.float32))
-    # Q8_0 matrices kept quantized: placed whole (replicated, as the rules place them), and
-    # layers of a param stored partly in float (layer 0 F32, layer 1 Q8_0) dequantized.
+    # Q8_0 matrices kept quantized: placed by the rules (here one group a row: the columns
+    # stay whole), and layers of a param stored partly in float (layer 0 F32, layer 1 Q8_0)
+    # dequantized.
     quantized = load_gguf_model(path, jnp.float32, keep_quantized=True).params
     assert any(is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(quantized, is_leaf=is_quantized))
     for mesh in meshes:
@@ -193,7 +199,7 @@ def check_cache_across_meshes(directory: Path, cache: Path, meshes: list) -> Non
 
 def check_quantized_cache_across_meshes(path: Path, cache: Path, meshes: list) -> None:
     """A GGUF's entry with Q8_0 matrices kept quantized, saved under one mesh and restored
-    under another: quantized params replicated, float ones sharded, the same bits."""
+    under another: every param placed by the rules on the new mesh, the same bits."""
     from jaxlin.loading import load_model
 
     first, second = meshes
@@ -352,6 +358,148 @@ def test_peak_host_memory_of_a_conversion_into_shards(tmp_path):
     assert shards["peak_growth_bytes"] > 0.9 * model, result
 
 
+# --------------------------------------------------------------------------- kept quantized on a mesh
+#
+# tests/test_quantized.py's mixed-layout GGUF (Q4_K, Q4_0, Q4_1, Q8_0, a widened stack, an
+# MLP width of 96 = 3 groups of 32), kept quantized on each mesh. Each device's shard of
+# each quantized param: the matrix's (rows, cols) divided by these factors, in every leaf
+# (codes, scales, offsets). The columns split only where each shard holds whole groups:
+# never ffn_down's (48 or 24 columns a shard). Vocabulary rows: 261 do not split.
+
+QUANTIZED_SHARDS = {
+    # tensor 2 × fsdp 2 × data 2
+    0: {
+        ("embedder", "embedding"): (1, 2),
+        ("lm_head", "kernel"): (1, 2),
+        ("layers", "attn", "q_proj", "kernel"): (2, 2),
+        ("layers", "attn", "k_proj", "kernel"): (2, 2),
+        ("layers", "attn", "v_proj", "kernel"): (2, 2),
+        ("layers", "attn", "o_proj", "kernel"): (2, 2),
+        ("layers", "mlp", "gate_proj", "kernel"): (2, 2),
+        ("layers", "mlp", "up_proj", "kernel"): (2, 2),
+        ("layers", "mlp", "down_proj", "kernel"): (2, 1),
+    },
+    # tensor 4 × data 2: 2 KV heads replicated; o_proj's 256 columns split 4 ways (2 groups each)
+    1: {
+        ("embedder", "embedding"): (1, 1),
+        ("lm_head", "kernel"): (1, 1),
+        ("layers", "attn", "q_proj", "kernel"): (4, 1),
+        ("layers", "attn", "k_proj", "kernel"): (1, 1),
+        ("layers", "attn", "v_proj", "kernel"): (1, 1),
+        ("layers", "attn", "o_proj", "kernel"): (1, 4),
+        ("layers", "mlp", "gate_proj", "kernel"): (4, 1),
+        ("layers", "mlp", "up_proj", "kernel"): (4, 1),
+        ("layers", "mlp", "down_proj", "kernel"): (1, 1),
+    },
+}
+QUANTIZED_MESHES = ({"tensor": 2, "fsdp": 2, "data": 2}, {"tensor": 4, "data": 2})
+TOKENS = np.array([3, 17, 5, 42, 8, 11, 2, 29, 14, 200, 7, 99, 31])
+
+
+def check_quantized_shards(params: dict, divisors: dict) -> None:
+    """Every quantized param is in `divisors`, and every device holds exactly its block
+    of each leaf (by the shards' shapes)."""
+    from jaxlin.quantized import is_quantized
+
+    found = {
+        tuple(str(key.key) for key in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+        if is_quantized(leaf)
+    }
+    assert set(found) == set(divisors), sorted(found)
+    for path, weight in found.items():
+        rows, cols = divisors[path]
+        leaves = {"codes": weight.codes, "scale": weight.scale, "offset": weight.offset}
+        for name, leaf in leaves.items():
+            if leaf is None:
+                continue
+            *lead, height, width = leaf.shape
+            assert height % rows == 0 and width % cols == 0, (path, name, leaf.shape)
+            want = (*lead, height // rows, width // cols)
+            shapes = [shard.data.shape for shard in leaf.addressable_shards]
+            assert len(shapes) == 8 and set(shapes) == {want}, (path, name, shapes, want)
+
+
+@jax.jit
+def quantized_analyses(jacobian) -> dict[str, jax.Array]:
+    from jaxlin.operator import contributions
+    from jaxlin.spectral import lanczos_top_k
+
+    return {
+        "y": jacobian.output,
+        "bias": jacobian.bias,
+        "contributions": contributions(jacobian, chunk=6),
+        "top_k_sigma": lanczos_top_k(jacobian, jax.random.key(0), 3, 32, chunk=2)[1],
+    }
+
+
+def device_bytes(params: dict, device) -> int:
+    """What `device` holds of `params`: the bytes of its shards."""
+    return sum(
+        shard.data.nbytes
+        for leaf in jax.tree_util.tree_leaves(params)
+        for shard in leaf.addressable_shards
+        if shard.device == device
+    )
+
+
+def check_quantized_on_meshes(path: Path, cache: Path) -> None:
+    """Kept quantized on each mesh: the rules' shards, the one-device numbers (float64),
+    the planned weights per device; the cache saved on one mesh restores on the other."""
+    from converters.gguf_model import gguf_quantized_layouts, load_gguf_model
+    from jaxlin import model as model_fns
+    from jaxlin.jacobian import linearize
+    from jaxlin.loading import load_model
+    from jaxlin.mesh import input_sharding, make_mesh
+    from jaxlin.plan import weights_per_device
+
+    jax.config.update("jax_enable_x64", True)
+    single = load_gguf_model(path, jnp.float64, keep_quantized=True)
+    config = single.config
+    x = model_fns.embed(config, single.params, jnp.asarray(TOKENS))
+    reference = {"inputs": x, **quantized_analyses(linearize(single.params, x, config))}
+    recorded = gguf_quantized_layouts(path)
+    converted = []
+    for index, sizes in enumerate(QUANTIZED_MESHES):
+        mesh = make_mesh(sizes)
+        params = load_gguf_model(path, jnp.float64, keep_quantized=True, mesh=mesh).params
+        check_quantized_shards(params, QUANTIZED_SHARDS[index])
+        converted.append(params)
+        with jax.set_mesh(mesh):
+            inputs = model_fns.embed(config, params, jnp.asarray(TOKENS))
+            jacobian = linearize(params, jax.device_put(inputs, input_sharding(mesh)), config)
+            split = {"inputs": inputs, **quantized_analyses(jacobian)}
+        for name, value in reference.items():
+            scale = float(jnp.max(jnp.abs(value)))
+            np.testing.assert_allclose(
+                split[name], value, rtol=0, atol=1e-12 * scale, err_msg=f"{sizes} {name}"
+            )
+        planned = weights_per_device(config, jnp.float64, sizes, recorded)
+        held = {device_bytes(params, device) for device in mesh.devices.flat}
+        assert held == {planned}, (sizes, held, planned)
+        print(f"quantized {sizes}: equal to one device, {planned} bytes a device as planned", flush=True)
+    first, second = (make_mesh(sizes) for sizes in QUANTIZED_MESHES)
+    options = dict(cache_dir=cache, progress=False, quantized=True)
+    saved = load_model("gguf", path, "float64", mesh=first, **options)
+    restored = load_model("gguf", path, "float64", mesh=second, **options)
+    assert not saved.from_cache and restored.from_cache
+    check_quantized_shards(restored.model.params, QUANTIZED_SHARDS[1])
+    bit_equal(restored.model.params, converted[1])
+    bit_equal(saved.model.params, converted[0])
+    print("quantized cache: restored across meshes", flush=True)
+
+
+def test_kept_quantized_params_sharded_on_two_meshes(tmp_path):
+    from conftest import run_test_script
+    from test_quantized import write_mixed_layout_gguf
+
+    path = write_mixed_layout_gguf(tmp_path / "mixed.gguf")
+    done = run_test_script(__file__, "--quantized", str(path), str(tmp_path / "cache"), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("equal to one device") == 2, done.stdout
+    assert "quantized cache: restored across meshes" in done.stdout
+
+
 # --------------------------------------------------------------------------- subprocess
 
 
@@ -359,6 +507,9 @@ def main(argv: list[str]) -> None:
     from jaxlin.mesh import make_mesh
 
     assert jax.device_count() == 8, jax.devices()
+    if argv[0] == "--quantized":
+        check_quantized_on_meshes(Path(argv[1]), Path(argv[2]))
+        return
     split = argv.index("--")
     hf_dirs, rest = argv[:split], argv[split + 1 :]
     split = rest.index("--")

@@ -10,12 +10,13 @@ checks that against `gguf.quants.dequantize` bit for bit on random blocks of eac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import gguf
 import numpy as np
 
-from jaxlin.quantized import QuantizedArray
+from jaxlin.quantized import Layout, QuantizedArray, layout_of
 
 QK_K = 256
 Q = gguf.GGMLQuantizationType
@@ -154,3 +155,11 @@ def quantized_matrix(data: np.ndarray, tensor_type: gguf.GGMLQuantizationType) -
         transposed=False,
         dtype=np.dtype(np.float32),
     )
+
+
+@functools.cache
+def type_layout(tensor_type: gguf.GGMLQuantizationType) -> Layout:
+    """The layout a tensor of `tensor_type` is kept in, known from the type alone (one
+    all-zero block decoded): what a plan needs without reading a weight."""
+    _, type_size = gguf.GGML_QUANT_SIZES[tensor_type]
+    return layout_of(quantized_matrix(np.zeros((1, type_size), np.uint8), tensor_type))

@@ -16,10 +16,11 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.gguf.architectures import gguf_family, gguf_names
-from converters.gguf.quantized import KEPT_QUANTIZED, quantized_matrix
+from converters.gguf.quantized import KEPT_QUANTIZED, quantized_matrix, type_layout
 from converters.gguf.reader import GGUFError, GGUFSource, GGUFTensor, parsed
 from converters.lazy import Index, LazyTensor, SliceReader
-from jaxlin.quantized import QuantizedArray, is_quantized
+from converters.lazy_quantized import LazyQuantized, is_lazy_quantized
+from jaxlin.quantized import QuantizedArray
 
 if TYPE_CHECKING:
     import gguf
@@ -105,16 +106,18 @@ def read_gguf_state_dict(
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc=f"Reading {Path(parsed(source).path).name}", unit="tensor")
-    return {name: value if is_quantized(value) else np.ascontiguousarray(value) for name, value in items}
+    read = lambda value: value.whole() if is_lazy_quantized(value) else np.ascontiguousarray(value)  # noqa: E731
+    return {name: read(value) for name, value in items}
 
 
 def gguf_tensors(
     source: GGUFSource, dtype: npt.DTypeLike = np.float32, keep_quantized: bool = False
-) -> dict[str, LazyTensor | QuantizedArray]:
+) -> dict[str, LazyTensor | LazyQuantized]:
     """The tensors of `read_gguf_state_dict`, still in the file's memory map: each a
     `LazyTensor` whose slices are dequantized (only the rows the slice needs, in whole
-    rows: a quantized block spans columns), with llama.cpp's conventions undone on them.
-    Checked (names, types gguf can dequantize) before anything is read."""
+    rows: a quantized block spans columns), with llama.cpp's conventions undone on them;
+    with `keep_quantized`, a kept matrix is a `LazyQuantized` whose reads decode only the
+    rows asked for. Checked (names, types gguf can dequantize) before anything is read."""
 
     dtype = np.dtype(dtype)
     if dtype.kind != "f" and dtype.name != "bfloat16":
@@ -138,7 +141,7 @@ def gguf_tensors(
     for tensor in first_of_type.values():
         check_dequantizable(tensor, file.path)
 
-    tensors: dict[str, LazyTensor | QuantizedArray] = {}
+    tensors: dict[str, LazyTensor | LazyQuantized] = {}
     for tensor, target in plan:
         if target is None:
             continue
@@ -191,12 +194,19 @@ def _slice_reader(tensor: GGUFTensor, rows: np.ndarray | None, offset: float, dt
 
 def _quantized(
     tensor: GGUFTensor, hf_name: str, transposed: bool, names: GGUFNames, heads: tuple[int, int], path: str
-) -> QuantizedArray:
-    """A quantized matrix of the state dict: llama.cpp's conventions undone on its rows."""
-    matrix = quantized_matrix(tensor.data, tensor.tensor_type)
+) -> LazyQuantized:
+    """A quantized matrix of the state dict, still in the memory map: llama.cpp's
+    conventions undone on its rows (the q/k unpermute moves whole rows, so whole groups;
+    a transpose is a flag), each read decoding only the stored rows it needs."""
     n_head, n_head_kv = heads
+    rows = None  # the stored row of each HF row, where llama.cpp permuted them
     if names.unpermute_qk and ".self_attn.q_proj." in hf_name:
-        matrix = matrix.map_rows(lambda leaf: _unpermute_rows(leaf, n_head, tensor.name, path))
+        rows = _unpermute_rows(np.arange(tensor.shape[0]), n_head, tensor.name, path)
     elif names.unpermute_qk and ".self_attn.k_proj." in hf_name:
-        matrix = matrix.map_rows(lambda leaf: _unpermute_rows(leaf, n_head_kv, tensor.name, path))
+        rows = _unpermute_rows(np.arange(tensor.shape[0]), n_head_kv, tensor.name, path)
+
+    def read_rows(part: slice) -> QuantizedArray:
+        return quantized_matrix(tensor.data[part if rows is None else rows[part]], tensor.tensor_type)
+
+    matrix = LazyQuantized.of(tensor.shape, type_layout(tensor.tensor_type), read_rows)
     return matrix.T if transposed else matrix
