@@ -80,7 +80,8 @@ def chunked_frozen_attention(
 ) -> jax.Array:
     """Same values as `dense_attention` under the detached policy, O(chunk · N) memory
     in the linearization. q, k are frozen here (they only feed the probabilities)."""
-    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    frozen = FreezePolicy.DETACHED.freeze
+    q, k = frozen(q), frozen(k)
     n = q.shape[0]
     num_chunks = -(-n // chunk)
     padded = num_chunks * chunk
@@ -124,7 +125,7 @@ def chunked_frozen_attention(
     def chunk_lse(args: tuple[jax.Array, jax.Array]) -> jax.Array:
         return per_span(lambda scores, _: jax.nn.logsumexp(scores, axis=-1), *args, v)
 
-    lse = jax.lax.stop_gradient(jax.lax.map(chunk_lse, (q_chunks, starts)))
+    lse = frozen(jax.lax.map(chunk_lse, (q_chunks, starts)))
 
     @jax.checkpoint
     def chunk_output(
