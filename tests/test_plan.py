@@ -374,3 +374,204 @@ def test_smallest_mesh_fits_and_its_smaller_neighbours_do_not(tiny_model_dir):
     assert weights[(1, 1, 1)] == found["one_weights"] == weights[(2, 1, 1)] == weights[(4, 1, 1)]
     assert weights[(1, 2, 2)] < weights[(1, 2, 1)] < weights[(1, 1, 1)]
     assert found["found_weights"] == weights[mesh]
+
+
+# ----------------------------------------------------------------- the analyses' own programs
+
+
+def programs_named(planned, prefix: str) -> dict[str, object]:
+    return {p.name: p for p in planned.programs if p.name.startswith(prefix)}
+
+
+def compiled_sizes(compiled) -> tuple[int, int]:
+    stats = compiled.memory_analysis()
+    return int(stats.output_size_in_bytes), int(stats.temp_size_in_bytes)
+
+
+def test_the_layer_sweep_and_ablation_are_planned_as_they_compile(tiny_model_dir):
+    """With the layer sweep and ablation enabled the plan lists their programs; each
+    planned size is what the run's own program, compiled with the real weights and input,
+    allocates; a cumulative tap's J holds what a real one holds (its copy of the layer
+    weights included); and the plan's peak is at least the plan's without them."""
+    from jaxlin._policy import FreezePolicy
+    from jaxlin.analyses import INPUT_ANALYSES
+    from jaxlin.analyses.ablation import _ablate, edits_at_once
+    from jaxlin.jacobian import _linearize
+    from jaxlin.model import Tap
+    from jaxlin.plan import workload
+    from jaxlin.run_config import AnalysisSection
+
+    model = load_hf_model(tiny_model_dir("llama_gqa_untied"), jnp.float64)
+    config, n = model.config, len(TOKENS)
+    options = AnalysisSection(
+        top_k=2,
+        chunk=4,
+        ablation=True,
+        per_token={"method": "off"},
+        layers={"enabled": True, "kinds": ["mlp"]},
+    )
+    enabled = [analysis for analysis in INPUT_ANALYSES if analysis.enabled(options, n)]
+    assert {analysis.name for analysis in enabled} >= {"layers", "ablation"}
+    with_them = plan(config, n, jnp.float64, workload(options, enabled))
+    without = plan(config, n, jnp.float64, workload(options))
+    assert not programs_named(without, "layers") and not programs_named(without, "ablation")
+    layers = programs_named(with_them, "layers cumulative mlp")
+    assert list(layers) == [
+        "layers cumulative mlp: linearize",
+        "layers cumulative mlp: rows",  # J's rows fit: the sweep's rows path
+        "layers cumulative mlp: spectrum",
+        "layers cumulative mlp: certificate",
+    ]
+    assert with_them.peak >= without.peak and with_them.weights == without.weights
+
+    inputs = model_fns.embed(config, model.params, jnp.asarray(TOKENS))
+    tap = Tap(0, "mlp", options.layers.final_norm)
+    real = _linearize.lower(model.params, inputs, config, FreezePolicy.DETACHED, 256, tap).compile()
+    planned = layers["layers cumulative mlp: linearize"]
+    assert (planned.outputs, planned.temporaries) == compiled_sizes(real)
+    # Held while it runs: the input's J and the previous tap's J, as large as a real one.
+    tap_jacobian = linearize(model.params, inputs, config, tap=tap)
+    assert planned.held == with_them.jacobian + own_bytes(tap_jacobian, model.params)
+    assert own_bytes(tap_jacobian, model.params) > with_them.jacobian  # the weight copy (layer_sweep)
+
+    jacobian = linearize(model.params, inputs, config)
+    contributions = jnp.zeros_like(inputs)
+    token, chunk = jnp.asarray(0), edits_at_once(options, n)
+    ids = jnp.asarray(TOKENS, jnp.int32)
+    real = _ablate.lower(model.params, ids, jacobian.output, contributions, token, config, chunk).compile()
+    ablation = with_them.programs[[p.name for p in with_them.programs].index("ablation: edited forwards")]
+    assert (ablation.outputs, ablation.temporaries) == compiled_sizes(real)
+    assert ablation.held == with_them.jacobian + contributions.nbytes
+
+
+def test_a_program_planned_larger_compiles_larger(tiny_model_dir):
+    """The ablation's forwards, 2 edited inputs at a time against all at once (on a tiny
+    input not the smaller, as it happens): the plan says which is larger, and the real
+    programs (real weights, real input) agree, byte for byte."""
+    from jaxlin.analyses import ablation
+    from jaxlin.plan import workload
+    from jaxlin.run_config import AnalysisSection
+
+    model = load_hf_model(tiny_model_dir("llama_gqa_untied"), jnp.float64)
+    config, n = model.config, len(TOKENS)
+    inputs = model_fns.embed(config, model.params, jnp.asarray(TOKENS))
+    jacobian = linearize(model.params, inputs, config)
+    planned, real = {}, {}
+    for chunk in (2, 64):
+        options = AnalysisSection(chunk=chunk, ablation=True, ordinary_jacobian=False)
+        whole = plan(config, n, jnp.float64, workload(options, [ablation.ANALYSIS]))
+        (program,) = programs_named(whole, "ablation").values()
+        planned[chunk] = program.transient
+        arguments = (jnp.asarray(TOKENS, jnp.int32), jacobian.output, jnp.zeros_like(inputs), jnp.asarray(0))
+        chunked = ablation.edits_at_once(options, n)
+        real[chunk] = sum(
+            compiled_sizes(ablation._ablate.lower(model.params, *arguments, config, chunked).compile())
+        )
+    larger, smaller = sorted(planned, key=planned.get, reverse=True)
+    assert planned[larger] > planned[smaller] and real[larger] > real[smaller]
+    assert planned == real
+
+
+def test_plan_command_lists_the_enabled_analyses_programs(tiny_model_dir, tmp_path, capsys):
+    from test_cli import tiny_run_config, write_config
+
+    from jaxlin.cli import main
+
+    data = tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    data["analysis"].update(
+        ablation=True, ordinary_jacobian=False, layers={"enabled": True, "kinds": ["attention"]}
+    )
+    data["steering"] = {"enabled": True, "concept": "bridge", "prompt": "a", "max_new_tokens": 2}
+    config = write_config(tmp_path / "run.yaml", **data)
+    assert main(["plan", str(config), "--tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "linearize",
+        "ablation: edited forwards",
+        "layers cumulative attention: linearize",
+        "layers cumulative attention: spectrum",
+        "steering: linearize",
+        "steering: greedy step",
+    ):
+        assert f"  {name} " in out, name
+    assert "layers cumulative mlp" not in out and "ordinary" not in out
+
+
+def test_the_memory_check_plans_on_the_run_mesh_and_every_process_refuses_together(
+    tiny_model_dir, monkeypatch
+):
+    """`check_memory` compiles its plan on the ambient mesh; its verdict is every
+    process's: a process whose own check passes refuses, naming the process that did not,
+    and what each process sends the others is its own shortfall (MiB)."""
+    from jaxlin import memory, runner
+    from jaxlin.memory import InsufficientMemoryError
+    from jaxlin.mesh import make_mesh
+    from jaxlin.plan import Plan, ProgramMemory
+    from jaxlin.run_config import AnalysisSection
+
+    config = load_hf_model(tiny_model_dir("llama_gqa_untied"), jnp.float64).config
+    options, mib, gib = AnalysisSection(), 2**20, 2**30
+    meshes, sent = [], []
+    others = [[0, 0, 0], [0, 0, 0]]
+
+    def fake_plan(config, n, dtype, work, mesh):
+        meshes.append(mesh)
+        return Plan(n, "float64", 0, 0, (ProgramMemory("linearize", 0, 3 * mib, 0, 0),))
+
+    def fake_gather(values):
+        sent.append(list(values))
+        return np.asarray([list(values), *others[1:]])
+
+    monkeypatch.setattr(runner, "plan", fake_plan)
+    monkeypatch.setattr(runner, "PLAN_OVERHEAD_BYTES", 0)
+    monkeypatch.setattr(memory, "from_every_process", fake_gather)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 * mib)  # the formula says no
+    mesh = make_mesh({"data": 1})
+    with jax.set_mesh(mesh), pytest.raises(InsufficientMemoryError, match="compiled programs' plan"):
+        runner.check_memory(config, 11, jnp.float64, options, [])
+    assert meshes == [mesh] and sent == [[1, 3, 1]]
+    with pytest.raises(InsufficientMemoryError):
+        runner.check_memory(config, 11, jnp.float64, options, [])  # on no mesh: planned on none
+    assert meshes[-1] is None
+    # This process has room; process 1 has not: every process refuses, naming it.
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100 * gib)
+    others[1] = [1, 5 * 1024, 2 * 1024]
+    with pytest.raises(InsufficientMemoryError) as refused:
+        runner.check_memory(config, 11, jnp.float64, options, [])
+    assert str(refused.value).startswith(
+        "process 1 of 2: the analysis of 11 tokens needs about 5.0 GiB but only 2.0 GiB is available"
+    )
+    assert sent[-1] == [0, 0, 0]
+    others[1] = [0, 0, 0]
+    runner.check_memory(config, 11, jnp.float64, options, [])  # every process has room
+
+
+def test_steering_is_planned_for_its_prompts_and_refused_before_any_input(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """`jaxlin run` checks steering's own programs right after loading: planned for the
+    concept's real token count (its tokenizer's), no input's J held; refused, it is one
+    line and nothing is written."""
+    from test_cli import tiny_run_config, write_config
+
+    from jaxlin import memory, runner
+    from jaxlin.cli import main
+    from jaxlin.loading import load_model
+    from jaxlin.plan import token_bound
+    from jaxlin.tokens import tokenize
+
+    data = tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    data["steering"] = {"enabled": True, "concept": "bridge", "prompt": "a", "max_new_tokens": 2}
+    plans = []
+    monkeypatch.setattr(runner, "plan", lambda *args: plans.append(plan(*args)) or plans[-1])
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**10)
+    assert main(["run", str(write_config(tmp_path / "run.yaml", **data)), "--quiet"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loader's progress
+    assert last.startswith("jaxlin: error: steering (compiled programs' plan) needs")
+    assert not (tmp_path / "run").exists()
+    (planned,) = plans
+    assert planned.jacobian == 0 and all(p.name.startswith("steering") for p in planned.programs)
+    rows = next(p for p in planned.programs if p.name == "steering: concept rows")
+    loaded = load_model("hf", tiny_model_dir("llama_gqa_untied"), "float64", use_cache=False, progress=False)
+    concept, d = len(tokenize(loaded.tokenizer, "bridge", None)), loaded.model.config.hidden_size
+    assert rows.outputs == d * concept * d * 8 and concept < token_bound("bridge")
