@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -213,8 +213,12 @@ class Abstracts:
     params: Any  # the abstract weights (on a mesh: with the shardings of `jaxlin.mesh`'s rules)
     inputs: Abstract  # X (N, d)
     jacobian: DetachedJacobian | None  # J at X (weights resolved); None when only `extra` is planned
-    held: int  # J's own residuals, resident while the analyses of X run
+    held: int  # bytes resident beside the weights when a program starts: J's own residuals, …
     mesh: Any
+    # J's d rows (d, N, d) while the analyses that read them run (the run's `Context.rows`),
+    # and the ordinary Jacobian once made: an analysis planned after them finds them held.
+    rows: Abstract | None = None
+    ordinary: DetachedJacobian | None = None
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -229,6 +233,13 @@ class Abstracts:
         whole = jax.sharding.PartitionSpec()
         sharding = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, whole)
         return Abstract(shape, dtype, sharding=sharding)
+
+    def without_rows(self) -> Abstracts:
+        """What an analysis after the last one that reads J's rows finds: the runner has
+        dropped them."""
+        if self.rows is None:
+            return self
+        return dataclasses.replace(self, rows=None, held=self.held - nbytes(self.rows))
 
     def linearization(
         self,
@@ -255,8 +266,10 @@ class Abstracts:
 ProgramSource = Callable[[Abstracts], Iterable[ProgramMemory]]
 
 
-def _analysis_programs(planned: Abstracts, work: Workload) -> Iterator[ProgramMemory]:
-    """The programs the analysis runs on J, in run order."""
+def _jacobian_programs(planned: Abstracts, work: Workload) -> tuple[list[ProgramMemory], Abstracts]:
+    """The programs the analysis runs on J, in run order, and what the analyses after them
+    find: J's rows while the analyses that read them run, and the ordinary Jacobian, kept
+    once made (`Context.ordinary`)."""
     from jaxlin import operator, spectral
 
     jacobian, held, d = planned.jacobian, planned.held, planned.config.hidden_size
@@ -264,41 +277,47 @@ def _analysis_programs(planned: Abstracts, work: Workload) -> Iterator[ProgramMe
     wide = jnp.promote_types(jacobian.output.dtype, jnp.float32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     need_rows = work.method == "rows" or work.per_token == "exact"
-    dense_held = held
+    programs: list[ProgramMemory] = []
+    dense, dense_held = None, held
     if need_rows:
         identity = Abstract((d, d), jacobian.dtype)
         dense = jax.eval_shape(operator._rows, jacobian, identity, work.chunk)
-        yield program_memory("rows", operator._rows.lower(jacobian, identity, work.chunk), held)
+        programs.append(program_memory("rows", operator._rows.lower(jacobian, identity, work.chunk), held))
         dense_held = held + nbytes(dense)  # the rows stay while the programs that read them run
     if work.method == "rows":
-        yield program_memory("top_k from rows", spectral._rows_top_k.lower(dense, work.top_k), dense_held)
+        lowered = spectral._rows_top_k.lower(dense, work.top_k)
+        programs.append(program_memory("top_k from rows", lowered, dense_held))
     else:
         depth = min(d, work.depth or max(3 * work.top_k + 24, 48))
         chunk = min(work.chunk, work.top_k)
-        yield program_memory(
-            "lanczos", spectral.lanczos_top_k.lower(jacobian, key, work.top_k, depth, chunk), dense_held
-        )
+        lowered = spectral.lanczos_top_k.lower(jacobian, key, work.top_k, depth, chunk)
+        programs.append(program_memory("lanczos", lowered, dense_held))
     if work.contributions and not need_rows:
-        yield program_memory("contributions", operator._contributions.lower(jacobian, work.chunk), held)
+        lowered = operator._contributions.lower(jacobian, work.chunk)
+        programs.append(program_memory("contributions", lowered, held))
     if work.per_token == "exact":
         basis = Abstract((d, d), wide)
         lowered = spectral.per_token_from_rows.lower(dense, basis, work.per_token_top_k)
-        yield program_memory("per-token", lowered, dense_held)
+        programs.append(program_memory("per-token", lowered, dense_held))
     elif work.per_token == "projected":
         basis = Abstract((work.per_token_rank, d), jacobian.dtype)
         projected = jax.eval_shape(operator._rows, jacobian, basis, work.chunk)
-        yield program_memory("per-token rows", operator._rows.lower(jacobian, basis, work.chunk), dense_held)
+        lowered = operator._rows.lower(jacobian, basis, work.chunk)
+        programs.append(program_memory("per-token rows", lowered, dense_held))
         wide_basis, k = basis.update(dtype=wide), work.per_token_top_k
         lowered = spectral.per_token_from_rows.lower(projected, wide_basis, k)
-        yield program_memory("per-token", lowered, dense_held + nbytes(projected))
+        programs.append(program_memory("per-token", lowered, dense_held + nbytes(projected)))
+    after = dataclasses.replace(planned, rows=dense, held=dense_held)
     if work.ordinary:
         # The ordinary Jacobian is only comparable with dense attention (see `target_function`).
         second, ordinary, ordinary_held = planned.linearization(
-            planned.inputs, None, policy=FreezePolicy.ORDINARY, name="ordinary linearize", held=held
+            planned.inputs, None, policy=FreezePolicy.ORDINARY, name="ordinary linearize", held=dense_held
         )
-        yield second
         lowered = operator._contributions.lower(ordinary, work.chunk)
-        yield program_memory("ordinary contributions", lowered, held + ordinary_held)
+        contributions = program_memory("ordinary contributions", lowered, dense_held + ordinary_held)
+        programs += [second, contributions]
+        after = dataclasses.replace(after, ordinary=ordinary, held=dense_held + ordinary_held)
+    return programs, after
 
 
 def plan(
@@ -325,23 +344,33 @@ def _plan(
     inputs = Abstract((tokens, config.hidden_size), dtype, sharding=sharding)
     planned = Abstracts(config, params, inputs, None, 0, mesh)
     programs: list[ProgramMemory] = []
+    jacobian_held = 0
     if work.linearize:
-        first, jacobian, held = planned.linearization(inputs, work.attention_block)
+        first, jacobian, jacobian_held = planned.linearization(inputs, work.attention_block)
+        held = jacobian_held
         planned = dataclasses.replace(planned, jacobian=jacobian, held=held)
-        programs += [first, *_analysis_programs(planned, work)]
+        on_jacobian, planned = _jacobian_programs(planned, work)
+        programs += [first, *on_jacobian]
     for source in work.extra:
         programs += source(planned)
     sizes = tuple(mesh.shape.items()) if mesh is not None else ()
-    return Plan(tokens, dtype.name, nbytes(params), planned.held, tuple(programs), sizes, quantized)
+    return Plan(tokens, dtype.name, nbytes(params), jacobian_held, tuple(programs), sizes, quantized)
 
 
 def workload(options: Any, analyses: Sequence[Any] = (), whole_run: Sequence[ProgramSource] = ()) -> Workload:
     """The `Workload` of a run config's `analysis` section: the programs on J it decides,
-    the own programs of `analyses` (the enabled `jaxlin.analyses.Analysis` entries), then
-    `whole_run`'s (the run analyses' sources, `run_sources`)."""
+    the own programs of `analyses` (the enabled `jaxlin.analyses.Analysis` entries, in run
+    order), then `whole_run`'s (the run analyses' sources, `run_sources`)."""
+    from jaxlin.analyses.base import last_row_user
+
     per_token = options.per_token
     rows = options.method == "dense" or (options.method == "auto" and per_token.method == "exact")
-    own = tuple(functools.partial(analysis.programs, options) for analysis in analyses if analysis.programs)
+    last = last_row_user(analyses)
+    own = tuple(
+        _analysis_source(analysis, options, index <= last)
+        for index, analysis in enumerate(analyses)
+        if analysis.programs
+    )
     return Workload(
         top_k=options.top_k,
         depth=options.krylov_depth,
@@ -354,6 +383,16 @@ def workload(options: Any, analyses: Sequence[Any] = (), whole_run: Sequence[Pro
         ordinary=options.ordinary_jacobian,
         extra=own + tuple(whole_run),
     )
+
+
+def _analysis_source(analysis: Any, options: Any, rows_kept: bool) -> ProgramSource:
+    """An input analysis's programs, finding J's rows held only when the runner still
+    keeps them for it (it drops them after the last analysis that reads them)."""
+
+    def programs(planned: Abstracts) -> Iterable[ProgramMemory]:
+        return analysis.programs(options, planned if rows_kept else planned.without_rows())
+
+    return programs
 
 
 def run_sources(config: Any, tokens_of: Callable[[str], int]) -> tuple[ProgramSource, ...]:
@@ -593,6 +632,7 @@ def plan_run(
     from jaxlin.analyses import INPUT_ANALYSES
     from jaxlin.analyses.certificate import compares_ordinary
     from jaxlin.errors import JaxlinError
+    from jaxlin.length_study import StudySettings, study_workload
     from jaxlin.loading import enable_dtype
     from jaxlin.memory import total_bytes
     from jaxlin.model_source import read_planning_config
@@ -625,6 +665,8 @@ def plan_run(
         enabled = [analysis for analysis in INPUT_ANALYSES if analysis.enabled(config.analysis, n)]
         work = workload(config.analysis, enabled, run_sources(config, token_bound))
         work = dataclasses.replace(work, ordinary=compares_ordinary(config.analysis, n))
+        if config.length_study is not None:  # a study's prefix of n tokens instead
+            work = study_workload(StudySettings.from_config(config, "study"), n)
         plan_on = plans_by_mesh(model, n, dtype, work, quantized)
         plans.append(plan_on(configured))
         searches.append(

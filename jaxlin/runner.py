@@ -18,6 +18,7 @@ from jaxlin import model as model_fns
 from jaxlin._config import ModelConfig
 from jaxlin._policy import FreezePolicy
 from jaxlin.analyses import INPUT_ANALYSES, RUN_ANALYSES, Analysis, Context, Result, Timer
+from jaxlin.analyses.base import last_row_user
 from jaxlin.distributed import to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import Products, linearize
@@ -112,12 +113,6 @@ def _check(what: str, estimate: int, planned: Callable[[], Plan]) -> None:
     require_everywhere(short, what)
 
 
-def _last_row_user(analyses: Sequence[Analysis]) -> int:
-    """Index of the last analysis that reads J's rows (-1: none): they are dropped after it,
-    since they are the run's largest array and later ones (the layer sweep) need memory."""
-    return max((i for i, analysis in enumerate(analyses) if analysis.uses_rows), default=-1)
-
-
 def analyse(
     loaded: LoadedModel,
     text: str,
@@ -149,10 +144,10 @@ def analyse(
         )
         if keep_rows:
             context.rows = rows(jacobian, None, options.chunk, products)
-    last_row_user = _last_row_user(analyses)
+    last = last_row_user(analyses)
     for index, analysis in enumerate(analyses):
         context.results.append(analysis.run(jacobian, context))
-        if index == last_row_user:
+        if index == last:
             context.rows = None
 
     summary: dict[str, Any] = {

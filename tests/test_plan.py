@@ -444,6 +444,30 @@ def test_the_layer_sweep_and_ablation_are_planned_as_they_compile(tiny_model_dir
     assert ablation.held == with_them.jacobian + contributions.nbytes
 
 
+def test_analyses_after_the_last_row_reader_are_planned_without_the_rows():
+    """As the runner drops J's rows after the last analysis that reads them, the planner
+    plans the analyses after it without them (and the ones up to it with them)."""
+    from jaxlin.analyses.base import Analysis
+    from jaxlin.plan import Abstracts, workload
+    from jaxlin.run_config import AnalysisSection
+
+    seen = []
+
+    def programs(options, planned):
+        seen.append((planned.rows is not None, planned.held))
+        return ()
+
+    def analysis(name: str, uses_rows: bool) -> Analysis:
+        return Analysis(name, run=None, uses_rows=uses_rows, programs=programs)
+
+    order = [analysis("a", False), analysis("reads", True), analysis("after", False)]
+    rows = jax.ShapeDtypeStruct((4, 3, 4), jnp.float64)
+    planned = Abstracts(None, None, None, None, 1000 + nbytes(rows), None, rows=rows)
+    for source in workload(AnalysisSection(), order).extra:
+        source(planned)
+    assert seen == [(True, 1384), (True, 1384), (False, 1000)]
+
+
 def test_a_program_planned_larger_compiles_larger(tiny_model_dir):
     """The ablation's forwards, 2 edited inputs at a time against all at once (on a tiny
     input not the smaller, as it happens): the plan says which is larger, and the real
@@ -575,3 +599,24 @@ def test_steering_is_planned_for_its_prompts_and_refused_before_any_input(
     loaded = load_model("hf", tiny_model_dir("llama_gqa_untied"), "float64", use_cache=False, progress=False)
     concept, d = len(tokenize(loaded.tokenizer, "bridge", None)), loaded.model.config.hidden_size
     assert rows.outputs == d * concept * d * 8 and concept < token_bound("bridge")
+
+
+def test_plan_command_plans_a_length_study_per_prefix(tiny_model_dir, tmp_path, capsys):
+    """A config with a length_study section is planned as the study measures each prefix:
+    exact influence (J's rows, their spectrum and contributions) up to max_exact_tokens,
+    sampled influence and Lanczos beyond."""
+    from test_cli import tiny_run_config, write_config
+
+    from jaxlin.cli import main
+
+    data = tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    del data["text"]
+    data["length_study"] = {"document": "A short document.", "lengths": [6, 12], "max_exact_tokens": 8}
+    config = write_config(tmp_path / "study.yaml", **data)
+    assert main(["plan", str(config), "--tokens", "6", "12"]) == 0
+    exact, sampled = capsys.readouterr().out.split("12 tokens")
+    for name in ("rows", "top_k from rows", "length study: contributions"):
+        assert f"  {name} " in exact and f"  {name} " not in sampled, name
+    for name in ("lanczos", "length study: sampled influence", "length study: J·X"):
+        assert f"  {name} " in sampled and f"  {name} " not in exact, name
+    assert "per-token" not in exact + sampled and "ordinary" not in exact + sampled

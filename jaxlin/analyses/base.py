@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -145,6 +145,13 @@ class Analysis:
     needs_rows: Callable[[AnalysisSection], bool] = never_needs_rows
     uses_rows: bool = False
     programs: Callable[[AnalysisSection, Abstracts], Iterable[ProgramMemory]] | None = None
+
+
+def last_row_user(analyses: Sequence[Analysis]) -> int:
+    """Index of the last analysis that reads J's rows (-1: none): the runner drops them
+    after it, since they are the run's largest array and later ones (the layer sweep) need
+    memory; the planner plans the analyses after it without them."""
+    return max((i for i, analysis in enumerate(analyses) if analysis.uses_rows), default=-1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ each token's contribution norm ‖c_t‖."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -16,7 +17,9 @@ from jaxlin.analyses.per_token import PerTokenResult
 from jaxlin.analyses.spectrum import SpectrumResult
 from jaxlin.distributed import to_host
 from jaxlin.jacobian import DetachedJacobian
-from jaxlin.spectral import frobenius_estimate
+from jaxlin.plan import Abstracts, ProgramMemory, program_memory
+from jaxlin.run_config import AnalysisSection
+from jaxlin.spectral import _frobenius_estimate, frobenius_estimate
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -67,4 +70,14 @@ def run(jacobian: DetachedJacobian, context: Context) -> NormsResult:
     )
 
 
-ANALYSIS = Analysis("norms", run)
+def programs(options: AnalysisSection, planned: Abstracts) -> Iterator[ProgramMemory]:
+    """The Hutchinson estimate when the per-token blocks are not exact: every sample's
+    transposed product in one batched pass (memory ∝ samples)."""
+    if options.per_token.method != "exact":
+        assert planned.jacobian is not None
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        lowered = _frobenius_estimate.lower(planned.jacobian, key, options.frobenius_samples)
+        yield program_memory("norms: Hutchinson estimate", lowered, planned.held)
+
+
+ANALYSIS = Analysis("norms", run, programs=programs)
