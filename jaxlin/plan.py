@@ -10,8 +10,17 @@ residuals stay resident. So the peak is
                   each analysis: J's residuals + its outputs + temporaries)
 
 (arguments of a program are already resident: the weights, J, small vectors). This is
-what XLA will allocate, not a calibration: `benchmarks/memory_scaling.py` compares it
+what XLA will allocate, not a calibration: `benchmarks/plan_accuracy.py` compares it
 with the measured peak resident memory.
+
+Beyond the programs on J (`Workload`), each enabled analysis that compiles programs of
+its own plans them itself (`Analysis.programs`, `RunAnalysis.programs`: the layer
+sweep's tap linearizations and spectra, the ablation's edited forwards, the Hutchinson
+pass, the focus block, steering's concept Jacobian and greedy step, a length study's
+prefixes), lowered with the same abstract arrays (`Abstracts`) and each with what it finds
+held: J's residuals, J's rows while the analyses that read them run, the ordinary
+Jacobian once made, a previous tap's J. `jaxlin run` plans on its own mesh
+(`runner.check_memory`), and every process of a run refuses when one does.
 
 On a data × fsdp × tensor mesh (`jaxlin.mesh`) the abstract weights carry the shardings
 its rules give them, the programs are partitioned as a run's are, and every size is one

@@ -217,7 +217,8 @@ def memory_bytes(config: RunConfig, model: ModelConfig, dtype: Any, tokens_of: C
     item = jnp.dtype(dtype).itemsize
     wide = jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
     total = linearization_bytes(model, concept, dtype, DEFAULT_ATTENTION_BLOCK)
-    total += product_bytes(model, concept, dtype, model.hidden_size, DEFAULT_ATTENTION_BLOCK)
+    batch = min(CONCEPT_ROWS_CHUNK, model.hidden_size)
+    total += product_bytes(model, concept, dtype, batch, DEFAULT_ATTENTION_BLOCK)
     total += 2 * model.hidden_size * concept * model.hidden_size * item
     forward = product_bytes(model, buffer, dtype, 1, None) + buffer * buffer * model.num_heads * wide
     return total + forward
