@@ -63,7 +63,7 @@ from jaxlin.devices import batch_devices, map_in_batches
 from jaxlin.distributed import is_writer, to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import DetachedJacobian, Products, linearize
-from jaxlin.memory import InsufficientMemoryError, linearization_bytes, product_bytes, require_memory
+from jaxlin.memory import linearization_bytes, product_bytes, refusal_everywhere, shortfall
 from jaxlin.operator import Certificate, certify, chunk_size, contributions_from_rows, rows
 from jaxlin.outputs import claim_output, make_directory, write_json_atomic
 from jaxlin.plan import Abstracts, ProgramMemory, Workload, program_memory
@@ -553,10 +553,9 @@ def plan_lengths(
         elif config.max_positions is not None and length > config.max_positions:
             reason = f"the model has only {config.max_positions} positions"
         else:
-            try:
-                require_memory(_memory_estimate(config, length, dtype, settings), f"length {length}")
-            except InsufficientMemoryError as error:
-                reason = str(error)
+            # Every process keeps the same lengths (`jaxlin.memory.refusal_everywhere`).
+            estimate = _memory_estimate(config, length, dtype, settings)
+            reason = refusal_everywhere(shortfall(estimate), f"length {length}")
         if reason is None:
             kept.append(length)
         else:

@@ -117,19 +117,28 @@ def require_memory(estimate: int, what: str, fraction: float = 0.9) -> None:
         raise short.error(what)
 
 
-def require_everywhere(short: Shortfall | None, what: str) -> None:
-    """Refuse in every process of the run when any process's own check fell short (`short`
-    is this process's): each process checks its own device, and a process that refused
-    alone would leave the others waiting for it in their next collective. A collective
-    (`jaxlin.distributed.from_every_process`): every process calls it at the same point."""
+def refusal_everywhere(short: Shortfall | None, what: str) -> str | None:
+    """The message every process of the run refuses `what` with when any process's own
+    check fell short (`short` is this process's), else None: each process checks its own
+    device, and a process that refused alone would leave the others waiting for it in
+    their next collective. A collective (`jaxlin.distributed.from_every_process`): every
+    process calls it at the same point."""
     verdicts = from_every_process(
         [short is not None, *((-(-short.need // 2**20), short.free // 2**20) if short else (0, 0))]
     )
     if short is not None:
-        raise short.error(what)
+        return str(short.error(what))
     for process, (refused, need, free) in enumerate(verdicts):
         if refused:
-            raise InsufficientMemoryError(
+            return (
                 f"process {process} of {len(verdicts)}: {what} needs about {_gib(need * 2**20)} but only "
                 f"{_gib(free * 2**20)} is available on its device; {ADVICE}"
             )
+    return None
+
+
+def require_everywhere(short: Shortfall | None, what: str) -> None:
+    """Refuse `what` in every process when any process is short (`refusal_everywhere`)."""
+    message = refusal_everywhere(short, what)
+    if message is not None:
+        raise InsufficientMemoryError(message)

@@ -620,3 +620,32 @@ def test_plan_command_plans_a_length_study_per_prefix(tiny_model_dir, tmp_path, 
     for name in ("lanczos", "length study: sampled influence", "length study: J·X"):
         assert f"  {name} " in sampled and f"  {name} " not in exact, name
     assert "per-token" not in exact + sampled and "ordinary" not in exact + sampled
+
+
+def test_every_process_of_a_length_study_keeps_the_same_lengths(tiny_model_dir, monkeypatch):
+    """A length one process has no room for is skipped by every process (each would
+    otherwise run a different list of lengths, and wait for the others in a collective)."""
+    from jaxlin import memory
+    from jaxlin.length_study import StudySettings, plan_lengths
+    from jaxlin.run_config import parse_run_config
+
+    config = load_hf_model(tiny_model_dir("llama_gqa_untied"), jnp.float64).config
+    settings = StudySettings.from_config(parse_run_config({"length_study": {"lengths": [4, 8]}}), "study")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**40)  # room here
+    room_elsewhere = {4: [0, 0, 0], 8: [1, 7 * 1024, 3 * 1024]}  # process 1: none for length 8
+    asked = []
+
+    def fake_gather(values):
+        asked.append(list(values))
+        return np.asarray([list(values), room_elsewhere[4 * len(asked)]])
+
+    monkeypatch.setattr(memory, "from_every_process", fake_gather)
+    kept, skipped = plan_lengths([4, 8], 100, config, jnp.float64, settings)
+    assert kept == [4] and asked == [[0, 0, 0], [0, 0, 0]]
+    assert skipped == [
+        {
+            "length": 8,
+            "reason": "process 1 of 2: length 8 needs about 7.0 GiB but only 3.0 GiB is available on its "
+            "device; use a shorter input, a smaller analysis.chunk, or a machine with more memory",
+        }
+    ]
