@@ -429,9 +429,12 @@ def test_the_layer_sweep_and_ablation_are_planned_as_they_compile(tiny_model_dir
     real = _linearize.lower(model.params, inputs, config, FreezePolicy.DETACHED, 256, tap).compile()
     planned = layers["layers cumulative mlp: linearize"]
     assert (planned.outputs, planned.temporaries) == compiled_sizes(real)
-    # Held while it runs: the input's J and the previous tap's J, as large as a real one.
+    # Held while it runs: the input's J, the ordinary J (kept once the certificate made it)
+    # and the previous tap's J, each as large as a real one.
     tap_jacobian = linearize(model.params, inputs, config, tap=tap)
-    assert planned.held == with_them.jacobian + own_bytes(tap_jacobian, model.params)
+    ordinary = linearize(model.params, inputs, config, FreezePolicy.ORDINARY, None)
+    input_held = with_them.jacobian + own_bytes(ordinary, model.params)
+    assert planned.held == input_held + own_bytes(tap_jacobian, model.params)
     assert own_bytes(tap_jacobian, model.params) > with_them.jacobian  # the weight copy (layer_sweep)
 
     jacobian = linearize(model.params, inputs, config)
@@ -441,7 +444,7 @@ def test_the_layer_sweep_and_ablation_are_planned_as_they_compile(tiny_model_dir
     real = _ablate.lower(model.params, ids, jacobian.output, contributions, token, config, chunk).compile()
     ablation = with_them.programs[[p.name for p in with_them.programs].index("ablation: edited forwards")]
     assert (ablation.outputs, ablation.temporaries) == compiled_sizes(real)
-    assert ablation.held == with_them.jacobian + contributions.nbytes
+    assert ablation.held == input_held + contributions.nbytes
 
 
 def test_analyses_after_the_last_row_reader_are_planned_without_the_rows():
