@@ -68,7 +68,10 @@ def check_memory(
     def planned() -> Plan:
         return plan(config, n, dtype, workload(options, analyses), run_mesh())
 
+    # What the analyses keep, and (conservatively, all at once) their own programs' peaks.
     estimate = memory_estimate(config, n, dtype, options, analyses)
+    formulas = [analysis.program_bytes for analysis in analyses if analysis.program_bytes]
+    estimate += sum(formula(config, n, dtype, options) for formula in formulas)
     _check(f"the analysis of {n} tokens", estimate, planned)
 
 
@@ -87,7 +90,7 @@ def check_run_memory(loaded: LoadedModel, config: RunConfig) -> None:
         work = Workload(linearize=False, extra=run_sources(config, tokens_of))
         return plan(model.config, 0, model.dtype, work, run_mesh())
 
-    formulas = [analysis.memory_bytes for analysis in analyses if analysis.memory_bytes]
+    formulas = [analysis.program_bytes for analysis in analyses if analysis.program_bytes]
     estimate = sum(formula(config, model.config, model.dtype, tokens_of) for formula in formulas)
     names = ", ".join(analysis.name for analysis in analyses)
     _check(names, estimate, planned)

@@ -423,6 +423,13 @@ def test_the_layer_sweep_and_ablation_are_planned_as_they_compile(tiny_model_dir
         "layers cumulative mlp: certificate",
     ]
     assert with_them.peak >= without.peak and with_them.weights == without.weights
+    # The free check before any compiling counts their programs, conservatively.
+    from jaxlin import runner
+
+    own = [analysis.program_bytes(config, n, jnp.float64, options) for analysis in enabled[-2:]]
+    assert [analysis.name for analysis in enabled[-2:]] == ["ablation", "layers"] and min(own) > 0
+    formula = runner.memory_estimate(config, n, jnp.float64, options, enabled) + sum(own)
+    assert formula >= with_them.above_weights
 
     inputs = model_fns.embed(config, model.params, jnp.asarray(TOKENS))
     tap = Tap(0, "mlp", options.layers.final_norm)

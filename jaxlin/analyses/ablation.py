@@ -202,7 +202,7 @@ def edits_at_once(options: AnalysisSection, n: int) -> int | None:
     return None if chunk >= n else chunk
 
 
-def memory_bytes(config: ModelConfig, n: int, dtype: Any, options: AnalysisSection) -> int:
+def program_bytes(config: ModelConfig, n: int, dtype: Any, options: AnalysisSection) -> int:
     """Conservative: `edits_at_once` forwards at a time, each with dense attention
     (`model.final_hidden`): the widest activations and every head's N × N probabilities."""
     edits = edits_at_once(options, n) or n
@@ -241,4 +241,4 @@ def run(jacobian: DetachedJacobian, context: Context) -> AblationResult:
     return AblationResult(ablated, record)
 
 
-ANALYSIS = Analysis("ablation", run, enabled=enabled, memory_bytes=memory_bytes, programs=programs)
+ANALYSIS = Analysis("ablation", run, enabled=enabled, programs=programs, program_bytes=program_bytes)

@@ -135,7 +135,10 @@ class Analysis:
     - `uses_rows`: it reads them when they are there (they are kept until it has run);
     - `programs(options, abstracts)`: its own programs' memory (`jaxlin.plan.program_memory`
       of each, lowered with the plan's abstract arrays), each with the bytes resident
-      beside the weights while it runs — the input's J included (`abstracts.held`)."""
+      beside the weights while it runs — the input's J included (`abstracts.held`);
+    - `program_bytes(config, n, dtype, options)`: a conservative formula of those programs'
+      peak beyond what `memory_bytes` counts (what it keeps), the free check before any
+      is compiled (`runner.check_memory`)."""
 
     name: str
     run: Callable[[DetachedJacobian, Context], Result]
@@ -145,6 +148,7 @@ class Analysis:
     needs_rows: Callable[[AnalysisSection], bool] = never_needs_rows
     uses_rows: bool = False
     programs: Callable[[AnalysisSection, Abstracts], Iterable[ProgramMemory]] | None = None
+    program_bytes: Callable[[ModelConfig, int, Any, AnalysisSection], int] | None = None
 
 
 def last_row_user(analyses: Sequence[Analysis]) -> int:
@@ -159,8 +163,8 @@ class RunAnalysis:
     """An analysis of the run as a whole rather than of one input (steering: it
     linearizes its own concept prompt), run once per run — after the single input's
     analyses, or after a many-prompt run's aggregation, when no input's J is held.
-    `step(config)` names its timed step; `memory_bytes(config, model, dtype, tokens_of)`
-    is a conservative formula of what it needs beside the weights, and
+    `step(config)` names its timed step; `program_bytes(config, model, dtype, tokens_of)`
+    is a conservative formula of what its programs need beside the weights, and
     `programs(config, tokens_of, abstracts)` its programs' memory as the planner reads it
     (`tokens_of(text)`: how many tokens a prompt takes)."""
 
@@ -168,5 +172,5 @@ class RunAnalysis:
     run: Callable[[LoadedModel, RunConfig], Result]
     enabled: Callable[[RunConfig], bool]
     step: Callable[[RunConfig], str]
-    memory_bytes: Callable[[RunConfig, ModelConfig, Any, Callable[[str], int]], int] | None = None
+    program_bytes: Callable[[RunConfig, ModelConfig, Any, Callable[[str], int]], int] | None = None
     programs: Callable[[RunConfig, Callable[[str], int], Abstracts], Iterable[ProgramMemory]] | None = None

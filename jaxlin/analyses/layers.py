@@ -148,7 +148,7 @@ def run(jacobian: DetachedJacobian, context: Context) -> LayersResult:
         )
 
 
-def memory_bytes(config: ModelConfig, n: int, dtype: Any, options: AnalysisSection) -> int:
+def program_bytes(config: ModelConfig, n: int, dtype: Any, options: AnalysisSection) -> int:
     """Conservative: two taps' J at once (the sweep's previous and current), each as large
     as the whole J's residuals plus a copy of every weight (a cumulative tap's J holds the
     layer weights it uses, module docstring of `jaxlin.layer_sweep`), the tap's rows or
@@ -212,4 +212,4 @@ def programs(options: AnalysisSection, planned: Abstracts) -> Iterator[ProgramMe
             previous = tap_held
 
 
-ANALYSIS = Analysis("layers", run, enabled=enabled, memory_bytes=memory_bytes, programs=programs)
+ANALYSIS = Analysis("layers", run, enabled=enabled, programs=programs, program_bytes=program_bytes)

@@ -208,7 +208,7 @@ def enabled(config: RunConfig) -> bool:
     return config.steering.enabled
 
 
-def memory_bytes(config: RunConfig, model: ModelConfig, dtype: Any, tokens_of: Callable[[str], int]) -> int:
+def program_bytes(config: RunConfig, model: ModelConfig, dtype: Any, tokens_of: Callable[[str], int]) -> int:
     """Conservative: the concept's linearization and its rows twice (J_S's rows, then
     moved into blocks), and one forward over the generation buffer with dense attention."""
     section = config.steering
@@ -264,4 +264,4 @@ def run(loaded: LoadedModel, config: RunConfig) -> SteeringResult:
     return steer(loaded, config.steering, config.add_bos)
 
 
-ANALYSIS = RunAnalysis("steering", run, enabled, step, memory_bytes=memory_bytes, programs=programs)
+ANALYSIS = RunAnalysis("steering", run, enabled, step, program_bytes=program_bytes, programs=programs)
