@@ -1,5 +1,6 @@
 """An up-front estimate of what an analysis needs, so an input too long for memory is
-refused with a number instead of dying mid-run."""
+refused with a number instead of dying mid-run — by every process of a run together
+(`refusal_everywhere`)."""
 
 from __future__ import annotations
 
@@ -109,12 +110,6 @@ def shortfall(estimate: int, fraction: float = 0.9) -> Shortfall | None:
     if free is not None and estimate > fraction * free:
         return Shortfall(estimate, free)
     return None
-
-
-def require_memory(estimate: int, what: str, fraction: float = 0.9) -> None:
-    short = shortfall(estimate, fraction)
-    if short is not None:
-        raise short.error(what)
 
 
 def refusal_everywhere(short: Shortfall | None, what: str) -> str | None:
