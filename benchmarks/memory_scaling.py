@@ -33,7 +33,7 @@ TARGET_PEAK_8K_BYTES = 8 * 10**9
 K, DEPTH, CHUNK = 8, 16, 16
 
 
-def child(n: int, block: int | None) -> None:
+def child(n: int, chunk: int | None) -> None:
     import jax
     import jax.numpy as jnp
 
@@ -50,7 +50,7 @@ def child(n: int, block: int | None) -> None:
     start = time.perf_counter()
     # The linearization is its own program now: its residuals (the DetachedJacobian's
     # leaves) are live arrays between it and the Lanczos program that uses them.
-    jacobian = jax.block_until_ready(linearize(model.params, x, model.config, attention_chunk=block))
+    jacobian = jax.block_until_ready(linearize(model.params, x, model.config, attention_chunk=chunk))
     compiled = spectral.lanczos_top_k.lower(jacobian, key, k=K, depth=DEPTH, chunk=CHUNK).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -60,7 +60,7 @@ def child(n: int, block: int | None) -> None:
     bounds = np.asarray(out[3])
     record = {
         "N": n,
-        "attention_chunk": block,
+        "attention_chunk": chunk,
         "peak_bytes": C.peak_rss_bytes(),
         "baseline_bytes": baseline,
         "load_peak_bytes": load_peak,
@@ -74,13 +74,13 @@ def child(n: int, block: int | None) -> None:
     print("RESULT " + json.dumps(record), flush=True)
 
 
-def estimate_bytes(config: Any, n: int, block: int | None) -> int:
+def estimate_bytes(config: Any, n: int, chunk: int | None) -> int:
     import jax.numpy as jnp
 
     from jaxlin.memory import linearization_bytes, product_bytes
 
-    return linearization_bytes(config, n, jnp.float32, block) + product_bytes(
-        config, n, jnp.float32, CHUNK, block
+    return linearization_bytes(config, n, jnp.float32, chunk) + product_bytes(
+        config, n, jnp.float32, CHUNK, chunk
     )
 
 
@@ -95,8 +95,8 @@ def rss_of(pid: int) -> int:
     return 0
 
 
-def run_child(n: int, block: int | None, cap_bytes: int, log: Path) -> dict[str, Any]:
-    cmd = [sys.executable, str(HERE), "--child", str(n), str(block if block is not None else 0)]
+def run_child(n: int, chunk: int | None, cap_bytes: int, log: Path) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE), "--child", str(n), str(chunk if chunk is not None else 0)]
     start = time.perf_counter()
     with open(log, "a") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -119,7 +119,7 @@ def run_child(n: int, block: int | None, cap_bytes: int, log: Path) -> dict[str,
             return record
     return {
         "N": n,
-        "attention_chunk": block,
+        "attention_chunk": chunk,
         "failed": True,
         "killed_at_cap": killed,
         "max_rss_seen_bytes": max_seen,
@@ -144,8 +144,8 @@ def main() -> None:
     parser.add_argument("--name", default="memory_scaling", help="result file name (merged if it exists)")
     args = parser.parse_args()
     if args.child:
-        n, block = args.child
-        child(n, block or None)
+        n, chunk = args.child
+        child(n, chunk or None)
         return
 
     config = C.load_config()
@@ -158,15 +158,15 @@ def main() -> None:
     path = C.RESULTS / f"{name}.json"
     rows: list[dict[str, Any]] = json.loads(path.read_text())["rows"] if path.exists() else []
     log = C.RESULTS / f".{name}.stderr.log"
-    for impl, block in impls.items():
+    for impl, chunk in impls.items():
         for n in sizes:
-            estimate = estimate_bytes(config, n, block)
-            if block is None and estimate > cap:
+            estimate = estimate_bytes(config, n, chunk)
+            if chunk is None and estimate > cap:
                 record: dict[str, Any] = {"N": n, "attention_chunk": None, "skipped": True}
                 print(f"{impl} N={n}: skipped, estimated {estimate / 1e9:.1f} GB > cap {args.cap_gb} GB")
             else:
                 print(f"{impl} N={n}: running (estimate {estimate / 1e9:.2f} GB + model) ...", flush=True)
-                record = run_child(n, block, cap, log)
+                record = run_child(n, chunk, cap, log)
             record["impl"] = impl
             record["estimate_bytes"] = estimate
             rows = [r for r in rows if not (r["N"] == n and r["impl"] == impl)] + [record]

@@ -26,10 +26,10 @@ from jaxlin.jacobian import linearize, target_function
 TARGET_RATIO = 1.5
 
 
-def make_programs(config: Any, block: int | None) -> dict[str, Any]:
+def make_programs(config: Any, chunk: int | None) -> dict[str, Any]:
     @jax.jit
     def forward(params: Any, x: jax.Array) -> jax.Array:
-        return target_function(config, params, FreezePolicy.DETACHED, block)(x)
+        return target_function(config, params, FreezePolicy.DETACHED, chunk)(x)
 
     @jax.jit
     def plain_forward(params: Any, x: jax.Array) -> jax.Array:
@@ -37,7 +37,7 @@ def make_programs(config: Any, block: int | None) -> dict[str, Any]:
 
     @jax.jit
     def jv(params: Any, x: jax.Array, vs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        op = linearize(params, x, config, attention_chunk=block)
+        op = linearize(params, x, config, attention_chunk=chunk)
 
         def step(acc: jax.Array, v: jax.Array) -> tuple[jax.Array, None]:
             return acc + op.matvec(v), None
@@ -47,7 +47,7 @@ def make_programs(config: Any, block: int | None) -> dict[str, Any]:
 
     @jax.jit
     def jtu(params: Any, x: jax.Array, us: jax.Array) -> tuple[jax.Array, jax.Array]:
-        op = linearize(params, x, config, attention_chunk=block)
+        op = linearize(params, x, config, attention_chunk=chunk)
 
         def step(acc: jax.Array, u: jax.Array) -> tuple[jax.Array, None]:
             return acc + op.rmatvec(u), None
@@ -58,26 +58,26 @@ def make_programs(config: Any, block: int | None) -> dict[str, Any]:
     return {"forward": forward, "plain_forward": plain_forward, "jv": jv, "jtu": jtu}
 
 
-def run_size(model: Any, n: int, block: int | None, ms: tuple[int, int], repeats: int) -> dict[str, Any]:
+def run_size(model: Any, n: int, chunk: int | None, ms: tuple[int, int], repeats: int) -> dict[str, Any]:
     config, params = model.config, model.params
     x = C.embeddings(model, n)
     d = config.hidden_size
-    progs = make_programs(config, block)
+    progs = make_programs(config, chunk)
     key = jax.random.key(0)
     m_half, m = ms
-    row: dict[str, Any] = {"N": n, "attention_chunk": block, "m": m, "m_half": m_half, "repeats": repeats}
+    row: dict[str, Any] = {"N": n, "attention_chunk": chunk, "m": m, "m_half": m_half, "repeats": repeats}
 
     fwd = C.time_repeats(functools.partial(progs["forward"], params, x), repeats)
     row["forward_s"] = fwd["median_s"]
     row["forward_first_call_s"] = fwd["first_call_s"]
-    if block is not None and n > block:
+    if chunk is not None and n > chunk:
         plain = C.time_repeats(functools.partial(progs["plain_forward"], params, x), repeats)
         row["plain_forward_s"] = plain["median_s"]
     else:
         row["plain_forward_s"] = row["forward_s"]
     reference = min(row["forward_s"], row["plain_forward_s"])
     print(
-        f"N={n} block={block}: forward {row['forward_s']:.3f} s (plain dense {row['plain_forward_s']:.3f} s)"
+        f"N={n} chunk={chunk}: forward {row['forward_s']:.3f} s (plain dense {row['plain_forward_s']:.3f} s)"
     )
 
     for name, shape in (("jv", (n, d)), ("jtu", (d,))):
@@ -120,7 +120,7 @@ def main() -> None:
         if args.naive:
             plan += [(n, None, (4, 8)) for n in sizes if n > 256]
         repeats = args.repeats
-    rows = [run_size(model, n, block, ms, repeats) for n, block, ms in plan]
+    rows = [run_size(model, n, chunk, ms, repeats) for n, chunk, ms in plan]
     columns = [
         "N", "attention_chunk", "forward_s", "plain_forward_s", "linearize_s",
         "jv_per_product_s", "jv_ratio_to_forward", "jtu_per_product_s", "jtu_ratio_to_forward",

@@ -20,7 +20,7 @@ from jaxlin.mesh import make_mesh
 from jaxlin.model_source import read_model_config
 from jaxlin.outputs import OutputClaim, RunKind, claim_output
 from jaxlin.run_config import ConfigError, MeshSection, ModelSection, RunConfig
-from jaxlin.runner import RunResult, analyse, analyse_run, write_run
+from jaxlin.runner import RunResult, analyse, analyse_run, check_run_memory, write_run
 
 
 def device_mesh(count: int | None, mesh: MeshSection | None = None) -> Any:
@@ -79,6 +79,7 @@ def _run(
     timer = Timer(verbose)
     with timer.step("loading model"):
         loaded = load_placed(config.model, verbose)
+    check_run_memory(loaded, config)  # steering's own programs, before any input is analysed
     progress = (
         (lambda message: print(f"[jaxlin]   {message}", file=sys.stderr, flush=True)) if verbose else None
     )

@@ -19,6 +19,7 @@ initialized, and the run's mesh is built from it). Three rules make that work:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -89,6 +90,18 @@ def agree(flag: bool) -> bool:
     if not several_processes():
         return flag
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def from_every_process(values: Sequence[int]) -> np.ndarray:
+    """Each process's `values` (the same count of int32 numbers in each), one row per
+    process in process order, in every process: how the processes learn each other's
+    verdict on a step each decides alone (whether its memory suffices). A collective in a
+    run of several processes, so every process calls it at the same point; one row
+    otherwise."""
+    row = np.asarray(values, np.int32)
+    if not several_processes():
+        return row[None]
+    return np.asarray(multihost_utils.process_allgather(row)).reshape(jax.process_count(), row.size)
 
 
 def _leaf_to_host(leaf: Any) -> np.ndarray:

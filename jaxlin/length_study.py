@@ -63,9 +63,10 @@ from jaxlin.devices import batch_devices, map_in_batches
 from jaxlin.distributed import is_writer, to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import DetachedJacobian, Products, linearize
-from jaxlin.memory import InsufficientMemoryError, linearization_bytes, product_bytes, require_memory
+from jaxlin.memory import linearization_bytes, product_bytes, refusal_everywhere, shortfall
 from jaxlin.operator import Certificate, certify, chunk_size, contributions_from_rows, rows
 from jaxlin.outputs import claim_output, make_directory, write_json_atomic
+from jaxlin.plan import Abstracts, ProgramMemory, Workload, program_memory
 from jaxlin.run_config import LengthStudySection, RunConfig, read_text_file
 from jaxlin.spectral import rows_top_k, top_k, widened
 
@@ -284,6 +285,41 @@ def measure_prefix(
         products.as_dict(),
         spectrum,
     )
+
+
+def study_workload(settings: StudySettings, length: int) -> Workload:
+    """What `measure_prefix` compiles at `length`, as the planner plans it (`jaxlin plan`
+    of a config with a length_study section): the linearization, then J's rows and their
+    spectrum (exact influence) or Lanczos, and the study's own programs (`programs`)."""
+    exact = settings.exact_influence(length)
+    return Workload(
+        top_k=settings.top_k,
+        depth=settings.krylov_depth,
+        chunk=settings.chunk,
+        attention_chunk=settings.attention_chunk,
+        method="rows" if exact else "lanczos",
+        per_token="off",
+        contributions=False,
+        ordinary=False,
+        extra=(functools.partial(programs, settings, exact),),
+    )
+
+
+def programs(settings: StudySettings, exact: bool, planned: Abstracts) -> Iterator[ProgramMemory]:
+    """The study's programs beyond those `study_workload` names: the contributions from
+    J's rows (exact influence), else the sampled influence and the one product J·X."""
+    jacobian = planned.jacobian
+    assert jacobian is not None
+    if exact:
+        lowered = jax.jit(contributions_from_rows).lower(planned.rows, jacobian.inputs)
+        yield program_memory("length study: contributions", lowered, planned.held)
+        return
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    samples, chunk = settings.influence_samples, settings.chunk
+    lowered = _sampled_token_norms.lower(jacobian, key, samples, chunk)
+    yield program_memory("length study: sampled influence", lowered, planned.held)
+    lowered = jax.jit(DetachedJacobian.matvec).lower(jacobian, jacobian.inputs)
+    yield program_memory("length study: J·X", lowered, planned.held)
 
 
 # ----------------------------------------------------------------------------- derived quantities
@@ -517,10 +553,9 @@ def plan_lengths(
         elif config.max_positions is not None and length > config.max_positions:
             reason = f"the model has only {config.max_positions} positions"
         else:
-            try:
-                require_memory(_memory_estimate(config, length, dtype, settings), f"length {length}")
-            except InsufficientMemoryError as error:
-                reason = str(error)
+            # Every process keeps the same lengths (`jaxlin.memory.refusal_everywhere`).
+            estimate = _memory_estimate(config, length, dtype, settings)
+            reason = refusal_everywhere(shortfall(estimate), f"length {length}")
         if reason is None:
             kept.append(length)
         else:

@@ -1,14 +1,17 @@
 """An up-front estimate of what an analysis needs, so an input too long for memory is
-refused with a number instead of dying mid-run."""
+refused with a number instead of dying mid-run — by every process of a run together
+(`refusal_everywhere`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 
 from jaxlin._config import ModelConfig
+from jaxlin.distributed import from_every_process
 from jaxlin.errors import JaxlinError
 
 
@@ -80,10 +83,57 @@ def total_bytes() -> int | None:
     return _device_bytes(free=False)
 
 
-def require_memory(estimate: int, what: str, fraction: float = 0.9) -> None:
+ADVICE = "use a shorter input, a smaller analysis.chunk, or a machine with more memory"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shortfall:
+    """What a step needs (bytes, this process's device) beyond what is free there."""
+
+    need: int
+    free: int
+
+    def error(self, what: str) -> InsufficientMemoryError:
+        return InsufficientMemoryError(
+            f"{what} needs about {_gib(self.need)} but only {_gib(self.free)} is available; {ADVICE}"
+        )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+def shortfall(estimate: int, fraction: float = 0.9) -> Shortfall | None:
+    """None when `estimate` fits in `fraction` of the default device's free memory (or
+    when that cannot be known)."""
     free = available_bytes()
     if free is not None and estimate > fraction * free:
-        raise InsufficientMemoryError(
-            f"{what} needs about {estimate / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is available; "
-            "use a shorter input, a smaller analysis.chunk, or a machine with more memory"
-        )
+        return Shortfall(estimate, free)
+    return None
+
+
+def refusal_everywhere(short: Shortfall | None, what: str) -> str | None:
+    """The message every process of the run refuses `what` with when any process's own
+    check fell short (`short` is this process's), else None: each process checks its own
+    device, and a process that refused alone would leave the others waiting for it in
+    their next collective. A collective (`jaxlin.distributed.from_every_process`): every
+    process calls it at the same point."""
+    verdicts = from_every_process(
+        [short is not None, *((-(-short.need // 2**20), short.free // 2**20) if short else (0, 0))]
+    )
+    if short is not None:
+        return str(short.error(what))
+    for process, (refused, need, free) in enumerate(verdicts):
+        if refused:
+            return (
+                f"process {process} of {len(verdicts)}: {what} needs about {_gib(need * 2**20)} but only "
+                f"{_gib(free * 2**20)} is available on its device; {ADVICE}"
+            )
+    return None
+
+
+def require_everywhere(short: Shortfall | None, what: str) -> None:
+    """Refuse `what` in every process when any process is short (`refusal_everywhere`)."""
+    message = refusal_everywhere(short, what)
+    if message is not None:
+        raise InsufficientMemoryError(message)

@@ -10,8 +10,17 @@ residuals stay resident. So the peak is
                   each analysis: J's residuals + its outputs + temporaries)
 
 (arguments of a program are already resident: the weights, J, small vectors). This is
-what XLA will allocate, not a calibration: `benchmarks/memory_scaling.py` compares it
+what XLA will allocate, not a calibration: `benchmarks/plan_accuracy.py` compares it
 with the measured peak resident memory.
+
+Beyond the programs on J (`Workload`), each enabled analysis that compiles programs of
+its own plans them itself (`Analysis.programs`, `RunAnalysis.programs`: the layer
+sweep's tap linearizations and spectra, the ablation's edited forwards, the Hutchinson
+pass, the focus block, steering's concept Jacobian and greedy step, a length study's
+prefixes), lowered with the same abstract arrays (`Abstracts`) and each with what it finds
+held: J's residuals, J's rows while the analyses that read them run, the ordinary
+Jacobian once made, a previous tap's J. `jaxlin run` plans on its own mesh
+(`runner.check_memory`), and every process of a run refuses when one does.
 
 On a data × fsdp × tensor mesh (`jaxlin.mesh`) the abstract weights carry the shardings
 its rules give them, the programs are partitioned as a run's are, and every size is one
@@ -32,7 +41,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -43,6 +52,7 @@ from jaxlin._modules import Transformer
 from jaxlin._policy import FreezePolicy
 from jaxlin.jacobian import DEFAULT_ATTENTION_CHUNK, DetachedJacobian, _linearize, _resolve_params
 from jaxlin.mesh import MESH_AXES, input_sharding, make_mesh, param_specs
+from jaxlin.model import Tap
 
 Abstract = jax.ShapeDtypeStruct
 MeshSizes = dict[str, int]  # axis → size (jaxlin.mesh's data × fsdp × tensor); an axis left out is 1
@@ -77,6 +87,11 @@ class Workload:
     per_token_rank: int = 64
     contributions: bool = True
     ordinary: bool = False  # the ordinary Jacobian's contributions (a second linearization, dense attention)
+    # The input's own J and the programs above; False: only `extra` (the whole run's analyses).
+    linearize: bool = True
+    # The enabled analyses' own programs, each source planned by its analysis module
+    # (`Analysis.programs`, `RunAnalysis.programs`), in run order.
+    extra: tuple[ProgramSource, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +124,7 @@ class Plan:
     @property
     def peak(self) -> int:
         """Per-device peak: weights + the largest program on top of what it finds resident."""
-        return self.weights + max(program.held + program.transient for program in self.programs)
+        return self.weights + max((program.held + program.transient for program in self.programs), default=0)
 
     @property
     def above_weights(self) -> int:
@@ -185,8 +200,12 @@ def nbytes(tree: Any) -> int:
     return sum(_leaf_bytes(leaf) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def _memory(name: str, lowered: Any, held: int = 0) -> ProgramMemory:
-    return _compiled_memory(name, lowered.compile(), held)
+def program_memory(name: str, program: Any, held: int = 0) -> ProgramMemory:
+    """The memory analysis of a lowered (`jit(f).lower(...)`) or compiled program, with
+    `held` bytes resident beside the weights while it runs (what it is given that is
+    neither a weight nor already counted: J's residuals, rows an earlier program made)."""
+    compiled = program.compile() if isinstance(program, jax.stages.Lowered) else program
+    return _compiled_memory(name, compiled, held)
 
 
 def _compiled_memory(name: str, compiled: Any, held: int = 0) -> ProgramMemory:
@@ -201,37 +220,120 @@ def _compiled_memory(name: str, compiled: Any, held: int = 0) -> ProgramMemory:
     )
 
 
-def _analysis_programs(
-    jacobian: DetachedJacobian, config: ModelConfig, work: Workload
-) -> Iterator[tuple[str, Callable[[], Any]]]:
-    """(name, lower) for each program the analysis runs on J, in run order."""
+@dataclasses.dataclass(frozen=True)
+class Abstracts:
+    """The run's arrays as a plan sees them (shapes, dtypes and, on a mesh, the shardings
+    a run's arrays get): what an analysis's planning hook lowers its programs with."""
+
+    config: ModelConfig
+    params: Any  # the abstract weights (on a mesh: with the shardings of `jaxlin.mesh`'s rules)
+    inputs: Abstract  # X (N, d)
+    jacobian: DetachedJacobian | None  # J at X (weights resolved); None when only `extra` is planned
+    held: int  # bytes resident beside the weights when a program starts: J's own residuals, …
+    mesh: Any
+    # J's d rows (d, N, d) while the analyses that read them run (the run's `Context.rows`),
+    # and the ordinary Jacobian once made: an analysis planned after them finds them held.
+    rows: Abstract | None = None
+    ordinary: DetachedJacobian | None = None
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.inputs.dtype)
+
+    def embeddings(self, tokens: int) -> Abstract:
+        """An input of `tokens` embedding rows, placed as X is."""
+        return self.inputs.update(shape=(tokens, self.config.hidden_size))
+
+    def replicated(self, shape: tuple[int, ...], dtype: Any) -> Abstract:
+        """A small array every device holds whole (token ids, scalars, vectors)."""
+        whole = jax.sharding.PartitionSpec()
+        sharding = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, whole)
+        return Abstract(shape, dtype, sharding=sharding)
+
+    def without_rows(self) -> Abstracts:
+        """What an analysis after the last one that reads J's rows finds: the runner has
+        dropped them."""
+        if self.rows is None:
+            return self
+        return dataclasses.replace(self, rows=None, held=self.held - nbytes(self.rows))
+
+    def linearization(
+        self,
+        inputs: Abstract,
+        block: int | None,
+        tap: Tap | None = None,
+        policy: FreezePolicy = FreezePolicy.DETACHED,
+        name: str = "linearize",
+        held: int = 0,
+    ) -> tuple[ProgramMemory, DetachedJacobian, int]:
+        """The linearizing program at `inputs` (`jaxlin.jacobian._linearize`), the abstract
+        J it returns and that J's own residuals in bytes: its outputs, where the weights
+        are `ParamRef`s — so whatever it copies (a tap's layer weights) counts, and what it
+        refers to does not. On a mesh, each output as the partitioner placed it."""
+        compiled = _linearize.lower(self.params, inputs, self.config, policy, block, tap).compile()
+        out = jax.eval_shape(_linearize, self.params, inputs, self.config, policy, block, tap)
+        if self.mesh is not None:
+            out = jax.tree_util.tree_map(lambda a, s: a.update(sharding=s), out, compiled.output_shardings)
+        jacobian = dataclasses.replace(out, linear=_resolve_params(out.linear, self.params))
+        return _compiled_memory(name, compiled, held), jacobian, nbytes(out)
+
+
+# What an analysis module plans: its programs, lowered with the run's abstract arrays.
+ProgramSource = Callable[[Abstracts], Iterable[ProgramMemory]]
+
+
+def _jacobian_programs(planned: Abstracts, work: Workload) -> tuple[list[ProgramMemory], Abstracts]:
+    """The programs the analysis runs on J, in run order, and what the analyses after them
+    find: J's rows while the analyses that read them run, and the ordinary Jacobian, kept
+    once made (`Context.ordinary`)."""
     from jaxlin import operator, spectral
 
-    d = config.hidden_size
+    jacobian, held, d = planned.jacobian, planned.held, planned.config.hidden_size
+    assert jacobian is not None
     wide = jnp.promote_types(jacobian.output.dtype, jnp.float32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     need_rows = work.method == "rows" or work.per_token == "exact"
+    programs: list[ProgramMemory] = []
+    dense, dense_held = None, held
     if need_rows:
         identity = Abstract((d, d), jacobian.dtype)
         dense = jax.eval_shape(operator._rows, jacobian, identity, work.chunk)
-        yield "rows", lambda: operator._rows.lower(jacobian, identity, work.chunk)
+        programs.append(program_memory("rows", operator._rows.lower(jacobian, identity, work.chunk), held))
+        dense_held = held + nbytes(dense)  # the rows stay while the programs that read them run
     if work.method == "rows":
-        yield "top_k from rows", lambda: spectral._rows_top_k.lower(dense, work.top_k)
+        lowered = spectral._rows_top_k.lower(dense, work.top_k)
+        programs.append(program_memory("top_k from rows", lowered, dense_held))
     else:
         depth = min(d, work.depth or max(3 * work.top_k + 24, 48))
         chunk = min(work.chunk, work.top_k)
-        yield "lanczos", lambda: spectral.lanczos_top_k.lower(jacobian, key, work.top_k, depth, chunk)
+        lowered = spectral.lanczos_top_k.lower(jacobian, key, work.top_k, depth, chunk)
+        programs.append(program_memory("lanczos", lowered, dense_held))
     if work.contributions and not need_rows:
-        yield "contributions", lambda: operator._contributions.lower(jacobian, work.chunk)
+        lowered = operator._contributions.lower(jacobian, work.chunk)
+        programs.append(program_memory("contributions", lowered, held))
     if work.per_token == "exact":
         basis = Abstract((d, d), wide)
-        yield "per-token", lambda: spectral.per_token_from_rows.lower(dense, basis, work.per_token_top_k)
+        lowered = spectral.per_token_from_rows.lower(dense, basis, work.per_token_top_k)
+        programs.append(program_memory("per-token", lowered, dense_held))
     elif work.per_token == "projected":
         basis = Abstract((work.per_token_rank, d), jacobian.dtype)
         projected = jax.eval_shape(operator._rows, jacobian, basis, work.chunk)
-        yield "per-token rows", lambda: operator._rows.lower(jacobian, basis, work.chunk)
+        lowered = operator._rows.lower(jacobian, basis, work.chunk)
+        programs.append(program_memory("per-token rows", lowered, dense_held))
         wide_basis, k = basis.update(dtype=wide), work.per_token_top_k
-        yield "per-token", lambda: spectral.per_token_from_rows.lower(projected, wide_basis, k)
+        lowered = spectral.per_token_from_rows.lower(projected, wide_basis, k)
+        programs.append(program_memory("per-token", lowered, dense_held + nbytes(projected)))
+    after = dataclasses.replace(planned, rows=dense, held=dense_held)
+    if work.ordinary:
+        # The ordinary Jacobian is only comparable with dense attention (see `target_function`).
+        second, ordinary, ordinary_held = planned.linearization(
+            planned.inputs, None, policy=FreezePolicy.ORDINARY, name="ordinary linearize", held=dense_held
+        )
+        lowered = operator._contributions.lower(ordinary, work.chunk)
+        contributions = program_memory("ordinary contributions", lowered, dense_held + ordinary_held)
+        programs += [second, contributions]
+        after = dataclasses.replace(after, ordinary=ordinary, held=dense_held + ordinary_held)
+    return programs, after
 
 
 def plan(
@@ -256,39 +358,36 @@ def _plan(
     params = abstract_params(config, dtype, mesh, quantized)
     sharding = input_sharding(mesh) if mesh is not None else None
     inputs = Abstract((tokens, config.hidden_size), dtype, sharding=sharding)
-
-    def linearization(policy: FreezePolicy, chunk: int | None) -> tuple[ProgramMemory, DetachedJacobian, int]:
-        compiled = _linearize.lower(params, inputs, config, policy, chunk, None).compile()
-        program = _compiled_memory("linearize", compiled)
-        # What J holds itself: the program's outputs, where the weights are `ParamRef`s
-        # (on a mesh, each output as the partitioner placed it).
-        out = jax.eval_shape(_linearize, params, inputs, config, policy, chunk, None)
-        if mesh is not None:
-            out = jax.tree_util.tree_map(lambda a, s: a.update(sharding=s), out, compiled.output_shardings)
-        jacobian = dataclasses.replace(out, linear=_resolve_params(out.linear, params))
-        return program, jacobian, nbytes(out)
-
-    first, jacobian, held = linearization(FreezePolicy.DETACHED, work.attention_chunk)
-    programs = [first]
-    for name, lower in _analysis_programs(jacobian, config, work):
-        programs.append(_memory(name, lower(), held))
-    if work.ordinary:
-        from jaxlin import operator
-
-        # The ordinary Jacobian is only comparable with dense attention (see `target_function`).
-        second, ordinary, ordinary_held = linearization(FreezePolicy.ORDINARY, None)
-        programs.append(dataclasses.replace(second, name="ordinary linearize", held=held))
-        lowered = operator._contributions.lower(ordinary, work.chunk)
-        programs.append(_memory("ordinary contributions", lowered, held + ordinary_held))
+    planned = Abstracts(config, params, inputs, None, 0, mesh)
+    programs: list[ProgramMemory] = []
+    jacobian_held = 0
+    if work.linearize:
+        first, jacobian, jacobian_held = planned.linearization(inputs, work.attention_chunk)
+        held = jacobian_held
+        planned = dataclasses.replace(planned, jacobian=jacobian, held=held)
+        on_jacobian, planned = _jacobian_programs(planned, work)
+        programs += [first, *on_jacobian]
+    for source in work.extra:
+        programs += source(planned)
     sizes = tuple(mesh.shape.items()) if mesh is not None else ()
     label = quantized if quantized is None or isinstance(quantized, str) else GGUF_OWN_LAYOUTS
-    return Plan(tokens, dtype.name, nbytes(params), held, tuple(programs), sizes, label)
+    return Plan(tokens, dtype.name, nbytes(params), jacobian_held, tuple(programs), sizes, label)
 
 
-def workload(options: Any) -> Workload:
-    """The `Workload` of a run config's `analysis` section."""
+def workload(options: Any, analyses: Sequence[Any] = (), whole_run: Sequence[ProgramSource] = ()) -> Workload:
+    """The `Workload` of a run config's `analysis` section: the programs on J it decides,
+    the own programs of `analyses` (the enabled `jaxlin.analyses.Analysis` entries, in run
+    order), then `whole_run`'s (the run analyses' sources, `run_sources`)."""
+    from jaxlin.analyses.base import last_row_user
+
     per_token = options.per_token
     rows = options.method == "dense" or (options.method == "auto" and per_token.method == "exact")
+    last = last_row_user(analyses)
+    own = tuple(
+        _analysis_source(analysis, options, index <= last)
+        for index, analysis in enumerate(analyses)
+        if analysis.programs
+    )
     return Workload(
         top_k=options.top_k,
         depth=options.krylov_depth,
@@ -299,7 +398,37 @@ def workload(options: Any) -> Workload:
         per_token_top_k=per_token.top_k,
         per_token_rank=per_token.rank,
         ordinary=options.ordinary_jacobian,
+        extra=own + tuple(whole_run),
     )
+
+
+def _analysis_source(analysis: Any, options: Any, rows_kept: bool) -> ProgramSource:
+    """An input analysis's programs, finding J's rows held only when the runner still
+    keeps them for it (it drops them after the last analysis that reads them)."""
+
+    def programs(planned: Abstracts) -> Iterable[ProgramMemory]:
+        return analysis.programs(options, planned if rows_kept else planned.without_rows())
+
+    return programs
+
+
+def run_sources(config: Any, tokens_of: Callable[[str], int]) -> tuple[ProgramSource, ...]:
+    """The own programs of the run config's enabled whole-run analyses (steering), whose
+    prompts take `tokens_of(text)` tokens."""
+    from jaxlin.analyses import RUN_ANALYSES
+
+    return tuple(
+        functools.partial(analysis.programs, config, tokens_of)
+        for analysis in RUN_ANALYSES
+        if analysis.programs and analysis.enabled(config)
+    )
+
+
+def token_bound(text: str) -> int:
+    """At most how many tokens `text` takes, without its tokenizer: every token of a
+    byte-level BPE or SentencePiece vocabulary spans at least one UTF-8 byte, plus BOS,
+    EOS and SentencePiece's dummy prefix."""
+    return len(text.encode("utf-8")) + 3
 
 
 def mesh_label(sizes: MeshSizes) -> str:
@@ -317,11 +446,12 @@ def describe(planned: Plan, limit: int | None) -> str:
     lines = [
         f"{planned.tokens} tokens, {planned.dtype}{placement}: {weights}{gib(planned.weights)}, "
         f"J's own residuals {gib(planned.jacobian)}",
-        f"  {'program':<24}{'held':>12}{'outputs':>12}{'temporaries':>12}",
     ]
+    width = max([24, *(len(program.name) + 2 for program in planned.programs)])
+    lines.append(f"  {'program':<{width}}{'held':>12}{'outputs':>12}{'temporaries':>12}")
     for program in planned.programs:
         lines.append(
-            f"  {program.name:<24}{gib(program.held)}{gib(program.outputs)}{gib(program.temporaries)}"
+            f"  {program.name:<{width}}{gib(program.held)}{gib(program.outputs)}{gib(program.temporaries)}"
         )
     verdict = "" if limit is None else (" — fits" if planned.peak <= limit else " — does NOT fit")
     device = "" if limit is None else f" of {gib(limit).strip()} per device"
@@ -518,8 +648,10 @@ def plan_run(
     alone: no weight is read (`jaxlin.model_source`). On the config's `mesh:` if it has
     one; then the smallest mesh of up to `devices` (default: those present) whose peak fits
     `device_memory` (default: the default device's memory)."""
+    from jaxlin.analyses import INPUT_ANALYSES
     from jaxlin.analyses.certificate import compares_ordinary
     from jaxlin.errors import JaxlinError
+    from jaxlin.length_study import StudySettings, study_workload
     from jaxlin.loading import enable_dtype
     from jaxlin.memory import total_bytes
     from jaxlin.model_source import read_planning_config
@@ -550,8 +682,14 @@ def plan_run(
 
     plans, searches = [], []
     for n in tokens:
-        # As the run decides: the ordinary Jacobian only for inputs short enough for it.
-        work = dataclasses.replace(workload(config.analysis), ordinary=compares_ordinary(config.analysis, n))
+        # As the run decides: the ordinary Jacobian only for inputs short enough for it, the
+        # analyses enabled for n tokens, the whole run's with prompts of at most
+        # `token_bound` tokens (their tokenizer is not read).
+        enabled = [analysis for analysis in INPUT_ANALYSES if analysis.enabled(config.analysis, n)]
+        work = workload(config.analysis, enabled, run_sources(config, token_bound))
+        work = dataclasses.replace(work, ordinary=compares_ordinary(config.analysis, n))
+        if config.length_study is not None:  # a study's prefix of n tokens instead
+            work = study_workload(StudySettings.from_config(config, "study"), n)
         plan_on = plans_by_mesh(model, n, dtype, work, planned_layouts)
         plans.append(plan_on(configured))
         searches.append(

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,14 +18,15 @@ from jaxlin import model as model_fns
 from jaxlin._config import ModelConfig
 from jaxlin._policy import FreezePolicy
 from jaxlin.analyses import INPUT_ANALYSES, RUN_ANALYSES, Analysis, Context, Result, Timer
+from jaxlin.analyses.base import last_row_user
 from jaxlin.distributed import to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import Products, linearize
 from jaxlin.loading import LoadedModel
-from jaxlin.memory import InsufficientMemoryError, linearization_bytes, product_bytes, require_memory
+from jaxlin.memory import linearization_bytes, product_bytes, require_everywhere, shortfall
 from jaxlin.operator import rows
 from jaxlin.outputs import RunKind, staged_directory, write_npz_atomic
-from jaxlin.plan import plan, workload
+from jaxlin.plan import Plan, Workload, plan, run_sources, workload
 from jaxlin.plots import write_figures
 from jaxlin.record import parse_record, write_record
 from jaxlin.report import render_report
@@ -60,22 +62,58 @@ PLAN_OVERHEAD_BYTES = 2**29
 def check_memory(
     config: ModelConfig, n: int, dtype: Any, options: AnalysisSection, analyses: Sequence[Analysis]
 ) -> None:
-    """Refuse up front what cannot fit. The formula (`memory_estimate`) is conservative and
-    free; only when it says no are the run's programs compiled with abstract weights and
-    their memory analysis read (`jaxlin.plan`), which decides."""
-    what = f"the analysis of {n} tokens"
-    try:
-        require_memory(memory_estimate(config, n, dtype, options, analyses), what)
-    except InsufficientMemoryError:
-        planned = plan(config, n, dtype, workload(options))
+    """Refuse up front what cannot fit: the analysis of one input — the programs on its J
+    and the enabled analyses' own (`Analysis.programs`)."""
+
+    def planned() -> Plan:
+        return plan(config, n, dtype, workload(options, analyses), run_mesh())
+
+    # What the analyses keep, and (conservatively, all at once) their own programs' peaks.
+    estimate = memory_estimate(config, n, dtype, options, analyses)
+    formulas = [analysis.program_bytes for analysis in analyses if analysis.program_bytes]
+    estimate += sum(formula(config, n, dtype, options) for formula in formulas)
+    _check(f"the analysis of {n} tokens", estimate, planned)
+
+
+def check_run_memory(loaded: LoadedModel, config: RunConfig) -> None:
+    """Refuse up front what the run's whole-run analyses (steering) cannot fit: they run
+    after the inputs' analyses, with no input's J held, on prompts of their own."""
+    analyses = [analysis for analysis in RUN_ANALYSES if analysis.enabled(config) and analysis.programs]
+    if not analyses:
+        return
+    model = loaded.model
+
+    def tokens_of(text: str) -> int:
+        return len(tokenize(loaded.tokenizer, text, config.add_bos))
+
+    def planned() -> Plan:
+        work = Workload(linearize=False, extra=run_sources(config, tokens_of))
+        return plan(model.config, 0, model.dtype, work, run_mesh())
+
+    formulas = [analysis.program_bytes for analysis in analyses if analysis.program_bytes]
+    estimate = sum(formula(config, model.config, model.dtype, tokens_of) for formula in formulas)
+    names = ", ".join(analysis.name for analysis in analyses)
+    _check(names, estimate, planned)
+
+
+def run_mesh() -> jax.sharding.Mesh | None:
+    """The mesh the run's programs are partitioned over (`jax.set_mesh`), if any: a plan
+    is compiled on it, so its sizes are one device's as the run's are."""
+    mesh = jax.sharding.get_mesh()
+    return None if mesh.empty else mesh
+
+
+def _check(what: str, estimate: int, planned: Callable[[], Plan]) -> None:
+    """The formula (`estimate`, conservative and free) decides when it says yes; otherwise
+    the programs are compiled with abstract weights and their memory analysis read
+    (`jaxlin.plan`), which decides. Every process of a run decides for its own device and
+    all refuse together when one does (`jaxlin.memory.require_everywhere`)."""
+    short = shortfall(estimate)
+    if short is not None:
+        what += " (compiled programs' plan)"
         # The weights are already resident: only what the programs add must fit.
-        require_memory(planned.above_weights + PLAN_OVERHEAD_BYTES, what + " (compiled programs' plan)")
-
-
-def _last_row_user(analyses: Sequence[Analysis]) -> int:
-    """Index of the last analysis that reads J's rows (-1: none): they are dropped after it,
-    since they are the run's largest array and later ones (the layer sweep) need memory."""
-    return max((i for i, analysis in enumerate(analyses) if analysis.uses_rows), default=-1)
+        short = shortfall(planned().above_weights + PLAN_OVERHEAD_BYTES)
+    require_everywhere(short, what)
 
 
 def analyse(
@@ -109,10 +147,10 @@ def analyse(
         )
         if keep_rows:
             context.rows = rows(jacobian, None, options.chunk, products)
-    last_row_user = _last_row_user(analyses)
+    last = last_row_user(analyses)
     for index, analysis in enumerate(analyses):
         context.results.append(analysis.run(jacobian, context))
-        if index == last_row_user:
+        if index == last:
             context.rows = None
 
     summary: dict[str, Any] = {

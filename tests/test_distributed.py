@@ -266,3 +266,52 @@ def test_several_processes_do_not_resume_an_unfinished_output(tmp_path, monkeypa
         pass
     assert outputs.run_kind(tmp_path / "many") == "many"  # left as it was
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many"]
+
+
+# Process `argv[2]` of the run sees a device with no free memory, the others as it is.
+SHORT_OF_MEMORY = """
+import sys
+from jaxlin import memory
+from jaxlin.cli import main
+config, short = sys.argv[1], sys.argv[2] == "1"
+if short:
+    memory.available_bytes = lambda: 2**20
+sys.exit(main(["run", config, "--quiet"]))
+"""
+
+
+def test_a_process_short_of_memory_stops_every_process(tmp_path, tiny_model_dir):
+    """Each process checks its own device's memory before the analysis; when only process
+    1's check fails, both exit with one line and status 2 — process 0 naming process 1 —
+    instead of process 0 waiting for it in the first collective."""
+    import time
+
+    data = tiny_run_config(tmp_path, tiny_model_dir("gemma3_sliding"))
+    data["analysis"]["ordinary_jacobian"] = False
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    configs = process_configs(tmp_path, data, 2)
+    start = time.monotonic()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHORT_OF_MEMORY, str(config), str(index)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for index, config in enumerate(configs)
+    ]
+    try:
+        (zero, one) = [(p.communicate(timeout=180)[1], p.returncode)[::-1] for p in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert zero[0] == 2 and one[0] == 2, (zero, one)
+    assert one[1].strip().splitlines()[-1].startswith("jaxlin: error: the analysis of "), one[1]
+    assert "(compiled programs' plan)" in one[1]
+    assert zero[1].strip().splitlines()[-1].startswith("jaxlin: error: process 1 of 2: the analysis of"), zero
+    assert time.monotonic() - start < 120
+    assert not (tmp_path / "run").exists()

@@ -374,3 +374,288 @@ def test_smallest_mesh_fits_and_its_smaller_neighbours_do_not(tiny_model_dir):
     assert weights[(1, 1, 1)] == found["one_weights"] == weights[(2, 1, 1)] == weights[(4, 1, 1)]
     assert weights[(1, 2, 2)] < weights[(1, 2, 1)] < weights[(1, 1, 1)]
     assert found["found_weights"] == weights[mesh]
+
+
+# ----------------------------------------------------------------- the analyses' own programs
+
+
+def programs_named(planned, prefix: str) -> dict[str, object]:
+    return {p.name: p for p in planned.programs if p.name.startswith(prefix)}
+
+
+def compiled_sizes(compiled) -> tuple[int, int]:
+    stats = compiled.memory_analysis()
+    return int(stats.output_size_in_bytes), int(stats.temp_size_in_bytes)
+
+
+def test_the_layer_sweep_and_ablation_are_planned_as_they_compile(tiny_model_dir):
+    """With the layer sweep and ablation enabled the plan lists their programs; each
+    planned size is what the run's own program, compiled with the real weights and input,
+    allocates; a cumulative tap's J holds what a real one holds (no more than the whole
+    J: it refers to the weights); and the plan's peak is at least the plan's without them."""
+    from jaxlin._policy import FreezePolicy
+    from jaxlin.analyses import INPUT_ANALYSES
+    from jaxlin.analyses.ablation import _ablate, edits_at_once
+    from jaxlin.jacobian import _linearize
+    from jaxlin.model import Tap
+    from jaxlin.plan import workload
+    from jaxlin.run_config import AnalysisSection
+
+    model = load_hf_model(tiny_model_dir("llama_gqa_untied"), jnp.float64)
+    config, n = model.config, len(TOKENS)
+    options = AnalysisSection(
+        top_k=2,
+        chunk=4,
+        ablation=True,
+        per_token={"method": "off"},
+        layers={"enabled": True, "kinds": ["mlp"]},
+    )
+    enabled = [analysis for analysis in INPUT_ANALYSES if analysis.enabled(options, n)]
+    assert {analysis.name for analysis in enabled} >= {"layers", "ablation"}
+    with_them = plan(config, n, jnp.float64, workload(options, enabled))
+    without = plan(config, n, jnp.float64, workload(options))
+    assert not programs_named(without, "layers") and not programs_named(without, "ablation")
+    layers = programs_named(with_them, "layers cumulative mlp")
+    assert list(layers) == [
+        "layers cumulative mlp: linearize",
+        "layers cumulative mlp: rows",  # J's rows fit: the sweep's rows path
+        "layers cumulative mlp: spectrum",
+        "layers cumulative mlp: certificate",
+    ]
+    assert with_them.peak >= without.peak and with_them.weights == without.weights
+    # The free check before any compiling counts their programs, conservatively.
+    from jaxlin import runner
+
+    own = {a.name: a.program_bytes(config, n, jnp.float64, options) for a in enabled if a.program_bytes}
+    assert own["ablation"] > 0 and own["layers"] > 0
+    formula = runner.memory_estimate(config, n, jnp.float64, options, enabled) + sum(own.values())
+    assert formula >= with_them.above_weights
+
+    inputs = model_fns.embed(config, model.params, jnp.asarray(TOKENS))
+    tap = Tap(0, "mlp", options.layers.final_norm)
+    real = _linearize.lower(model.params, inputs, config, FreezePolicy.DETACHED, 256, tap).compile()
+    planned = layers["layers cumulative mlp: linearize"]
+    assert (planned.outputs, planned.temporaries) == compiled_sizes(real)
+    # Held while it runs: the input's J, the ordinary J (kept once the certificate made it)
+    # and the previous tap's J, each as large as a real one.
+    tap_jacobian = linearize(model.params, inputs, config, tap=tap)
+    ordinary = linearize(model.params, inputs, config, FreezePolicy.ORDINARY, None)
+    input_held = with_them.jacobian + own_bytes(ordinary, model.params)
+    assert planned.held == input_held + own_bytes(tap_jacobian, model.params)
+    assert own_bytes(tap_jacobian, model.params) <= with_them.jacobian  # no weight copy (model.tap_values)
+
+    jacobian = linearize(model.params, inputs, config)
+    contributions = jnp.zeros_like(inputs)
+    token, chunk = jnp.asarray(0), edits_at_once(options, n)
+    ids = jnp.asarray(TOKENS, jnp.int32)
+    real = _ablate.lower(model.params, ids, jacobian.output, contributions, token, config, chunk).compile()
+    ablation = with_them.programs[[p.name for p in with_them.programs].index("ablation: edited forwards")]
+    assert (ablation.outputs, ablation.temporaries) == compiled_sizes(real)
+    assert ablation.held == input_held + contributions.nbytes
+
+
+def test_analyses_after_the_last_row_reader_are_planned_without_the_rows():
+    """As the runner drops J's rows after the last analysis that reads them, the planner
+    plans the analyses after it without them (and the ones up to it with them)."""
+    from jaxlin.analyses.base import Analysis
+    from jaxlin.plan import Abstracts, workload
+    from jaxlin.run_config import AnalysisSection
+
+    seen = []
+
+    def programs(options, planned):
+        seen.append((planned.rows is not None, planned.held))
+        return ()
+
+    def analysis(name: str, uses_rows: bool) -> Analysis:
+        return Analysis(name, run=None, uses_rows=uses_rows, programs=programs)
+
+    order = [analysis("a", False), analysis("reads", True), analysis("after", False)]
+    rows = jax.ShapeDtypeStruct((4, 3, 4), jnp.float64)
+    planned = Abstracts(None, None, None, None, 1000 + nbytes(rows), None, rows=rows)
+    for source in workload(AnalysisSection(), order).extra:
+        source(planned)
+    assert seen == [(True, 1384), (True, 1384), (False, 1000)]
+
+
+def test_a_program_planned_larger_compiles_larger(tiny_model_dir):
+    """The ablation's forwards, 2 edited inputs at a time against all at once (on a tiny
+    input not the smaller, as it happens): the plan says which is larger, and the real
+    programs (real weights, real input) agree, byte for byte."""
+    from jaxlin.analyses import ablation
+    from jaxlin.plan import workload
+    from jaxlin.run_config import AnalysisSection
+
+    model = load_hf_model(tiny_model_dir("llama_gqa_untied"), jnp.float64)
+    config, n = model.config, len(TOKENS)
+    inputs = model_fns.embed(config, model.params, jnp.asarray(TOKENS))
+    jacobian = linearize(model.params, inputs, config)
+    planned, real = {}, {}
+    for chunk in (2, 64):
+        options = AnalysisSection(chunk=chunk, ablation=True, ordinary_jacobian=False)
+        whole = plan(config, n, jnp.float64, workload(options, [ablation.ANALYSIS]))
+        (program,) = programs_named(whole, "ablation").values()
+        planned[chunk] = program.transient
+        arguments = (jnp.asarray(TOKENS, jnp.int32), jacobian.output, jnp.zeros_like(inputs), jnp.asarray(0))
+        chunked = ablation.edits_at_once(options, n)
+        real[chunk] = sum(
+            compiled_sizes(ablation._ablate.lower(model.params, *arguments, config, chunked).compile())
+        )
+    larger, smaller = sorted(planned, key=planned.get, reverse=True)
+    assert planned[larger] > planned[smaller] and real[larger] > real[smaller]
+    assert planned == real
+
+
+def test_plan_command_lists_the_enabled_analyses_programs(tiny_model_dir, tmp_path, capsys):
+    from test_cli import tiny_run_config, write_config
+
+    from jaxlin.cli import main
+
+    data = tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    data["analysis"].update(
+        ablation=True, ordinary_jacobian=False, layers={"enabled": True, "kinds": ["attention"]}
+    )
+    data["steering"] = {"enabled": True, "concept": "bridge", "prompt": "a", "max_new_tokens": 2}
+    config = write_config(tmp_path / "run.yaml", **data)
+    assert main(["plan", str(config), "--tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "linearize",
+        "ablation: edited forwards",
+        "layers cumulative attention: linearize",
+        "layers cumulative attention: spectrum",
+        "steering: linearize",
+        "steering: greedy step",
+    ):
+        assert f"  {name} " in out, name
+    assert "layers cumulative mlp" not in out and "ordinary" not in out
+
+
+def test_the_memory_check_plans_on_the_run_mesh_and_every_process_refuses_together(
+    tiny_model_dir, monkeypatch
+):
+    """`check_memory` compiles its plan on the ambient mesh; its verdict is every
+    process's: a process whose own check passes refuses, naming the process that did not,
+    and what each process sends the others is its own shortfall (MiB)."""
+    from jaxlin import memory, runner
+    from jaxlin.memory import InsufficientMemoryError
+    from jaxlin.mesh import make_mesh
+    from jaxlin.plan import Plan, ProgramMemory
+    from jaxlin.run_config import AnalysisSection
+
+    config = load_hf_model(tiny_model_dir("llama_gqa_untied"), jnp.float64).config
+    options, mib, gib = AnalysisSection(), 2**20, 2**30
+    meshes, sent = [], []
+    others = [[0, 0, 0], [0, 0, 0]]
+
+    def fake_plan(config, n, dtype, work, mesh):
+        meshes.append(mesh)
+        return Plan(n, "float64", 0, 0, (ProgramMemory("linearize", 0, 3 * mib, 0, 0),))
+
+    def fake_gather(values):
+        sent.append(list(values))
+        return np.asarray([list(values), *others[1:]])
+
+    monkeypatch.setattr(runner, "plan", fake_plan)
+    monkeypatch.setattr(runner, "PLAN_OVERHEAD_BYTES", 0)
+    monkeypatch.setattr(memory, "from_every_process", fake_gather)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 * mib)  # the formula says no
+    mesh = make_mesh({"data": 1})
+    with jax.set_mesh(mesh), pytest.raises(InsufficientMemoryError, match="compiled programs' plan"):
+        runner.check_memory(config, 11, jnp.float64, options, [])
+    assert meshes == [mesh] and sent == [[1, 3, 1]]
+    with pytest.raises(InsufficientMemoryError):
+        runner.check_memory(config, 11, jnp.float64, options, [])  # on no mesh: planned on none
+    assert meshes[-1] is None
+    # This process has room; process 1 has not: every process refuses, naming it.
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100 * gib)
+    others[1] = [1, 5 * 1024, 2 * 1024]
+    with pytest.raises(InsufficientMemoryError) as refused:
+        runner.check_memory(config, 11, jnp.float64, options, [])
+    assert str(refused.value).startswith(
+        "process 1 of 2: the analysis of 11 tokens needs about 5.0 GiB but only 2.0 GiB is available"
+    )
+    assert sent[-1] == [0, 0, 0]
+    others[1] = [0, 0, 0]
+    runner.check_memory(config, 11, jnp.float64, options, [])  # every process has room
+
+
+def test_steering_is_planned_for_its_prompts_and_refused_before_any_input(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """`jaxlin run` checks steering's own programs right after loading: planned for the
+    concept's real token count (its tokenizer's), no input's J held; refused, it is one
+    line and nothing is written."""
+    from test_cli import tiny_run_config, write_config
+
+    from jaxlin import memory, runner
+    from jaxlin.cli import main
+    from jaxlin.loading import load_model
+    from jaxlin.plan import token_bound
+    from jaxlin.tokens import tokenize
+
+    data = tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    data["steering"] = {"enabled": True, "concept": "bridge", "prompt": "a", "max_new_tokens": 2}
+    plans = []
+    monkeypatch.setattr(runner, "plan", lambda *args: plans.append(plan(*args)) or plans[-1])
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**10)
+    assert main(["run", str(write_config(tmp_path / "run.yaml", **data)), "--quiet"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loader's progress
+    assert last.startswith("jaxlin: error: steering (compiled programs' plan) needs")
+    assert not (tmp_path / "run").exists()
+    (planned,) = plans
+    assert planned.jacobian == 0 and all(p.name.startswith("steering") for p in planned.programs)
+    rows = next(p for p in planned.programs if p.name == "steering: concept rows")
+    loaded = load_model("hf", tiny_model_dir("llama_gqa_untied"), "float64", use_cache=False, progress=False)
+    concept, d = len(tokenize(loaded.tokenizer, "bridge", None)), loaded.model.config.hidden_size
+    assert rows.outputs == d * concept * d * 8 and concept < token_bound("bridge")
+
+
+def test_plan_command_plans_a_length_study_per_prefix(tiny_model_dir, tmp_path, capsys):
+    """A config with a length_study section is planned as the study measures each prefix:
+    exact influence (J's rows, their spectrum and contributions) up to max_exact_tokens,
+    sampled influence and Lanczos beyond."""
+    from test_cli import tiny_run_config, write_config
+
+    from jaxlin.cli import main
+
+    data = tiny_run_config(tmp_path, tiny_model_dir("llama_gqa_untied"))
+    del data["text"]
+    data["length_study"] = {"document": "A short document.", "lengths": [6, 12], "max_exact_tokens": 8}
+    config = write_config(tmp_path / "study.yaml", **data)
+    assert main(["plan", str(config), "--tokens", "6", "12"]) == 0
+    exact, sampled = capsys.readouterr().out.split("12 tokens")
+    for name in ("rows", "top_k from rows", "length study: contributions"):
+        assert f"  {name} " in exact and f"  {name} " not in sampled, name
+    for name in ("lanczos", "length study: sampled influence", "length study: J·X"):
+        assert f"  {name} " in sampled and f"  {name} " not in exact, name
+    assert "per-token" not in exact + sampled and "ordinary" not in exact + sampled
+
+
+def test_every_process_of_a_length_study_keeps_the_same_lengths(tiny_model_dir, monkeypatch):
+    """A length one process has no room for is skipped by every process (each would
+    otherwise run a different list of lengths, and wait for the others in a collective)."""
+    from jaxlin import memory
+    from jaxlin.length_study import StudySettings, plan_lengths
+    from jaxlin.run_config import parse_run_config
+
+    config = load_hf_model(tiny_model_dir("llama_gqa_untied"), jnp.float64).config
+    settings = StudySettings.from_config(parse_run_config({"length_study": {"lengths": [4, 8]}}), "study")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**40)  # room here
+    room_elsewhere = {4: [0, 0, 0], 8: [1, 7 * 1024, 3 * 1024]}  # process 1: none for length 8
+    asked = []
+
+    def fake_gather(values):
+        asked.append(list(values))
+        return np.asarray([list(values), room_elsewhere[4 * len(asked)]])
+
+    monkeypatch.setattr(memory, "from_every_process", fake_gather)
+    kept, skipped = plan_lengths([4, 8], 100, config, jnp.float64, settings)
+    assert kept == [4] and asked == [[0, 0, 0], [0, 0, 0]]
+    assert skipped == [
+        {
+            "length": 8,
+            "reason": "process 1 of 2: length 8 needs about 7.0 GiB but only 3.0 GiB is available on its "
+            "device; use a shorter input, a smaller analysis.chunk, or a machine with more memory",
+        }
+    ]

@@ -5,8 +5,9 @@ entries and arrays.npz entries), `run(J, context) → result`, and one `ANALYSIS
 naming when it runs, what it refuses, its memory and its use of J's rows (see
 `base.Analysis`); its config section is a field of `AnalysisSection` in
 `jaxlin.run_config`. Adding an analysis = one module + one config section + one line in
-`INPUT_ANALYSES`. The order is the order they run in: a later analysis reads earlier
-results through `context.earlier(ResultType)`."""
+`INPUT_ANALYSES` (and, when it compiles programs of its own, its `programs` hook, so
+that `jaxlin plan` and the run's memory check see them). The order is the order they
+run in: a later analysis reads earlier results through `context.earlier(ResultType)`."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -30,7 +31,9 @@ from jaxlin.analyses.certificate import CertificateResult
 from jaxlin.devices import map_in_batches
 from jaxlin.distributed import to_host
 from jaxlin.jacobian import DetachedJacobian
+from jaxlin.memory import product_bytes
 from jaxlin.model import Params
+from jaxlin.plan import Abstracts, ProgramMemory, nbytes, program_memory
 from jaxlin.run_config import AnalysisSection
 from jaxlin.tokens import token_text
 
@@ -193,6 +196,34 @@ def enabled(options: AnalysisSection, n: int) -> bool:
     return options.ablation and n > 1
 
 
+def edits_at_once(options: AnalysisSection, n: int) -> int | None:
+    """How many edited inputs go through the model together (None: all n)."""
+    chunk = min(options.chunk, 16)
+    return None if chunk >= n else chunk
+
+
+def program_bytes(config: ModelConfig, n: int, dtype: Any, options: AnalysisSection) -> int:
+    """Conservative: `edits_at_once` forwards at a time, each with dense attention
+    (`model.final_hidden`): the widest activations and every head's N × N probabilities."""
+    edits = edits_at_once(options, n) or n
+    wide = jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
+    probabilities = edits * n * n * config.num_heads * wide
+    return product_bytes(config, n, dtype, edits, None) + probabilities + n * config.hidden_size * wide
+
+
+def programs(options: AnalysisSection, planned: Abstracts) -> Iterator[ProgramMemory]:
+    """The one program of `ablate`: 2·N forwards on edited inputs, `edits_at_once` at a
+    time, while the input's J and the certificate's contributions c (N, d) are held."""
+    assert planned.jacobian is not None
+    n, d = planned.inputs.shape
+    ids = planned.replicated((n,), jnp.int32)
+    contributions = planned.replicated((n, d), planned.jacobian.dtype)
+    hidden, token = planned.jacobian.output, planned.replicated((), jnp.int32)
+    chunk = edits_at_once(options, n)
+    lowered = _ablate.lower(planned.params, ids, hidden, contributions, token, planned.config, chunk)
+    yield program_memory("ablation: edited forwards", lowered, planned.held + nbytes(contributions))
+
+
 def run(jacobian: DetachedJacobian, context: Context) -> AblationResult:
     n = len(context.ids)
     tokenizer = context.tokenizer
@@ -204,10 +235,10 @@ def run(jacobian: DetachedJacobian, context: Context) -> AblationResult:
             context.ids,
             jacobian.output,
             contributions,
-            min(context.options.chunk, 16),
+            edits_at_once(context.options, n),
         )
         record = summary(ablated, lambda i: tokenizer.decode([i]), token_text(tokenizer, context.ids))
     return AblationResult(ablated, record)
 
 
-ANALYSIS = Analysis("ablation", run, enabled=enabled)
+ANALYSIS = Analysis("ablation", run, enabled=enabled, programs=programs, program_bytes=program_bytes)

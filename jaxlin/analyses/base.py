@@ -4,14 +4,15 @@ passes from one analysis to the next, and the `Result` each returns.
 An analysis is a module holding a frozen result dataclass, a `run(J, context) → result`
 function and one `ANALYSIS = Analysis(...)` line naming what else it owns: when it is
 enabled, the requests it refuses, the memory it needs beyond the linearization, and
-whether it needs (or merely uses) J's rows."""
+whether it needs (or merely uses) J's rows, and — when it compiles programs of its own
+beyond those on the input's J (`jaxlin.plan.Workload`) — how the planner lowers them."""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -23,6 +24,7 @@ from jaxlin._policy import FreezePolicy
 from jaxlin.jacobian import DetachedJacobian, Products, linearize
 from jaxlin.loading import LoadedModel
 from jaxlin.model import Model
+from jaxlin.plan import Abstracts, ProgramMemory
 from jaxlin.run_config import AnalysisSection, RunConfig
 
 
@@ -130,7 +132,13 @@ class Analysis:
     - `memory_bytes(config, n, dtype, options)`: what it keeps beyond the linearization
       and one batch of products (the runner adds those);
     - `needs_rows(options)`: it asks for all d rows of J (the runner computes them once);
-    - `uses_rows`: it reads them when they are there (they are kept until it has run)."""
+    - `uses_rows`: it reads them when they are there (they are kept until it has run);
+    - `programs(options, abstracts)`: its own programs' memory (`jaxlin.plan.program_memory`
+      of each, lowered with the plan's abstract arrays), each with the bytes resident
+      beside the weights while it runs — the input's J included (`abstracts.held`);
+    - `program_bytes(config, n, dtype, options)`: a conservative formula of those programs'
+      peak beyond what `memory_bytes` counts (what it keeps), the free check before any
+      is compiled (`runner.check_memory`)."""
 
     name: str
     run: Callable[[DetachedJacobian, Context], Result]
@@ -139,16 +147,30 @@ class Analysis:
     memory_bytes: Callable[[ModelConfig, int, Any, AnalysisSection], int] = no_extra_memory
     needs_rows: Callable[[AnalysisSection], bool] = never_needs_rows
     uses_rows: bool = False
+    programs: Callable[[AnalysisSection, Abstracts], Iterable[ProgramMemory]] | None = None
+    program_bytes: Callable[[ModelConfig, int, Any, AnalysisSection], int] | None = None
+
+
+def last_row_user(analyses: Sequence[Analysis]) -> int:
+    """Index of the last analysis that reads J's rows (-1: none): the runner drops them
+    after it, since they are the run's largest array and later ones (the layer sweep) need
+    memory; the planner plans the analyses after it without them."""
+    return max((i for i, analysis in enumerate(analyses) if analysis.uses_rows), default=-1)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunAnalysis:
     """An analysis of the run as a whole rather than of one input (steering: it
     linearizes its own concept prompt), run once per run — after the single input's
-    analyses, or after a many-prompt run's aggregation. `step(config)` names its timed
-    step."""
+    analyses, or after a many-prompt run's aggregation, when no input's J is held.
+    `step(config)` names its timed step; `program_bytes(config, model, dtype, tokens_of)`
+    is a conservative formula of what its programs need beside the weights, and
+    `programs(config, tokens_of, abstracts)` its programs' memory as the planner reads it
+    (`tokens_of(text)`: how many tokens a prompt takes)."""
 
     name: str
     run: Callable[[LoadedModel, RunConfig], Result]
     enabled: Callable[[RunConfig], bool]
     step: Callable[[RunConfig], str]
+    program_bytes: Callable[[RunConfig, ModelConfig, Any, Callable[[str], int]], int] | None = None
+    programs: Callable[[RunConfig, Callable[[str], int], Abstracts], Iterable[ProgramMemory]] | None = None

@@ -5,15 +5,19 @@ contribution ‖c_t‖, past a leading BOS, which often acts as an attention sin
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlin.analyses.base import Analysis, Context
 from jaxlin.analyses.certificate import CertificateResult
 from jaxlin.distributed import to_host
 from jaxlin.jacobian import DetachedJacobian
-from jaxlin.operator import token_jacobian, token_jacobian_from_rows
+from jaxlin.operator import _token_jacobian, token_jacobian, token_jacobian_from_rows
+from jaxlin.plan import Abstracts, ProgramMemory, program_memory
+from jaxlin.run_config import AnalysisSection
 from jaxlin.tokens import starts_with_bos
 
 
@@ -55,4 +59,16 @@ def run(jacobian: DetachedJacobian, context: Context) -> FocusResult:
     return FocusResult(focus, to_host(focus_jacobian, np.float32), ordinary)
 
 
-ANALYSIS = Analysis("focus", run, uses_rows=True)
+def programs(options: AnalysisSection, planned: Abstracts) -> Iterator[ProgramMemory]:
+    """The focus token's Jacobian from d forward products when J's rows are not at hand,
+    and the ordinary Jacobian's when it is compared."""
+    token = planned.replicated((), jnp.int32)
+    if planned.rows is None and planned.jacobian is not None:
+        lowered = _token_jacobian.lower(planned.jacobian, token, options.chunk)
+        yield program_memory("focus: token Jacobian", lowered, planned.held)
+    if planned.ordinary is not None:
+        lowered = _token_jacobian.lower(planned.ordinary, token, options.chunk)
+        yield program_memory("focus: ordinary token Jacobian", lowered, planned.held)
+
+
+ANALYSIS = Analysis("focus", run, uses_rows=True, programs=programs)

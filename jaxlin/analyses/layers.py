@@ -8,18 +8,21 @@ own linearization (`jaxlin.layer_sweep.sweep`), its products counted with the ru
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlin._config import ModelConfig
 from jaxlin.analyses.base import Analysis, Context
 from jaxlin.decoding import decode_left_vectors, nearest_embedding_rows, right_vector_entries
 from jaxlin.jacobian import DetachedJacobian, Products
-from jaxlin.layer_sweep import LayerSpectrum, sweep
-from jaxlin.model import Params
+from jaxlin.layer_sweep import LayerSpectrum, _rows_fit, sweep
+from jaxlin.memory import linearization_bytes, product_bytes
+from jaxlin.model import Params, Tap, layer_inputs
+from jaxlin.plan import Abstracts, ProgramMemory, abstract_params, nbytes, program_memory
 from jaxlin.run_config import AnalysisSection
 
 # What a layer tap's right singular vectors are, and so what their nearest embedding rows mean.
@@ -145,4 +148,71 @@ def run(jacobian: DetachedJacobian, context: Context) -> LayersResult:
         )
 
 
-ANALYSIS = Analysis("layers", run, enabled=enabled)
+def program_bytes(config: ModelConfig, n: int, dtype: Any, options: AnalysisSection) -> int:
+    """Conservative: two taps' J at once (the sweep's previous and current), each as large
+    as the whole J's residuals plus one layer's weights (a local tap's J holds its layer's
+    slice, module docstring of `jaxlin.layer_sweep`), the tap's rows or one batch of
+    streamed products, and the local scope's layer inputs."""
+    attention_chunk = options.attention_chunk
+    embeddings = jax.ShapeDtypeStruct((n, config.hidden_size), dtype)
+    wide = jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
+    layer_weights = nbytes(abstract_params(config, dtype)["layers"]) // config.num_layers
+    tap = linearization_bytes(config, n, dtype, attention_chunk) + layer_weights
+    spectrum = (
+        config.hidden_size * n * config.hidden_size * wide
+        if _rows_fit(config, embeddings)
+        else product_bytes(config, n, dtype, options.chunk, attention_chunk)
+    )
+    inputs = config.num_layers * n * config.hidden_size * jnp.dtype(dtype).itemsize
+    return 2 * tap + spectrum + (inputs if options.layers.local else 0)
+
+
+def programs(options: AnalysisSection, planned: Abstracts) -> Iterator[ProgramMemory]:
+    """The sweep's programs (`jaxlin.layer_sweep.sweep`) per scope and tap kind: one
+    linearization per kind (the tap's layer is data: one program serves every layer), then
+    the tap's spectrum from its rows or streamed, as the sweep decides for this input.
+    While they run, the input's J stays held, and so does the previous tap's J while the
+    next one is linearized (the sweep rebinds it only once the new one exists)."""
+    from jaxlin import operator, spectral
+
+    section, config, attention_chunk = options.layers, planned.config, options.attention_chunk
+    rows_in_memory = _rows_fit(config, planned.inputs)
+    d = config.hidden_size
+    for local in [False, True] if section.local else [False]:
+        scope = "local" if local else "cumulative"
+        held = planned.held
+        if local:
+            collect = jax.jit(layer_inputs, static_argnames=("config", "attention_chunk"))
+            lowered = collect.lower(config, planned.params, planned.inputs, attention_chunk)
+            yield program_memory(f"layers {scope}: layer inputs", lowered, held)
+            held += nbytes(jax.eval_shape(collect, config, planned.params, planned.inputs, attention_chunk))
+        previous = 0  # the last tap's J, alive while the next is linearized
+        for kind in section.kinds:
+            tap = Tap(0, kind, section.final_norm, local)
+            name = f"layers {scope} {kind}"
+            linearize = f"{name}: linearize"
+            program, jacobian, tap_held = planned.linearization(
+                planned.inputs, attention_chunk, tap, name=linearize
+            )
+            previous = max(previous, tap_held)
+            yield dataclasses.replace(program, held=held + previous)
+            with_tap = held + tap_held
+            if rows_in_memory:
+                identity = jax.ShapeDtypeStruct((d, d), jacobian.dtype)
+                lowered = operator._rows.lower(jacobian, identity, options.chunk)
+                yield program_memory(f"{name}: rows", lowered, with_tap)
+                dense = jax.eval_shape(operator._rows, jacobian, identity, options.chunk)
+                with_rows = with_tap + nbytes(dense)
+                lowered = spectral._rows_top_k.lower(dense, section.top_k)
+                yield program_memory(f"{name}: spectrum", lowered, with_rows)
+                lowered = jax.jit(operator.contributions_from_rows).lower(dense, jacobian.inputs)
+                yield program_memory(f"{name}: certificate", lowered, with_rows)
+            else:
+                lowered = spectral._streamed_top_k.lower(jacobian, section.top_k, options.chunk)
+                yield program_memory(f"{name}: spectrum", lowered, with_tap)
+                lowered = operator._contributions.lower(jacobian, options.chunk)
+                yield program_memory(f"{name}: certificate", lowered, with_tap)
+            previous = tap_held
+
+
+ANALYSIS = Analysis("layers", run, enabled=enabled, programs=programs, program_bytes=program_bytes)

@@ -5,18 +5,23 @@ each token's contribution norm ‖c_t‖."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxlin._config import ModelConfig
 from jaxlin.analyses.base import Analysis, Context
 from jaxlin.analyses.certificate import CertificateResult
 from jaxlin.analyses.per_token import PerTokenResult
 from jaxlin.analyses.spectrum import SpectrumResult
 from jaxlin.distributed import to_host
 from jaxlin.jacobian import DetachedJacobian
-from jaxlin.spectral import frobenius_estimate
+from jaxlin.memory import product_bytes
+from jaxlin.plan import Abstracts, ProgramMemory, program_memory
+from jaxlin.run_config import AnalysisSection
+from jaxlin.spectral import _frobenius_estimate, frobenius_estimate
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -67,4 +72,21 @@ def run(jacobian: DetachedJacobian, context: Context) -> NormsResult:
     )
 
 
-ANALYSIS = Analysis("norms", run)
+def programs(options: AnalysisSection, planned: Abstracts) -> Iterator[ProgramMemory]:
+    """The Hutchinson estimate when the per-token blocks are not exact: every sample's
+    transposed product in one batched pass (memory ∝ samples)."""
+    if options.per_token.method != "exact":
+        assert planned.jacobian is not None
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        lowered = _frobenius_estimate.lower(planned.jacobian, key, options.frobenius_samples)
+        yield program_memory("norms: Hutchinson estimate", lowered, planned.held)
+
+
+def program_bytes(config: ModelConfig, n: int, dtype: Any, options: AnalysisSection) -> int:
+    """The Hutchinson pass: `frobenius_samples` transposed products in one batch."""
+    if options.per_token.method == "exact":
+        return 0
+    return product_bytes(config, n, dtype, options.frobenius_samples, options.attention_chunk)
+
+
+ANALYSIS = Analysis("norms", run, programs=programs, program_bytes=program_bytes)

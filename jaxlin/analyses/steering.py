@@ -15,29 +15,41 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlin import operator
 from jaxlin._config import ModelConfig
 from jaxlin._modules import Transformer
 from jaxlin.analyses.base import RunAnalysis
 from jaxlin.errors import JaxlinError
-from jaxlin.jacobian import linearize
+from jaxlin.jacobian import DEFAULT_ATTENTION_CHUNK, linearize
 from jaxlin.loading import LoadedModel
+from jaxlin.memory import linearization_bytes, product_bytes
 from jaxlin.model import Params, Tap, embed, layer_slice, module
 from jaxlin.operator import rows
+from jaxlin.plan import Abstracts, ProgramMemory, nbytes, program_memory
 from jaxlin.run_config import RunConfig, SteeringSection
 from jaxlin.tokens import tokenize
+
+# Transposed products per batch when J_S's rows are computed.
+CONCEPT_ROWS_CHUNK = 64
 
 
 def concept_jacobian(config: ModelConfig, params: Params, concept_ids: np.ndarray, layer: int) -> jax.Array:
     """J_S as (T_S, d, d) blocks: block k maps concept token k's embedding to the
     residual stream after `layer` at the last concept token."""
     inputs = embed(config, params, jnp.asarray(concept_ids))
-    dense = rows(linearize(params, inputs, config, tap=Tap(layer, "residual", final_norm=False)))
+    tap = Tap(layer, "residual", final_norm=False)
+    return concept_blocks(rows(linearize(params, inputs, config, tap=tap), chunk=CONCEPT_ROWS_CHUNK))
+
+
+def concept_blocks(dense: jax.Array) -> jax.Array:
+    """J_S's rows (d, T_S, d) as blocks (T_S, d, d)."""
     return jnp.moveaxis(dense, 1, 0)
 
 
@@ -97,12 +109,17 @@ class SteeringSetup:
     direction: jax.Array
 
 
+def steering_layer(config: ModelConfig, layer: int | None) -> int:
+    """The layer steered: the configured one, by default the one two thirds deep."""
+    return round(2 * config.num_layers / 3) - 1 if layer is None else layer
+
+
 def prepare(
     config: ModelConfig, params: Params, concept_ids: np.ndarray, layer: int | None, mode: str
 ) -> SteeringSetup:
     if mode not in ("jacobian", "singular"):
         raise ValueError(f"steering mode {mode!r} is not one of jacobian, singular")
-    layer = round(2 * config.num_layers / 3) - 1 if layer is None else layer
+    layer = steering_layer(config, layer)
     if not 0 <= layer < config.num_layers:
         raise ValueError(f"steering layer {layer} is outside 0..{config.num_layers - 1}")
     blocks = concept_jacobian(config, params, concept_ids, layer)
@@ -191,6 +208,54 @@ def enabled(config: RunConfig) -> bool:
     return config.steering.enabled
 
 
+def program_bytes(config: RunConfig, model: ModelConfig, dtype: Any, tokens_of: Callable[[str], int]) -> int:
+    """Conservative: the concept's linearization and its rows twice (J_S's rows, then
+    moved into blocks), and one forward over the generation buffer with dense attention."""
+    section = config.steering
+    concept = tokens_of(section.concept)
+    buffer = tokens_of(section.prompt) + section.max_new_tokens
+    item = jnp.dtype(dtype).itemsize
+    wide = jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
+    total = linearization_bytes(model, concept, dtype, DEFAULT_ATTENTION_CHUNK)
+    batch = min(CONCEPT_ROWS_CHUNK, model.hidden_size)
+    total += product_bytes(model, concept, dtype, batch, DEFAULT_ATTENTION_CHUNK)
+    total += 2 * model.hidden_size * concept * model.hidden_size * item
+    forward = product_bytes(model, buffer, dtype, 1, None) + buffer * buffer * model.num_heads * wide
+    return total + forward
+
+
+def programs(
+    config: RunConfig, tokens_of: Callable[[str], int], planned: Abstracts
+) -> Iterator[ProgramMemory]:
+    """Its programs, with no input's J held (steering runs after the analyses of the
+    inputs): J_S of the concept (T_S tokens), its rows moved into (T_S, d, d) blocks, the
+    top direction, and the greedy step over the prompt + new tokens buffer."""
+    section, model = config.steering, planned.config
+    layer = steering_layer(model, section.layer)
+    concept = planned.embeddings(tokens_of(section.concept))
+    tap = Tap(layer, "residual", final_norm=False)
+    program, jacobian, held = planned.linearization(
+        concept, DEFAULT_ATTENTION_CHUNK, tap, name="steering: linearize"
+    )
+    yield program
+    identity = jax.ShapeDtypeStruct((model.hidden_size,) * 2, jacobian.dtype)
+    lowered = operator._rows.lower(jacobian, identity, CONCEPT_ROWS_CHUNK)
+    yield program_memory("steering: concept rows", lowered, held)
+    dense = jax.eval_shape(operator._rows, jacobian, identity, CONCEPT_ROWS_CHUNK)
+    # J_S is dropped once its rows exist; they are moved into blocks, then only those stay.
+    yield program_memory("steering: blocks", jax.jit(concept_blocks).lower(dense), nbytes(dense))
+    blocks = jax.eval_shape(concept_blocks, dense)
+    yield program_memory("steering: direction", jax.jit(top_direction).lower(blocks), nbytes(blocks))
+    direction = jax.eval_shape(top_direction, blocks)
+    buffer = planned.replicated((tokens_of(section.prompt) + section.max_new_tokens,), jnp.int32)
+    position = planned.replicated((), jnp.int32)
+    strength = planned.replicated((), planned.dtype)
+    lowered = _next_token.lower(
+        planned.params, buffer, position, strength, blocks, direction, model, layer, section.mode
+    )
+    yield program_memory("steering: greedy step", lowered, nbytes((blocks, direction)))
+
+
 def step(config: RunConfig) -> str:
     return f"steering ({len(config.steering.lambdas)} strengths)"
 
@@ -199,4 +264,4 @@ def run(loaded: LoadedModel, config: RunConfig) -> SteeringResult:
     return steer(loaded, config.steering, config.add_bos)
 
 
-ANALYSIS = RunAnalysis("steering", run, enabled, step)
+ANALYSIS = RunAnalysis("steering", run, enabled, step, program_bytes=program_bytes, programs=programs)
