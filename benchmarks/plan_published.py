@@ -80,18 +80,15 @@ def _search(
 ) -> dict:
     """The smallest mesh for one model, dtype and length; `misfits` (mesh keys) grows with
     the meshes found not to fit, which longer inputs then skip."""
-    import dataclasses
-
     import jax.numpy as jnp
 
-    from jaxlin.analyses.certificate import compares_ordinary
     from jaxlin.model_source import read_planning_config
-    from jaxlin.plan import MESH_AXES, plans_by_mesh, smallest_mesh, weights_per_device, workload
+    from jaxlin.plan import MESH_AXES, plans_by_mesh, run_workload, smallest_mesh, weights_per_device
     from jaxlin.run_config import load_run_config
 
     config = load_run_config(config_path)
     model, _ = read_planning_config(config.model)
-    work = dataclasses.replace(workload(config.analysis), ordinary=compares_ordinary(config.analysis, n))
+    work = run_workload(config, n)  # what `jaxlin plan` plans: J's programs and the analyses' own
     key = lambda sizes: tuple(sizes[axis] for axis in MESH_AXES)  # noqa: E731
     search = smallest_mesh(
         devices,

@@ -80,7 +80,12 @@ def main() -> None:
     last = model.config.num_layers - 1
     lengths = [64] if args.quick else [64, 512]
     batch, repeats = 8, (2 if args.quick else 5)
-    taps = {"whole J": None, f"residual @ {last}": Tap(last, "residual"), "mlp @ 8": Tap(8, "mlp")}
+    taps = {
+        "whole J": None,
+        f"residual @ {last}": Tap(last, "residual"),
+        "mlp @ 8": Tap(8, "mlp"),
+        "mlp @ 8 (local)": Tap(8, "mlp", local=True),
+    }
     rows = []
     for n in lengths:
         x = C.embeddings(model, n)

@@ -14,10 +14,10 @@ to form J·Jᵀ, picked by memory:
   batched pass each way for the triplets, and the contributions from the cheaper side
   (`jaxlin.operator.contributions`) — about twice the passes, memory O(chunk · N · d).
 
-Memory: a tap's J refers to the caller's weights like the whole J does; a cumulative tap
-is linearized under `jax.checkpoint` so that the layer `cond` does not copy them
-(`model.tap_values`; benchmarks/tap_residuals.py: 258 MB → 10.6 MB for Gemma 3 270M f32
-at N = 64, products unchanged). A local tap holds its own layer's weight slice.
+Memory: a tap's J refers to the caller's weights like the whole J does; a tap is
+linearized under `jax.checkpoint` so that neither the cumulative tap's layer `cond` nor
+the local tap's layer slice copies them (`model.tap_values`; benchmarks/tap_residuals.py:
+258 MB → 10.6 MB for a cumulative tap of Gemma 3 270M f32 at N = 64, products unchanged).
 """
 
 from __future__ import annotations

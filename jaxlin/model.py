@@ -120,28 +120,36 @@ def tap_values(
 ) -> jax.Array:
     """The tap (N, d) as a function of its input (see `tap_input`). The layer is data, so
     one compiled program serves every layer. A local tap picks its layer's params with a
-    dynamic slice (J holds that slice: one layer's weights). A cumulative one runs the
-    stack with the layers above the tap passed through under a `cond` (they cannot change
-    it, and skipping them halves the products' cost on average over a sweep).
+    dynamic slice. A cumulative one runs the stack with the layers above the tap passed
+    through under a `cond` (they cannot change it, and skipping them halves the products'
+    cost on average over a sweep).
 
-    Linearizing a `cond` returns the weights its branch reads as fresh residuals, so J
-    would hold a copy of every layer's weights; under `jax.checkpoint` the partial
-    evaluation hands the branch its operands instead, and J refers to the params
-    themselves. It saves only the frozen coefficients (`FreezePolicy` names them), which
-    with the weights are all the detached map needs: what else a plain linearization
-    keeps (casts, weight-derived scales) is recomputed in each product
-    (benchmarks/tap_residuals.py: the same products, bit for bit, in the same time)."""
+    Both are taken under `jax.checkpoint`. Linearizing a `cond` returns the weights its
+    branch reads as fresh residuals, and so does a dynamic slice: J would hold a copy of
+    every layer's weights (cumulative) or of its layer's (local). Under the checkpoint the
+    partial evaluation hands the branch its operands, and the slice is recomputed from the
+    params in each product, so J refers to the params themselves. It saves only the
+    frozen coefficients (`FreezePolicy` names them), which with the weights are all the
+    detached map needs: what else a plain linearization keeps (casts, weight-derived
+    scales) is recomputed in each product (benchmarks/tap_residuals.py: the same
+    products, bit for bit, in the same time)."""
+    save_frozen = jax.checkpoint_policies.save_only_these_names(FROZEN)
     if tap.local:
         one = dataclasses.replace(config, num_layers=1, sliding_layers=())
-        sub = dict(params)
-        sub["layers"] = jax.tree_util.tree_map(
-            lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, tap.layer, 1), params["layers"]
-        )
-        transformer = module(one, sub, policy, attention_chunk)
-        variables = {"params": sub}
-        flags = jax.lax.dynamic_slice_in_dim(jnp.asarray(config.layer_is_sliding), tap.layer, 1)
-        _, taps = transformer.apply(variables, inputs, flags, method=Transformer.blocks)
-        value = taps[tap.kind][0]
+        transformer = module(one, params, policy, attention_chunk)
+        sliding = jnp.asarray(config.layer_is_sliding)
+
+        def layer(params: Params, inputs: jax.Array, index: jax.Array) -> dict[str, jax.Array]:
+            sub = dict(params)
+            sub["layers"] = jax.tree_util.tree_map(
+                lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, index, 1), params["layers"]
+            )
+            flags = jax.lax.dynamic_slice_in_dim(sliding, index, 1)
+            return transformer.apply({"params": sub}, inputs, flags, method=Transformer.blocks)[1]
+
+        layer = jax.checkpoint(layer, policy=save_frozen)
+        value = layer(params, inputs, tap.layer)[tap.kind][0]
+        variables = {"params": params}
     else:
         transformer = module(config, params, policy, attention_chunk)
         variables = {"params": params}
@@ -150,7 +158,7 @@ def tap_values(
         def stack(params: Params, h0: jax.Array, layer: jax.Array) -> dict[str, jax.Array]:
             return transformer.apply({"params": params}, h0, None, layer, method=Transformer.blocks)[1]
 
-        stack = jax.checkpoint(stack, policy=jax.checkpoint_policies.save_only_these_names(FROZEN))
+        stack = jax.checkpoint(stack, policy=save_frozen)
         taps = stack(params, h0, tap.layer)
         value = jax.lax.dynamic_index_in_dim(taps[tap.kind], tap.layer, keepdims=False)
     if tap.final_norm:

@@ -637,6 +637,22 @@ def _search_line(search: MeshSearch) -> str:
     return f"smallest mesh that fits {limit}: {mesh_label(search.sizes or {})}, {peak} at peak ({tried})"
 
 
+def run_workload(config: Any, n: int) -> Workload:
+    """What a run config computes for an input of `n` tokens, as the run decides: the
+    ordinary Jacobian only for inputs short enough for it, the analyses enabled for n
+    tokens, the whole run's with prompts of at most `token_bound` tokens (their tokenizer
+    is not read); for a length study, its prefix of n tokens instead."""
+    from jaxlin.analyses import INPUT_ANALYSES
+    from jaxlin.analyses.certificate import compares_ordinary
+    from jaxlin.length_study import StudySettings, study_workload
+
+    if config.length_study is not None:
+        return study_workload(StudySettings.from_config(config, "study"), n)
+    enabled = [analysis for analysis in INPUT_ANALYSES if analysis.enabled(config.analysis, n)]
+    work = workload(config.analysis, enabled, run_sources(config, token_bound))
+    return dataclasses.replace(work, ordinary=compares_ordinary(config.analysis, n))
+
+
 def plan_run(
     config: Any,
     tokens: Sequence[int],
@@ -648,10 +664,7 @@ def plan_run(
     alone: no weight is read (`jaxlin.model_source`). On the config's `mesh:` if it has
     one; then the smallest mesh of up to `devices` (default: those present) whose peak fits
     `device_memory` (default: the default device's memory)."""
-    from jaxlin.analyses import INPUT_ANALYSES
-    from jaxlin.analyses.certificate import compares_ordinary
     from jaxlin.errors import JaxlinError
-    from jaxlin.length_study import StudySettings, study_workload
     from jaxlin.loading import enable_dtype
     from jaxlin.memory import total_bytes
     from jaxlin.model_source import read_planning_config
@@ -682,15 +695,7 @@ def plan_run(
 
     plans, searches = [], []
     for n in tokens:
-        # As the run decides: the ordinary Jacobian only for inputs short enough for it, the
-        # analyses enabled for n tokens, the whole run's with prompts of at most
-        # `token_bound` tokens (their tokenizer is not read).
-        enabled = [analysis for analysis in INPUT_ANALYSES if analysis.enabled(config.analysis, n)]
-        work = workload(config.analysis, enabled, run_sources(config, token_bound))
-        work = dataclasses.replace(work, ordinary=compares_ordinary(config.analysis, n))
-        if config.length_study is not None:  # a study's prefix of n tokens instead
-            work = study_workload(StudySettings.from_config(config, "study"), n)
-        plan_on = plans_by_mesh(model, n, dtype, work, planned_layouts)
+        plan_on = plans_by_mesh(model, n, dtype, run_workload(config, n), planned_layouts)
         plans.append(plan_on(configured))
         searches.append(
             None

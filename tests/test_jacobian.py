@@ -94,14 +94,18 @@ def test_bias_term_costs_one_product_only_where_there_are_biases(tiny_model_dir)
         assert (float(jnp.linalg.norm(jacobian.bias)) > 0) == biased
 
 
-@pytest.mark.parametrize("tap", [None, Tap(1, "residual"), Tap(0, "attention", final_norm=False)], ids=str)
+@pytest.mark.parametrize(
+    "tap",
+    [None, Tap(1, "residual"), Tap(0, "attention", final_norm=False), Tap(1, "mlp", local=True)],
+    ids=str,
+)
 def test_jacobian_refers_to_the_weights_instead_of_copying_them(tap, tiny_model_dir):
     # A jitted program's outputs are fresh buffers: weights returned as residuals would be
     # a second copy of every layer matrix the tangent passes through (≈0.5 GB on Gemma 3
     # 270M). The value must hold the caller's own arrays, and only N-dependent ones besides.
-    # A cumulative tap runs its layers under a `cond`, whose linearization copies them
-    # unless the tap is taken under `jax.checkpoint` (model.tap_values). (A local tap
-    # holds its one layer's slice of the weights.)
+    # A cumulative tap runs its layers under a `cond`, and a local tap takes its layer's
+    # weights with a dynamic slice: a linearization copies both (every layer's weights, or
+    # one layer's) unless the tap is taken under `jax.checkpoint` (model.tap_values).
     model, inputs, _ = jacobian_of(tiny_model_dir)
     jacobian = linearize(model.params, inputs, model.config, tap=tap)
     own = {leaf.unsafe_buffer_pointer() for leaf in jax.tree_util.tree_leaves(model.params)}
