@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # headless: runs write PNGs, never open windows
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxlin.length_study import group_line  # noqa: E402
 from jaxlin.outputs import write_file_atomic, write_text_atomic  # noqa: E402
 
 Rows = list[dict[str, Any]]
@@ -127,6 +128,32 @@ def influence_vs_distance(path: Path, summary: dict[str, Any], records: Rows) ->
     )
 
 
+def groups_vs_distance(path: Path, summary: dict[str, Any], records: Rows) -> None:
+    """‖c_g‖ of every group against its distance from the target (log-log), one line per
+    length through the distance bins, the sink as a star. A bin sits at the geometric mean
+    of δ + 1 over its range (δ + 1 so that the target itself, δ = 0, has a place)."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.8))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(summary["rows"])))
+    for row, color in zip(summary["rows"], colors, strict=True):
+        groups = row["groups"]
+        place = np.asarray([np.sqrt((g["distance"][0] + 1.0) * (g["distance"][1] + 1.0)) for g in groups])
+        norm = np.asarray([g["norm"] for g in groups])
+        sink = np.asarray([g["group"] == "sink" for g in groups])
+        ax.plot(place[~sink], norm[~sink], "o-", ms=3, color=color, label=f"p = {row['length']}")
+        ax.scatter(place[sink], norm[sink], s=40, marker="*", color=color)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _finish(
+        fig,
+        ax,
+        path,
+        "distance from the target δ + 1 (tokens; factor-2 bins of δ)",
+        "group contribution ‖c_g‖",
+        "group contributions vs distance (★ sink)",
+        fontsize=7,
+    )
+
+
 def sink_share_vs_length(path: Path, summary: dict[str, Any], records: Rows) -> None:
     """The sink tokens' share of Σ‖J_t‖_F² and of Σ‖c_t‖² against length."""
     rows = summary["rows"]
@@ -210,6 +237,13 @@ FIGURES: dict[str, tuple[str, Callable[[Path, dict[str, Any], Rows], None], bool
         influence_vs_distance,
         False,
     ),
+    "groups_vs_distance.png": (
+        "Group contributions ‖c_g‖ = ‖Σ_{t∈g} J_t·x_t‖ against distance from the target (log-log): "
+        "factor-2 bins of δ (at the geometric mean of δ + 1 over the bin) and the sink (stars); the groups "
+        "with c_bias sum to y, which is the certificate beyond max_exact_tokens.",
+        groups_vs_distance,
+        False,
+    ),
     "sink_share_vs_length.png": (
         "Share of the first token(s) — the attention sink — in Σ_t ‖J_t‖_F² and in Σ_t ‖c_t‖².",
         sink_share_vs_length,
@@ -273,6 +307,9 @@ def page(summary: dict[str, Any], figures: list[str]) -> str:
     for name, fit in summary["fits"].items():
         if fit is not None:
             fits.append(f"<li>{html.escape(name)}: slope {fit['slope']:.3f} (R² {fit['r2']:.3f})</li>")
+    groups = "".join(
+        f"<li>{r['length']}: {html.escape(group_line(r['groups']))}</li>" for r in summary["rows"]
+    )
     definitions = "".join(
         f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in summary["definitions"].items()
     )
@@ -290,5 +327,7 @@ def page(summary: dict[str, Any], figures: list[str]) -> str:
         f"{summary['document']['n_tokens']} tokens; {html.escape(summary['dtype'])} on "
         f"{summary['platform']}</p>"
         "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(lines) + "</table>"
-        f"<h2>Fits</h2><ul>{''.join(fits)}</ul>{images}<h2>Definitions</h2><ul>{definitions}</ul>\n"
+        f"<h2>Fits</h2><ul>{''.join(fits)}</ul>"
+        f"<h2>Group contributions ‖c_g‖ (sink, then distance from the target)</h2><ul>{groups}</ul>"
+        f"{images}<h2>Definitions</h2><ul>{definitions}</ul>\n"
     )

@@ -4,8 +4,15 @@ p-th token's final-normed hidden state) with respect to the first p input embedd
 
 Per length (one JSON file each under OUT/lengths/, so an interrupted study resumes):
 
-- the certificate ‖Σ_t c_t + c_bias − y‖/‖y‖ (with exact influence from the d rows of J;
-  otherwise from Σ_t c_t = J·X, one forward product — the same quantity);
+- the certificate ‖Σ_t c_t + c_bias − y‖/‖y‖ (with exact influence from the per-token c_t
+  read off the d rows of J; otherwise ‖Σ_g c_g + c_bias − y‖/‖y‖ from group contributions
+  c_g = J·X_g, one forward product per group: the `sink_tokens` first tokens, then
+  contiguous bins of the distance from the target δ = p − 1 − t in factor-2 bins, δ = 0,
+  1, 2–3, 4–7, … clipped at the sink — about log2 p + 2 products, where every c_t would
+  cost min(p, d) and the single product J·X would repeat the forward's own arithmetic
+  and so certify nothing);
+- the group table: each group's tokens, distances and ‖c_g‖ (with exact influence the
+  sums of the exact c_t over the group, so both paths report the same table);
 - the top-k singular values of J with rigorous residual bounds (from J's rows when they
   are computed, `spectral.rows_top_k`, else matrix-free Lanczos, `spectral.top_k`);
 - ‖J‖_F and the stable rank ‖J‖_F²/σ₁²;
@@ -64,7 +71,15 @@ from jaxlin.distributed import is_writer, to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import DetachedJacobian, Products, linearize
 from jaxlin.memory import linearization_bytes, product_bytes, refusal_everywhere, shortfall
-from jaxlin.operator import Certificate, certify, chunk_size, contributions_from_rows, rows
+from jaxlin.operator import (
+    Certificate,
+    certify,
+    chunk_size,
+    contributions_from_rows,
+    group_contributions,
+    group_sums,
+    rows,
+)
 from jaxlin.outputs import claim_output, make_directory, write_json_atomic
 from jaxlin.plan import Abstracts, ProgramMemory, Workload, program_memory
 from jaxlin.run_config import LengthStudySection, RunConfig, read_text_file
@@ -73,7 +88,9 @@ from jaxlin.spectral import rows_top_k, top_k, widened
 StudyKind = Literal["study", "bench"]
 
 # Bumped when a length's record changes meaning or content: older records are recomputed.
-STUDY_VERSION = 2
+# 3: the certificate from group contributions (version 2's stochastic lengths certified
+# with J·X in one product, which certifies nothing) and every record's group table.
+STUDY_VERSION = 3
 
 # Public-domain documents shipped in jaxlin/data (see jaxlin/data/SOURCES.md).
 BUILTIN_DOCUMENTS = {"alice": "alice_ch1-5.txt"}
@@ -214,6 +231,48 @@ def sampled_token_norms(
     )
 
 
+# ----------------------------------------------------------------------------- token groups
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenGroup:
+    """Tokens first … last (inclusive) of a prefix of `length` tokens: the sink, or one
+    factor-2 bin of the distance from the target."""
+
+    kind: Literal["sink", "distance"]
+    first: int
+    last: int
+    length: int
+
+    @property
+    def distances(self) -> tuple[int, int]:
+        """(nearest, farthest) distance δ = length − 1 − t from the target."""
+        return self.length - 1 - self.last, self.length - 1 - self.first
+
+
+def token_groups(length: int, sink_tokens: int) -> list[TokenGroup]:
+    """The sink (the first `sink_tokens` tokens), then the tokens past it in bins of the
+    distance from the target, δ = 0, 1, 2–3, 4–7, …, the farthest bin clipped at the sink:
+    every token in exactly one group; ⌊log2 δ_max⌋ + 2 distance bins, δ_max = length − 1 − sink."""
+    sink_end = min(sink_tokens, length)
+    groups = [TokenGroup("sink", 0, sink_end - 1, length)] if sink_end > 0 else []
+    nearest = 0
+    while length - 1 - nearest >= sink_end:
+        farthest = 2 * nearest - 1 if nearest > 0 else 0
+        first = max(length - 1 - farthest, sink_end)
+        groups.append(TokenGroup("distance", first, length - 1 - nearest, length))
+        nearest = 2 * nearest if nearest > 0 else 1
+    return groups
+
+
+def group_masks(groups: list[TokenGroup], length: int, dtype: Any) -> jax.Array:
+    """(G, length) 0/1 masks: row g is 1 on group g's tokens."""
+    masks = np.zeros((len(groups), length))
+    for row, group in zip(masks, groups, strict=True):
+        row[group.first : group.last + 1] = 1.0
+    return jnp.asarray(masks, dtype)
+
+
 # ----------------------------------------------------------------------------- one length
 
 
@@ -230,6 +289,8 @@ class PrefixMeasures:
     stop_reason: str
     norms: TokenNorms
     products: dict[str, int]
+    groups: list[TokenGroup]
+    group_norms: np.ndarray  # ‖c_g‖ per group
     all_singular_values: np.ndarray | None = None  # every σ_i, when J's rows were computed
 
 
@@ -247,10 +308,13 @@ def measure_prefix(
         return model_fns.logits(config, params, hidden)
 
     spectrum = None
+    groups = token_groups(length, settings.sink_tokens)
+    masks = group_masks(groups, length, prefix.dtype)
     if settings.exact_influence(length):
         dense = rows(jacobian, None, settings.chunk, products)  # (d, p, d): J itself
         contributions = contributions_from_rows(dense, prefix)
         certificate = certify(jacobian.output, contributions, logits_of, jacobian.bias)
+        grouped = group_sums(contributions, masks)
         influence = np.sum(to_host(dense, np.float64) ** 2, axis=(0, 2))
         contribution = np.sum(to_host(contributions, np.float64) ** 2, axis=-1)
         zeros = np.zeros(length)
@@ -261,9 +325,8 @@ def measure_prefix(
     else:
         key = jax.random.fold_in(jax.random.key(settings.seed), length)
         norms = sampled_token_norms(jacobian, key, settings.influence_samples, settings.chunk, products)
-        products.matvecs += 1
-        total = jacobian.matvec(prefix)  # Σ_t J_t·x_t in one product
-        certificate = certify(jacobian.output, total[None], logits_of, jacobian.bias)
+        grouped = group_contributions(jacobian, masks, settings.chunk, products)
+        certificate = certify(jacobian.output, grouped, logits_of, jacobian.bias)
         triplets = top_k(
             jacobian,
             settings.top_k,
@@ -283,6 +346,8 @@ def measure_prefix(
         triplets.stop_reason,
         norms,
         products.as_dict(),
+        groups,
+        np.linalg.norm(to_host(grouped, np.float64), axis=-1),
         spectrum,
     )
 
@@ -307,7 +372,7 @@ def study_workload(settings: StudySettings, length: int) -> Workload:
 
 def programs(settings: StudySettings, exact: bool, planned: Abstracts) -> Iterator[ProgramMemory]:
     """The study's programs beyond those `study_workload` names: the contributions from
-    J's rows (exact influence), else the sampled influence and the one product J·X."""
+    J's rows (exact influence), else the sampled influence and the group contributions."""
     jacobian = planned.jacobian
     assert jacobian is not None
     if exact:
@@ -318,8 +383,10 @@ def programs(settings: StudySettings, exact: bool, planned: Abstracts) -> Iterat
     samples, chunk = settings.influence_samples, settings.chunk
     lowered = _sampled_token_norms.lower(jacobian, key, samples, chunk)
     yield program_memory("length study: sampled influence", lowered, planned.held)
-    lowered = jax.jit(DetachedJacobian.matvec).lower(jacobian, jacobian.inputs)
-    yield program_memory("length study: J·X", lowered, planned.held)
+    length = jacobian.inputs.shape[0]
+    masks = planned.replicated((len(token_groups(length, settings.sink_tokens)), length), planned.dtype)
+    lowered = jax.jit(functools.partial(group_contributions, chunk=chunk)).lower(jacobian, masks)
+    yield program_memory("length study: group contributions", lowered, planned.held)
 
 
 # ----------------------------------------------------------------------------- derived quantities
@@ -408,6 +475,19 @@ def sink_shares(norms: TokenNorms, sink_tokens: int) -> dict[str, float]:
     }
 
 
+def group_table(groups: list[TokenGroup], norms: np.ndarray) -> list[dict[str, Any]]:
+    """One row per group: its kind, tokens and distances (inclusive ranges) and ‖c_g‖."""
+    return [
+        {
+            "group": group.kind,
+            "tokens": [group.first, group.last],
+            "distance": list(group.distances),
+            "norm": float(norm),
+        }
+        for group, norm in zip(groups, norms, strict=True)
+    ]
+
+
 def length_record(
     measures: PrefixMeasures, token_texts: list[str], settings: StudySettings, rank_bound: int
 ) -> dict[str, Any]:
@@ -427,7 +507,9 @@ def length_record(
         "target_token": token_texts[-1],
         "first_token": token_texts[0],
         "certificate": {
-            "from": "per-token contributions" if norms.method == "exact" else "J·X (one product)",
+            "from": "per-token contributions"
+            if norms.method == "exact"
+            else f"group contributions ({len(measures.groups)} groups)",
             "relative_error": certificate.relative_error,
             "argmax_matches": certificate.argmax_matches,
             "predicted_token_id": certificate.predicted_token_id,
@@ -458,6 +540,7 @@ def length_record(
                 for t in loudest
             ],
         },
+        "groups": group_table(measures.groups, measures.group_norms),
         "sink": sink_shares(norms, settings.sink_tokens),
         "decay": influence_decay(influence, settings.sink_tokens),
         "products": measures.products,
@@ -768,8 +851,13 @@ def study_summary(
 
 DEFINITIONS = {
     "target": "the final-normed hidden state of the prefix's last token (position length − 1)",
-    "certificate": "‖Σ_t J_t·x_t + c_bias − y‖/‖y‖: from the per-token c_t with exact influence, else from "
-    "J·X = Σ_t J_t·x_t in one product (which repeats the forward's own arithmetic, so it may be exactly 0)",
+    "certificate": "‖Σ_t J_t·x_t + c_bias − y‖/‖y‖: from the per-token c_t with exact influence, else "
+    "‖Σ_g c_g + c_bias − y‖/‖y‖ from the group contributions c_g = J·X_g (one product per group, see "
+    "groups); argmax_matches: the reconstruction predicts the same next token as y",
+    "groups": "the tokens partitioned into the first sink_tokens tokens, then contiguous bins of the "
+    "distance from the target δ = length − 1 − t in factor-2 bins (δ = 0, 1, 2–3, 4–7, …, the farthest "
+    "clipped at the sink); per group its tokens and distances (inclusive) and ‖c_g‖, c_g = Σ_{t ∈ g} "
+    "J_t·x_t (with exact influence the sum of the exact c_t, else one product J·X_g)",
     "stable_rank": "‖J‖_F² / σ₁²",
     "entropy_rank": "exp H(σ_i²/‖J‖_F²) over all d singular values: exact (lower = upper) with exact "
     "influence; else bounded from the top k: tail energy in one value (lower) or spread evenly over the "
@@ -784,6 +872,18 @@ DEFINITIONS = {
     "compute_seconds": "wall seconds minus JAX tracing, lowering and compilation",
     "peak_memory": "peak above the memory in use before the length (device peak_bytes_in_use or VmHWM)",
 }
+
+
+def group_label(group: dict[str, Any]) -> str:
+    """The group's name in tables: sink, or its distance range (0, 2–3, …)."""
+    if group["group"] == "sink":
+        return "sink"
+    nearest, farthest = group["distance"]
+    return f"{nearest}" if nearest == farthest else f"{nearest}–{farthest}"
+
+
+def group_line(groups: list[dict[str, Any]]) -> str:
+    return "  ".join(f"{group_label(g)}: {g['norm']:.3g}" for g in groups)
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -807,6 +907,9 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             f"{decay:>8.3f} {binned:>8.3f} {row['compute_seconds']:>9.2f} "
             f"{(peak or 0) / 2**20:>9.1f}"
         )
+    print("‖c_g‖ per group (sink, then distance δ from the target):")
+    for row in summary["rows"]:
+        print(f"{row['length']:>7} {group_line(row['groups'])}")
     for entry in summary["skipped_lengths"]:
         print(f"skipped {entry['length']}: {entry['reason']}")
     fits = summary["fits"]

@@ -1,9 +1,9 @@
 """Products through a detached Jacobian J (see `jaxlin.jacobian`): J's rows, the
-per-token contributions c_t = J_t·x_t, one token Jacobian J_t, and the certificate of
-exactness Σ_t c_t + c_bias = y. Each function takes the linearized value J, so none of
-them runs the forward again; batches of products are split across devices by
-`map_in_batches`. When J's rows are at hand, `contributions_from_rows` and
-`token_jacobian_from_rows` read the same numbers off them without another product."""
+per-token contributions c_t = J_t·x_t (and c_g of groups of tokens), one token Jacobian
+J_t, and the certificate of exactness Σ_t c_t + c_bias = y. Each function takes the
+linearized value J, so none of them runs the forward again; batches of products are split
+across devices by `map_in_batches`. When J's rows are at hand, `contributions_from_rows`
+and `token_jacobian_from_rows` read the same numbers off them without another product."""
 
 from __future__ import annotations
 
@@ -56,6 +56,33 @@ def contributions(
         else:
             products.rmatvecs += d
     return _contributions(jacobian, chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _group_contributions(jacobian: DetachedJacobian, masks: jax.Array, chunk: int | None) -> jax.Array:
+    inputs = jacobian.inputs
+
+    def one_group(mask: jax.Array) -> jax.Array:
+        return jacobian.matvec(inputs * mask[:, None].astype(inputs.dtype))
+
+    return map_in_batches(one_group, masks, chunk_size(masks.shape[0], chunk))
+
+
+def group_contributions(
+    jacobian: DetachedJacobian, masks: jax.Array, chunk: int | None = 64, products: Products | None = None
+) -> jax.Array:
+    """c_g = J·X_g (G, d) for token groups given as 0/1 masks (G, N), X_g being X with
+    every row outside group g zeroed: one forward product per group. For groups that
+    partition the tokens, Σ_g c_g = Σ_t c_t, so with c_bias they certify y like the
+    per-token contributions, at G products instead of min(N, d)."""
+    if products is not None:
+        products.matvecs += masks.shape[0]
+    return _group_contributions(jacobian, masks, chunk)
+
+
+def group_sums(c: jax.Array, masks: jax.Array) -> jax.Array:
+    """c_g = Σ_{t ∈ g} c_t (G, d) from the per-token contributions c (N, d): no product needed."""
+    return jnp.einsum("gt,ti->gi", masks.astype(c.dtype), c, precision=jax.lax.Precision.HIGHEST)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))

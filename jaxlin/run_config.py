@@ -165,7 +165,9 @@ class LengthStudySection(_Strict):
     influence_samples: int = Field(
         64, ge=2, le=2**16, description="Gaussian samples of the stochastic influence estimate"
     )
-    sink_tokens: int = Field(1, ge=1, description="leading tokens counted as the attention sink")
+    sink_tokens: int = Field(
+        1, ge=1, description="leading tokens counted as the attention sink (the certificate's first group)"
+    )
 
     @field_validator("document")
     @classmethod

@@ -19,21 +19,25 @@ import yaml
 from jaxlin import length_study
 from jaxlin import model as model_fns
 from jaxlin.cli import main
-from jaxlin.jacobian import linearize
+from jaxlin.jacobian import Products, linearize
 from jaxlin.length_study import (
     StudySettings,
     binned_loglog_fit,
     entropy_rank_bounds,
     fingerprint,
+    group_masks,
     influence_decay,
     length_path,
+    length_record,
+    measure_prefix,
     run_study,
     sampled_token_norms,
     stored_length,
     study_document,
+    token_groups,
 )
 from jaxlin.loading import load_model
-from jaxlin.operator import certify, contributions, rows
+from jaxlin.operator import certify, contributions, group_contributions, group_sums, rows
 from jaxlin.run_config import parse_run_config
 from jaxlin.spectral import top_k
 from jaxlin.tokens import tokenize
@@ -341,3 +345,151 @@ def test_a_length_stored_before_the_binned_fit_resumes_with_it(tmp_path, tiny_mo
     assert [row["decay"] for row in again["rows"]] == [row["decay"] for row in first["rows"]]
     assert all(row["decay"]["binned"] is not None for row in again["rows"])
     assert (out / "influence_vs_distance.png").is_file()
+
+
+@pytest.mark.parametrize(("length", "sink"), [(p, s) for p in range(1, 70) for s in (1, 2, 5)])
+def test_token_groups_partition_the_tokens_in_factor_two_distance_bins(length, sink):
+    groups = token_groups(length, sink)
+    covered = np.zeros(length, np.int64)
+    for group in groups:
+        covered[group.first : group.last + 1] += 1
+    assert np.all(covered == 1)  # every token in exactly one group
+    assert np.array_equal(np.asarray(group_masks(groups, length, jnp.float64)).sum(axis=0), covered)
+    first, *bins = groups
+    assert first.kind == "sink" and (first.first, first.last) == (0, min(sink, length) - 1)
+    assert all(g.kind == "distance" for g in bins)
+    for k, group in enumerate(bins):  # δ = 0, 1, 2–3, 4–7, …; the farthest clipped at the sink
+        nearest, farthest = group.distances
+        assert nearest == (0 if k == 0 else 2 ** (k - 1))
+        full = 0 if k == 0 else 2**k - 1
+        assert farthest == (full if k < len(bins) - 1 else min(full, length - 1 - sink))
+    farthest = length - 1 - sink  # the farthest distance past the sink
+    assert len(bins) == (0 if farthest < 0 else 1 if farthest == 0 else math.floor(math.log2(farthest)) + 2)
+
+
+def test_token_groups_of_twenty_tokens():
+    table = [(g.kind, g.first, g.last, g.distances) for g in token_groups(20, 1)]
+    assert table == [
+        ("sink", 0, 0, (19, 19)),
+        ("distance", 19, 19, (0, 0)),
+        ("distance", 18, 18, (1, 1)),
+        ("distance", 16, 17, (2, 3)),
+        ("distance", 12, 15, (4, 7)),
+        ("distance", 4, 11, (8, 15)),
+        ("distance", 1, 3, (16, 18)),
+    ]
+
+
+@pytest.mark.parametrize(("variant", "sink"), [(VARIANT, 1), ("llama_biases", 3)])
+def test_group_contributions_are_sums_of_the_exact_token_contributions(tiny_model_dir, variant, sink):
+    """c_g = J·X_g, one product per group, equals Σ_{t ∈ g} c_t of the exact per-token
+    contributions, and certifies y as they do (with c_bias, nonzero for a model with biases)."""
+    other = load_model("hf", str(tiny_model_dir(variant)), "float64", use_cache=False)
+    jacobian, _ = prefix_jacobian(other, 20)
+    exact = np.asarray(contributions(jacobian), np.float64)  # (20, d), one product per token
+    groups = token_groups(20, sink)
+    masks = group_masks(groups, 20, jnp.float64)
+    products = Products()
+    grouped = np.asarray(group_contributions(jacobian, masks, 3, products), np.float64)  # chunks of 3
+    assert products.matvecs == len(groups) and products.rmatvecs == 0
+    for group, value in zip(groups, grouped, strict=True):
+        expected = exact[group.first : group.last + 1].sum(axis=0)
+        assert np.linalg.norm(value - expected) <= 1e-10 * np.linalg.norm(expected), group
+    summed = np.asarray(group_sums(jnp.asarray(exact), masks))
+    np.testing.assert_allclose(summed, grouped, rtol=1e-10, atol=1e-10 * np.abs(grouped).max())
+
+    def logits_of(hidden):
+        return model_fns.logits(other.model.config, other.model.params, hidden)
+
+    if variant == "llama_biases":
+        assert float(jnp.linalg.norm(jacobian.bias)) > 1e-3 * float(jnp.linalg.norm(jacobian.output))
+    by_token = certify(jacobian.output, jnp.asarray(exact), logits_of, jacobian.bias)
+    by_group = certify(jacobian.output, jnp.asarray(grouped), logits_of, jacobian.bias)
+    assert by_token.relative_error < 1e-10 and by_group.relative_error < 1e-10
+    assert abs(by_token.relative_error - by_group.relative_error) <= 1e-10
+    assert by_group.argmax_matches and by_group.predicted_token_id == by_token.predicted_token_id
+
+
+def test_a_stochastic_length_certifies_from_its_groups(tmp_path, tiny_model_dir, loaded, monkeypatch):
+    """Past max_exact_tokens the certificate is Σ_g c_g + c_bias against y: one product per
+    group on top of the sampled influence and Lanczos, the same group table as the exact
+    path, and an error in one group shows in the certificate (J·X in one product would not)."""
+    config = parse_run_config(study_config(tmp_path, tiny_model_dir(VARIANT)))
+    exact_settings = dataclasses.replace(StudySettings.from_config(config, "study"), influence="exact")
+    settings = dataclasses.replace(exact_settings, influence="stochastic", influence_samples=8)
+    model, texts = loaded.model, ["x"] * 20
+    _, inputs = prefix_jacobian(loaded, 20)
+    exact = length_record(
+        measure_prefix(model.config, model.params, inputs, 20, exact_settings),
+        texts,
+        exact_settings,
+        model.config.hidden_size,
+    )
+    sampled = length_record(
+        measure_prefix(model.config, model.params, inputs, 20, settings),
+        texts,
+        settings,
+        model.config.hidden_size,
+    )
+    groups = token_groups(20, settings.sink_tokens)
+    assert sampled["certificate"]["from"] == f"group contributions ({len(groups)} groups)"
+    assert exact["certificate"]["from"] == "per-token contributions"
+    assert sampled["certificate"]["relative_error"] < 1e-10
+    assert abs(sampled["certificate"]["relative_error"] - exact["certificate"]["relative_error"]) <= 1e-10
+    for by_product, by_sum in zip(sampled["groups"], exact["groups"], strict=True):
+        assert {**by_product, "norm": 0} == {**by_sum, "norm": 0}
+        assert by_product["norm"] == pytest.approx(by_sum["norm"], rel=1e-10)
+    # The products: the sampled influence and Lanczos (counted on their own), then one per group.
+    jacobian, _ = prefix_jacobian(loaded, 20)
+    lanczos = Products()
+    top_k(
+        jacobian,
+        settings.top_k,
+        settings.tolerance,
+        settings.krylov_depth,
+        settings.seed,
+        min(settings.chunk, settings.top_k),
+        products=lanczos,
+    )
+    bias = int(model.config.has_biases)
+    assert sampled["products"] == {
+        "linearizations": 1,
+        "matvecs": bias + lanczos.matvecs + len(groups),
+        "rmatvecs": settings.influence_samples + lanczos.rmatvecs,
+    }
+    # An error of 1e-3·‖y‖ in one group's c_g is what the certificate then reports.
+    y_norm = float(jnp.linalg.norm(jacobian.output))
+
+    def one_group_off(jacobian, masks, chunk, products):
+        grouped = group_contributions(jacobian, masks, chunk, products)
+        return grouped.at[-1, 0].add(1e-3 * y_norm)
+
+    monkeypatch.setattr(length_study, "group_contributions", one_group_off)
+    off = measure_prefix(model.config, model.params, inputs, 20, settings)
+    assert off.certificate.relative_error == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_a_length_stored_before_the_group_certificate_is_recomputed(tmp_path, tiny_model_dir, capsys):
+    """A record of version 2 (a stochastic length certified by J·X in one product, no group
+    table) is computed again, so every row of a resumed study has its groups."""
+    config = parse_run_config(study_config(tmp_path, tiny_model_dir(VARIANT), max_exact_tokens=10))
+    first, out = run_study(config, verbose=False)
+    assert [r["certificate"]["from"] for r in first["rows"]] == ["per-token contributions"] + [
+        f"group contributions ({len(token_groups(p, 1))} groups)" for p in (12, 20)
+    ]
+    for length in first["lengths"]:  # as version 2 wrote them
+        path = length_path(out, length)
+        record = json.loads(path.read_text(encoding="utf-8"))
+        del record["groups"]
+        record["fingerprint"]["version"] = 2
+        path.write_text(json.dumps(record), encoding="utf-8")
+    again, _ = run_study(config, verbose=False)
+    assert again["lengths_reused"] == []
+    assert [row["groups"] for row in again["rows"]] == [row["groups"] for row in first["rows"]]
+    third, _ = run_study(config, verbose=False)  # and version 3 records are reused as they are
+    assert third["lengths_reused"] == first["lengths"]
+    length_study.print_summary(third, out)
+    printed = capsys.readouterr().out
+    assert "‖c_g‖ per group" in printed and "     20 sink: " in printed
+    assert (out / "groups_vs_distance.png").stat().st_size > 0
+    assert "Group contributions" in (out / "report.html").read_text(encoding="utf-8")

@@ -627,7 +627,7 @@ def test_plan_command_plans_a_length_study_per_prefix(tiny_model_dir, tmp_path, 
     exact, sampled = capsys.readouterr().out.split("12 tokens")
     for name in ("rows", "top_k from rows", "length study: contributions"):
         assert f"  {name} " in exact and f"  {name} " not in sampled, name
-    for name in ("lanczos", "length study: sampled influence", "length study: J·X"):
+    for name in ("lanczos", "length study: sampled influence", "length study: group contributions"):
         assert f"  {name} " in sampled and f"  {name} " not in exact, name
     assert "per-token" not in exact + sampled and "ordinary" not in exact + sampled
 
