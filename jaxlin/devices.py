@@ -96,11 +96,12 @@ def map_matrices(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
 
 def map_in_batches(fn: Callable[[Any], Any], xs: Any, chunk: int | None) -> Any:
     """`jax.lax.map(fn, xs, batch_size=chunk)`: `chunk` vectors through `fn` at a time
-    (a run's `analysis.chunk`), each chunk split across the ambient mesh's `data` axis
+    (a run's `analysis.chunk`; None: all at once), each chunk split across the ambient mesh's `data` axis
     (rounded up to a multiple of its size)."""
     devices = _batch_axis_size()
     if devices is None:
-        return jax.lax.map(fn, xs, batch_size=chunk)
+        # `lax.map` without a batch size runs one vector at a time: all at once is a vmap.
+        return jax.vmap(fn)(xs) if chunk is None else jax.lax.map(fn, xs, batch_size=chunk)
     total = jax.tree_util.tree_leaves(xs)[0].shape[0]
     size = min(total, chunk or total)
     size = -(-size // devices) * devices

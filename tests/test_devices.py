@@ -49,6 +49,18 @@ def test_map_in_batches_under_a_mesh_is_lax_map():
     np.testing.assert_array_equal(pytree, 2 * xs * xs)
 
 
+def test_map_in_batches_without_a_chunk_runs_every_vector_at_once():
+    # `lax.map` without a batch size is a scan over single vectors: "all at once" (chunk
+    # None, as `operator.chunk_size` gives when the chunk covers the batch) must be a vmap,
+    # as it is under a mesh.
+    xs = jnp.arange(7 * 3, dtype=jnp.float64).reshape(7, 3)
+    fn = lambda v: jnp.sin(v) * jnp.sum(v)  # noqa: E731
+    program = jax.make_jaxpr(lambda x: map_in_batches(fn, x, None))(xs)
+    assert "scan" not in str(program)
+    np.testing.assert_array_equal(map_in_batches(fn, xs, None), jax.vmap(fn)(xs))
+    assert "scan" in str(jax.make_jaxpr(lambda x: map_in_batches(fn, x, 3))(xs))
+
+
 def test_map_matrices_is_vmap():
     matrices = jax.random.normal(jax.random.key(1), (5, 4, 4), jnp.float64)
     matrices = matrices + jnp.swapaxes(matrices, 1, 2)

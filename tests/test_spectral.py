@@ -14,6 +14,7 @@ from jaxlin.jacobian import linearize
 from jaxlin.operator import rows
 from jaxlin.spectral import (
     SpectralError,
+    _frobenius_estimate,
     dense_top_k,
     frobenius_estimate,
     krylov_basis,
@@ -165,6 +166,30 @@ def test_hutchinson_frobenius_estimate(cases):
     exact = np.sum(dense**2, axis=(0, 2))
     assert abs(estimate.sum() / exact.sum() - 1) < 0.05
     assert np.median(np.abs(estimate / exact - 1)) < 0.15
+
+
+def test_hutchinson_samples_run_a_chunk_at_a_time(cases):
+    # Each sample is an (N, d) transposed product: all at once, the samples alone would hold
+    # samples·N·d numbers (32 GiB for 64 samples of an 8B model at 32k tokens).
+    _, jacobian, _ = cases("llama_gqa_untied")
+    key = jax.random.key(3)
+    whole = np.asarray(frobenius_estimate(jacobian, key, 64, chunk=None))
+    chunked = np.asarray(frobenius_estimate(jacobian, key, 64, chunk=4))
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12)  # the same samples, the same mean
+
+    # The program's memory, on a longer input (chunked attention) where the per-sample
+    # vectors dominate it.
+    model = cases("llama_gqa_untied")[0]
+    inputs = jax.random.normal(key, (1024, model.config.hidden_size), jnp.float64)
+    longer = linearize(model.params, inputs, model.config)
+
+    def temporaries(samples: int, chunk: int) -> int:
+        lowered = _frobenius_estimate.lower(longer, key, samples, chunk)
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    sizes = {(samples, chunk): temporaries(samples, chunk) for samples, chunk in ((4, 4), (64, 4), (64, 64))}
+    # Chunked, 64 samples cost what 4 do; unchunked (chunk ≥ samples) all run at once.
+    assert sizes[(64, 4)] < 2 * sizes[(4, 4)] < sizes[(64, 64)] / 2
 
 
 def test_bfloat16_operator_keeps_krylov_in_float32(cases):

@@ -60,7 +60,7 @@ def run(jacobian: DetachedJacobian, context: Context) -> NormsResult:
         samples = context.options.frobenius_samples
         with context.timer.step(f"Hutchinson estimate of ‖J_t‖_F ({samples} samples)"):
             key = jax.random.key(context.options.seed)
-            estimate = frobenius_estimate(jacobian, key, samples, context.products)
+            estimate = frobenius_estimate(jacobian, key, samples, context.products, context.options.chunk)
             token_frobenius = np.sqrt(np.maximum(to_host(estimate, np.float64), 0.0))
         method = f"Hutchinson estimate, {samples} samples"
     contributions = context.earlier(CertificateResult).contributions_float64
@@ -73,20 +73,21 @@ def run(jacobian: DetachedJacobian, context: Context) -> NormsResult:
 
 
 def programs(options: AnalysisSection, planned: Abstracts) -> Iterator[ProgramMemory]:
-    """The Hutchinson estimate when the per-token blocks are not exact: every sample's
-    transposed product in one batched pass (memory ∝ samples)."""
+    """The Hutchinson estimate when the per-token blocks are not exact: the samples'
+    transposed products, `chunk` at a time."""
     if options.per_token.method != "exact":
         assert planned.jacobian is not None
         key = jax.eval_shape(lambda: jax.random.key(0))
-        lowered = _frobenius_estimate.lower(planned.jacobian, key, options.frobenius_samples)
+        lowered = _frobenius_estimate.lower(planned.jacobian, key, options.frobenius_samples, options.chunk)
         yield program_memory("norms: Hutchinson estimate", lowered, planned.held)
 
 
 def program_bytes(config: ModelConfig, n: int, dtype: Any, options: AnalysisSection) -> int:
-    """The Hutchinson pass: `frobenius_samples` transposed products in one batch."""
+    """The Hutchinson pass: `frobenius_samples` transposed products, `chunk` at a time."""
     if options.per_token.method == "exact":
         return 0
-    return product_bytes(config, n, dtype, options.frobenius_samples, options.attention_chunk)
+    batch = min(options.frobenius_samples, options.chunk or options.frobenius_samples)
+    return product_bytes(config, n, dtype, batch, options.attention_chunk)
 
 
 ANALYSIS = Analysis("norms", run, programs=programs, program_bytes=program_bytes)
