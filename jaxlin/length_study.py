@@ -713,7 +713,7 @@ def run_study(
     config.check_against(model_config)
     out = output_dir or default_output(config, kind)
     verbose = start(config, verbose)
-    with claim_output(out, kind, config.overwrite) as output, device_mesh(config.devices):
+    with claim_output(out, kind, config.overwrite) as output, device_mesh(config.devices, config.mesh):
         return _run(config, kind, settings, document, lengths, output.target, verbose)
 
 

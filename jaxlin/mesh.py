@@ -50,7 +50,11 @@ are bounded by the chunked attention's memory, not yet by sequence parallelism.
 Tested on 8 forced host CPU devices (tests/test_mesh.py): every family's tiny model
 under tensor 2 × fsdp 2 × data 2 and tensor 4 × data 2 gives the single-device numbers
 to float64 rounding; so does a GGUF kept quantized in several block layouts
-(tests/test_shards.py), each device holding its block of every quantized leaf.
+(tests/test_shards.py), each device holding its block of every quantized leaf. Whole
+`jaxlin run`s with a `mesh:` section — the analyses' own programs (layer sweep, ablation,
+steering, Hutchinson, focus), a length study, a GGUF kept quantized — write the
+one-device run's summary.json and arrays.npz to float64 rounding, with the same products
+counted (tests/test_mesh_runs.py).
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ from jaxlin.loading import LoadedModel
 from jaxlin.memory import linearization_bytes, product_bytes, require_everywhere, shortfall
 from jaxlin.operator import rows
 from jaxlin.outputs import RunKind, staged_directory, write_npz_atomic
-from jaxlin.plan import Plan, Workload, plan, run_sources, workload
+from jaxlin.plan import Plan, Quantized, Workload, plan, run_sources, workload
 from jaxlin.plots import write_figures
+from jaxlin.quantized import layouts
 from jaxlin.record import parse_record, write_record
 from jaxlin.report import render_report
 from jaxlin.run_config import AnalysisSection, RunConfig
@@ -60,13 +61,19 @@ PLAN_OVERHEAD_BYTES = 2**29
 
 
 def check_memory(
-    config: ModelConfig, n: int, dtype: Any, options: AnalysisSection, analyses: Sequence[Analysis]
+    config: ModelConfig,
+    n: int,
+    dtype: Any,
+    options: AnalysisSection,
+    analyses: Sequence[Analysis],
+    quantized: Quantized | None = None,
 ) -> None:
     """Refuse up front what cannot fit: the analysis of one input — the programs on its J
-    and the enabled analyses' own (`Analysis.programs`)."""
+    and the enabled analyses' own (`Analysis.programs`), planned with the weights in the
+    `quantized` layouts when the model keeps them (`quantized_layouts`)."""
 
     def planned() -> Plan:
-        return plan(config, n, dtype, workload(options, analyses), run_mesh())
+        return plan(config, n, dtype, workload(options, analyses), run_mesh(), quantized)
 
     # What the analyses keep, and (conservatively, all at once) their own programs' peaks.
     estimate = memory_estimate(config, n, dtype, options, analyses)
@@ -88,12 +95,19 @@ def check_run_memory(loaded: LoadedModel, config: RunConfig) -> None:
 
     def planned() -> Plan:
         work = Workload(linearize=False, extra=run_sources(config, tokens_of))
-        return plan(model.config, 0, model.dtype, work, run_mesh())
+        return plan(model.config, 0, model.dtype, work, run_mesh(), quantized_layouts(model.params))
 
     formulas = [analysis.program_bytes for analysis in analyses if analysis.program_bytes]
     estimate = sum(formula(config, model.config, model.dtype, tokens_of) for formula in formulas)
     names = ", ".join(analysis.name for analysis in analyses)
     _check(names, estimate, planned)
+
+
+def quantized_layouts(params: Any) -> Quantized | None:
+    """The layouts of the params a model keeps quantized (`jaxlin.quantized.layouts`), by
+    param path, for a plan of the programs the run compiles on them (the weights' bytes,
+    the dequantizations in the layers); None for float params."""
+    return layouts(params) or None
 
 
 def run_mesh() -> jax.sharding.Mesh | None:
@@ -135,7 +149,7 @@ def analyse(
     analyses = [analysis for analysis in INPUT_ANALYSES if analysis.enabled(options, n)]
     for analysis in analyses:
         analysis.check(options, n, d)
-    check_memory(config, n, model.dtype, options, analyses)
+    check_memory(config, n, model.dtype, options, analyses, quantized_layouts(params))
 
     inputs = model_fns.embed(config, params, jnp.asarray(ids))
     products = Products()

@@ -548,7 +548,7 @@ def test_the_memory_check_plans_on_the_run_mesh_and_every_process_refuses_togeth
     meshes, sent = [], []
     others = [[0, 0, 0], [0, 0, 0]]
 
-    def fake_plan(config, n, dtype, work, mesh):
+    def fake_plan(config, n, dtype, work, mesh, quantized=None):
         meshes.append(mesh)
         return Plan(n, "float64", 0, 0, (ProgramMemory("linearize", 0, 3 * mib, 0, 0),))
 

@@ -520,3 +520,47 @@ def test_quantized_specs_follow_the_float_param_and_keep_groups_whole(tmp_path):
         assert theirs["embedder"]["embedding"] == P(None, "fsdp")
         assert ours["embedder"]["embedding"].codes == P(None, cols)
         assert ours["layers"]["attn"]["k_proj"]["kernel"].scale == P(None, None, cols)
+
+
+def test_the_memory_checks_plan_the_quantized_weights_the_run_keeps(tmp_path, monkeypatch):
+    """`jaxlin run` with `model.quantized: true` decides its refusal on the programs it
+    will compile: the input's (`runner.check_memory`) and steering's
+    (`runner.check_run_memory`) plans hold the loaded params' own quantized layouts —
+    their weights are the quantized params' bytes, not the float model's."""
+    from jaxlin import memory, runner
+    from jaxlin.loading import load_model
+    from jaxlin.memory import InsufficientMemoryError
+    from jaxlin.plan import GGUF_OWN_LAYOUTS, plan
+    from jaxlin.quantized import params_nbytes
+    from jaxlin.run_config import AnalysisSection, parse_run_config
+
+    path = write_mixed_layout_gguf(tmp_path / "mixed.gguf")
+    loaded = load_model("gguf", path, "float32", use_cache=False, progress=False, quantized=True)
+    params = loaded.model.params
+    assert quantized_params(params)
+    plans = []
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        plans.append(plan(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(runner, "plan", recorded)
+    # The formula says no, so each check compiles its plan, which refuses too.
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1)
+    options = AnalysisSection(top_k=2, per_token={"method": "off"}, ordinary_jacobian=False)
+    with pytest.raises(InsufficientMemoryError, match="the analysis of 4 tokens"):
+        runner.analyse(loaded, "abcd", options, add_bos=False)
+    config = parse_run_config(
+        {
+            "model": {"source": "gguf", "path": str(path), "quantized": True},
+            "text": "abcd",
+            "steering": {"enabled": True, "concept": "abc", "prompt": "ab", "max_new_tokens": 2},
+        }
+    )
+    with pytest.raises(InsufficientMemoryError, match="steering"):
+        runner.check_run_memory(loaded, config)
+    assert len(plans) == 2
+    float_bytes = params_nbytes(dequantized_params(params))
+    for planned in plans:
+        assert planned.quantized == GGUF_OWN_LAYOUTS, planned
+        assert planned.weights == params_nbytes(params) < float_bytes, (planned.weights, float_bytes)
