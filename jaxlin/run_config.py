@@ -103,13 +103,13 @@ class AnalysisSection(_Strict):
     )
     per_token: PerTokenSection = PerTokenSection()
     layers: LayersSection = LayersSection()
-    # All samples go through one batched pass (memory ∝ samples); past 2¹⁶ the estimate's
-    # relative spread, √(2/samples) ≈ 0.6 %, barely moves, and past 2⁶³ jax cannot even count them.
     ablation: bool = Field(
         False,
         description="token ablation, linear vs real: y − c_t against the model with each token removed "
         "and with its embedding zeroed (2·N extra forwards)",
     )
+    # The samples go through the operator `chunk` at a time; past 2¹⁶ the estimate's
+    # relative spread, √(2/samples) ≈ 0.6 %, barely moves.
     frobenius_samples: int = Field(
         64, ge=1, le=2**16, description="Hutchinson samples for ‖J_t‖_F when per-token spectra are not exact"
     )
