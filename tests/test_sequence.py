@@ -15,6 +15,7 @@ script, this file is that subprocess."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -108,10 +109,32 @@ def check_family(
         print(f"{label}: {count} per-token residuals split", flush=True)
 
 
+def check_plan_shrinks(model_dir: Path) -> None:
+    """`jaxlin plan`'s programs on a sequence axis: J's own residuals per device shrink
+    about as the axis grows (N = 64, chunked attention), and the plan names the axis."""
+    from jaxlin.model_source import read_model_config
+    from jaxlin.plan import Workload, describe, plans_by_mesh
+    from jaxlin.run_config import ModelSection
+
+    config = read_model_config(ModelSection(source="hf", path=str(model_dir)))
+    work = Workload(top_k=2, chunk=4, per_token="projected", per_token_rank=4)
+    plan_on = plans_by_mesh(config, 64, jnp.dtype("float64"), work, None)
+    one = plan_on({})
+    for devices in (2, 4):
+        planned = plan_on({"sequence": devices})
+        assert f"sequence {devices}" in describe(planned, None)
+        # The replicated leaves (a layer's norm scales) are small beside the per-token ones.
+        assert planned.jacobian * devices <= 1.15 * one.jacobian, (devices, planned.jacobian, one.jacobian)
+        print(
+            f"plan: J's residuals {one.jacobian} → {planned.jacobian} bytes on sequence {devices}", flush=True
+        )
+
+
 def test_sequence_axis_on_eight_host_devices(tiny_model_dir):
     dirs = [str(tiny_model_dir(variant)) for variant in FAMILY_VARIANTS]
     done = run_test_script(__file__, *dirs, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "plan: J's residuals" in done.stdout
     for directory in dirs:
         for chunk in (None, ATTENTION_CHUNK):
             assert f"{Path(directory).name} chunk {chunk}: meshes agree" in done.stdout, done.stdout
@@ -138,7 +161,41 @@ def test_the_mesh_config_accepts_the_sequence_axis():
     from jaxlin.run_config import MeshSection
 
     assert MeshSection(sequence=4, tensor=2).sizes() == {"data": 1, "fsdp": 1, "tensor": 2, "sequence": 4}
+    assert MeshSection(sequence=4).model_dump()["sequence"] == 4
+    # Recorded as before the axis existed when it does not split.
+    assert MeshSection(fsdp=2, tensor=2).model_dump() == {"data": 1, "fsdp": 2, "tensor": 2}
     assert MeshSection().sizes()["sequence"] == 1
+
+
+def test_the_mesh_search_tries_the_sequence_axis_before_data():
+    """With the sequence axis among the searched axes: 35 meshes of up to 8 devices (20
+    without it); at equal weights, the wider tensor, then fsdp, then sequence axis first;
+    a model whose heads stop the tensor axis fits with it and not without."""
+    from jaxlin.mesh import AXIS_ORDER
+    from jaxlin.plan import Plan, ProgramMemory, mesh_candidates, smallest_mesh
+
+    assert len(mesh_candidates(8, AXIS_ORDER)) == 35 and len(mesh_candidates(8)) == 20
+    # A model with 2 heads: tensor splits at most 2 ways (jaxlin.mesh replicates beyond).
+    heads = lambda sizes: min(sizes["tensor"], 2)  # noqa: E731
+    weights = lambda sizes: 100 // (sizes["fsdp"] * heads(sizes))  # noqa: E731
+
+    def plan_on(sizes: dict[str, int]) -> Plan:
+        # The activations are split by heads and by token.
+        activations = 400 // (heads(sizes) * sizes.get("sequence", 1))
+        program = ProgramMemory("linearize", 0, activations, 0, 0)
+        return Plan(1, "float32", weights(sizes), activations, (program,), tuple(sizes.items()))
+
+    search = smallest_mesh(8, 160, weights, plan_on, axes=AXIS_ORDER)
+    assert search.sizes == {"data": 1, "fsdp": 1, "sequence": 2, "tensor": 2}, search.trials
+    assert search.found.peak == 150
+    assert [trial.sizes for trial in search.trials if math.prod(trial.sizes.values()) == 2] == [
+        {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 2},
+        {"data": 1, "fsdp": 2, "sequence": 1, "tensor": 1},
+        {"data": 1, "fsdp": 1, "sequence": 2, "tensor": 1},
+        {"data": 2, "fsdp": 1, "sequence": 1, "tensor": 1},
+    ]
+    # Without it, no mesh of up to 8 devices brings the activations under the limit.
+    assert smallest_mesh(8, 160, weights, plan_on).found is None
 
 
 # (family index, attention chunk) → the meshes it runs on and the lengths compared: each
@@ -158,6 +215,7 @@ RUNS = {
 if __name__ == "__main__":
     jax.config.update("jax_enable_x64", True)
     assert jax.device_count() == 8, jax.devices()
+    check_plan_shrinks(Path(sys.argv[2]))
     for index, directory in enumerate(sys.argv[1:]):
         for chunk in (None, ATTENTION_CHUNK):
             check_family(Path(directory), chunk, RUNS[index, chunk])
