@@ -8,6 +8,10 @@ computes each query's log-sum-exp (frozen); the linear part then recomputes each
 chunk of queries' probabilities from the frozen q, k and log-sum-exp under `jax.checkpoint`,
 so `jax.linearize` keeps only q, k, lse (O(N)) and every J·v / Jᵀ·u recomputes
 exp(q·k − lse) chunk by chunk: memory O(chunk · N), the same values to rounding.
+
+Under a mesh with a sequence axis (jaxlin.mesh) both keep the queries' token axis split:
+the dense probabilities by query row, the chunked form's chunks in a (steps, devices)
+grid whose devices' axis is split, each scan step running one chunk per device.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlin._policy import FreezePolicy
+from jaxlin.mesh import split_tokens, token_devices
 
 PRECISION = jax.lax.Precision.HIGHEST
 
@@ -63,7 +68,8 @@ def dense_attention(
 ) -> jax.Array:
     """q: (N, K, G, h) in the compute dtype; k: (N, K, h); v: (N, K, h). → (N, K, G, h)."""
     positions = jnp.arange(q.shape[0])
-    scores = _scores(q, k, positions, positions, is_sliding, window, scale, softcap)
+    # Queries' rows split by token (the probabilities J keeps with them); keys whole.
+    scores = split_tokens(_scores(q, k, positions, positions, is_sliding, window, scale, softcap), axis=2)
     probs = policy.freeze(jax.nn.softmax(scores, axis=-1))
     return jnp.einsum("kgqs,skh->qkgh", probs.astype(v.dtype), v, precision=PRECISION)
 
@@ -83,13 +89,23 @@ def chunked_frozen_attention(
     frozen = FreezePolicy.DETACHED.freeze
     q, k = frozen(q), frozen(k)
     n = q.shape[0]
-    num_chunks = -(-n // chunk)
+    # Chunks in a (steps, devices) grid, device-major: the sequence axis's device j holds
+    # the queries of chunks j·steps … (j+1)·steps − 1, and step i of the scans below runs
+    # chunk i of every device's block at once (a batch split along the sequence axis). A
+    # scan over the split axis itself would gather every query on every device.
+    devices = token_devices()
+    steps = -(-n // (chunk * devices))
+    num_chunks = steps * devices
     padded = num_chunks * chunk
+
+    def grid(chunks: jax.Array) -> jax.Array:
+        """(num_chunks, …) → (steps, devices, …), the devices' axis split by token."""
+        return split_tokens(jnp.swapaxes(chunks.reshape(devices, steps, *chunks.shape[1:]), 0, 1), axis=1)
+
     # Padded query rows see key 0 at least (causal from a position ≥ 0), so no row is
     # fully masked; their outputs are dropped below.
-    q_chunks = jnp.pad(q, ((0, padded - n),) + ((0, 0),) * 3).reshape(num_chunks, chunk, *q.shape[1:])
-    starts = jnp.arange(num_chunks) * chunk
-    all_positions = jnp.arange(n)
+    q_chunks = grid(jnp.pad(q, ((0, padded - n),) + ((0, 0),) * 3).reshape(num_chunks, chunk, *q.shape[1:]))
+    starts = grid(jnp.arange(num_chunks) * chunk)
     # A sliding layer's query chunk [s, s+B) only sees keys [s−W+1, s+B): slice that span
     # (front-padded with W−1 masked keys) instead of scoring all N keys. Which span a
     # layer uses is data (`is_sliding` rides along the layer scan), hence `lax.cond`.
@@ -103,7 +119,8 @@ def chunked_frozen_attention(
 
     def global_terms(q_chunk: jax.Array, start: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
         query_pos = start + jnp.arange(chunk)
-        return _scores(q_chunk, k, query_pos, all_positions, is_sliding, window, scale, softcap), values
+        # The key positions made here, not closed over: J keeps no (N,) array of them.
+        return _scores(q_chunk, k, query_pos, jnp.arange(n), is_sliding, window, scale, softcap), values
 
     def local_terms(q_chunk: jax.Array, start: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
         query_pos = start + jnp.arange(chunk)
@@ -122,10 +139,13 @@ def chunked_frozen_attention(
             is_sliding, lambda: reduce(*local_terms(*args)), lambda: reduce(*global_terms(*args))
         )
 
-    def chunk_lse(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-        return per_span(lambda scores, _: jax.nn.logsumexp(scores, axis=-1), *args, v)
+    def chunk_lse(q_chunk: jax.Array, start: jax.Array) -> jax.Array:
+        return per_span(lambda scores, _: jax.nn.logsumexp(scores, axis=-1), q_chunk, start, v)
 
-    lse = frozen(jax.lax.map(chunk_lse, (q_chunks, starts)))
+    # The scans' outputs stay in the grid's split too (the partitioner may pick another).
+    lse = frozen(
+        split_tokens(jax.lax.map(lambda args: jax.vmap(chunk_lse)(*args), (q_chunks, starts)), axis=1)
+    )
 
     @jax.checkpoint
     def chunk_output(
@@ -137,5 +157,6 @@ def chunked_frozen_attention(
 
         return per_span(weighted_sum, q_chunk, start, values)
 
-    out = jax.lax.map(lambda args: chunk_output(*args, v), (q_chunks, starts, lse))
-    return out.reshape(padded, *out.shape[2:])[:n]
+    each_device = jax.vmap(chunk_output, in_axes=(0, 0, 0, None))
+    out = split_tokens(jax.lax.map(lambda args: each_device(*args, v), (q_chunks, starts, lse)), axis=1)
+    return jnp.swapaxes(out, 0, 1).reshape(padded, *out.shape[3:])[:n]

@@ -11,6 +11,7 @@ import numpy as np
 from jaxlin._attention import chunked_frozen_attention, dense_attention
 from jaxlin._config import Activation, MLPKind, ModelConfig, NormKind, NormPlacement, RopeConfig
 from jaxlin._policy import FreezePolicy
+from jaxlin.mesh import split_tokens
 from jaxlin.quantized import QuantizedArray
 from jaxlin.quantized import attend as quantized_attend
 from jaxlin.quantized import dense as quantized_dense
@@ -244,6 +245,9 @@ class Attention(nn.Module):
         q = q.reshape(n, cfg.num_heads, cfg.head_dim)
         k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        # Queries, keys and values stay split by token (a sequence axis's devices gather
+        # the keys and values they attend to where they use them).
+        q, k, v = split_tokens(q), split_tokens(k), split_tokens(v)
         if cfg.qk_norm and cfg.qk_norm_per_head:
             q = make_norm(cfg, self.policy, self.dtype, "q_norm")(q)
             k = make_norm(cfg, self.policy, self.dtype, "k_norm")(k)
@@ -314,12 +318,15 @@ def _layer(
     pre_norms = placement is not NormPlacement.POST
     post_norms = placement is not NormPlacement.PRE
 
+    # The residual stream, and so every per-token activation and frozen coefficient of
+    # the layer, split by token along a sequence axis (jaxlin.mesh).
+    h = split_tokens(h)
     attn_in = make_norm(cfg, policy, dtype, "input_norm")(h) if pre_norms else h
     attention = Attention(cfg, policy, dtype, block.attention_chunk, name="attn")
     attn_out = attention(attn_in, cos, sin, is_sliding)
     if post_norms:
         attn_out = make_norm(cfg, policy, dtype, "post_attn_norm")(attn_out)
-    h = h + attn_out
+    h = split_tokens(h + attn_out)
 
     mlp_in = make_norm(cfg, policy, dtype, "pre_mlp_norm")(h) if pre_norms else h
     mlp = GatedMLP if cfg.mlp_kind is MLPKind.GATED else PlainMLP
@@ -327,5 +334,5 @@ def _layer(
     if post_norms:
         mlp_out = make_norm(cfg, policy, dtype, "post_mlp_norm")(mlp_out)
     # Per-layer outputs ride out of the layer scan as taps; jit drops them when unused.
-    h = h + mlp_out
+    h = split_tokens(h + mlp_out)
     return h, {"residual": h, "attention": attn_out, "mlp": mlp_out}

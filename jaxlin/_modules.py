@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jaxlin._config import ModelConfig, Positions
 from jaxlin._layers import PRECISION, DecoderBlock, Dense, Embed, make_norm, rope_tables, softcap
 from jaxlin._policy import FreezePolicy
+from jaxlin.mesh import split_tokens
 
 
 class Transformer(nn.Module):
@@ -65,7 +66,7 @@ class Transformer(nn.Module):
 
     def scale_embeddings(self, embeddings: jax.Array) -> jax.Array:
         """X → the first block's input (Gemma's √d scale; a no-op elsewhere)."""
-        h = embeddings.astype(self.dtype)
+        h = split_tokens(embeddings.astype(self.dtype))
         if self.config.embedding_scale is not None:
             # Cast the scale to the param dtype first, as the reference does.
             h = h * jnp.asarray(self.config.embedding_scale, dtype=self.dtype)

@@ -26,6 +26,7 @@ on several GPUs or TPUs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxlin.mesh import DATA_AXIS, VECTORS_SPEC, make_mesh
+from jaxlin.mesh import DATA_AXIS, SEQUENCE_AXIS, VECTORS_SPEC, make_mesh
 
 
 def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -76,20 +77,35 @@ def _padded(leaf: jax.Array, rows: int) -> jax.Array:
     return jnp.concatenate([leaf, filler])
 
 
+def _matrix_axes() -> tuple[str, ...]:
+    """The ambient mesh's axes a batch of matrices is split along: `data`, and `sequence`
+    where there is one (a per-token batch comes split by token)."""
+    _batch_axis_size()  # refuses a mesh whose axes are not Auto
+    mesh = jax.sharding.get_abstract_mesh()
+    present = dict(mesh.shape) if not mesh.empty else {}
+    return tuple(axis for axis in (DATA_AXIS, SEQUENCE_AXIS) if present.get(axis, 1) > 1)
+
+
 def map_matrices(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
     """`jax.vmap(fn)(matrices)` for a LAPACK-backed `fn` (eigh, svd, qr) over a batch of
-    matrices; under a mesh with a `data` axis the batch is split across its devices.
+    matrices; under a mesh with a `data` or `sequence` axis the batch is split across
+    their devices.
 
     On CPU each device decomposes its matrices one at a time: a batch of one runs inline,
     whereas a larger batch is fanned out over the intra-op thread pool that the devices'
     own executions occupy (jaxlib 0.10), and with as many devices as pool threads every
-    thread then waits for work none is free to run."""
-    devices = _batch_axis_size()
-    if devices is None or devices == 1:
+    thread then waits for work none is free to run. A batch the partitioner splits along
+    the sequence axis on its own (the per-token matrices) would do just that, hence the
+    sequence axis here too."""
+    axes = _matrix_axes()
+    if not axes:
         return jax.vmap(fn)(matrices)
+    mesh = jax.sharding.get_abstract_mesh()
+    devices = math.prod(mesh.shape[axis] for axis in axes)
     local = (lambda block: jax.lax.map(fn, block)) if jax.default_backend() == "cpu" else jax.vmap(fn)
     total = matrices.shape[0]
-    split = jax.shard_map(local, in_specs=VECTORS_SPEC, out_specs=VECTORS_SPEC, check_vma=False)
+    spec = PartitionSpec(axes)
+    split = jax.shard_map(local, in_specs=spec, out_specs=spec, check_vma=False)
     out = split(_padded(matrices, -(-total // devices) * devices))
     return jax.tree_util.tree_map(lambda leaf: leaf[:total], out)
 

@@ -1,4 +1,5 @@
-"""A named device mesh (data × fsdp × tensor) and the rules that shard a model on it.
+"""A named device mesh (data × fsdp × tensor, × sequence for long inputs) and the rules
+that shard a model on it.
 
 The engine is JAX's own: a `jax.sharding.Mesh` whose axes are all of type Auto, the
 parameters placed with `NamedSharding`s, and every jaxlin program jitted under the mesh
@@ -19,6 +20,9 @@ Axes:
   split along it; the partitioner gathers a layer's weights where they are used.
 - `tensor`: attention heads (query heads, and key/value heads when their count divides
   the axis), the MLP width and the vocabulary are split along it (Megatron-style).
+- `sequence` (only in a mesh that gives it a size above 1): the token axis of the
+  activations is split along it (context parallelism); the parameters are replicated
+  along it. See "The sequence axis" below.
 
 Rules, in the spirit of MaxText's logical axes: each parameter (found by its path in the
 params pytree of `jaxlin._modules.Transformer`, stacked layers under `layers`) names a
@@ -42,19 +46,38 @@ converters/params.py and the params cache's restore): each device reads only its
 from the safetensors or GGUF file, so the whole model is never on one device or on the
 host; `place_params` re-places params already built.
 
-The sequence axis is not sharded: the input X (N, d) and every activation keep all N
-tokens on each device, and attention (dense, or the chunked O(N)-memory form) runs
-over all queries and keys locally, split only by heads along `tensor`. Very long inputs
-are bounded by the chunked attention's memory, not yet by sequence parallelism.
+The sequence axis: sharding constraints (`split_tokens`, MaxText's "activation_length"
+in spirit) split the token axis of the input X (N, d), of the residual stream at every
+layer boundary and of each layer's queries, keys and values along `sequence`; the
+partitioner carries the split to everything computed per token from them. So every
+per-token array the linearization keeps — the norms' frozen inverse RMS, the MLP's frozen
+gates (N, ff), attention's frozen probabilities (split by query row) or, in the chunked
+form, its frozen q, k and log-sum-exp — and the products' activations are split: each
+device holds N / sequence tokens of each. Attention needs every key for its queries: the
+keys and values (N × kv_heads × head_dim, small beside the MLP's activations) are kept
+split, and the partitioner brings queries and keys together where they meet — gathering
+keys and values to a device's queries, or (what it picks for the chunked form's J·v and
+Jᵀ·u on CPU, read off the compiled HLO) gathering one scan step's query chunks and
+log-sum-exps, one chunk per device, to the devices holding the keys and summing their
+partial outputs: never all N queries on a device. The chunked form's scans run over the
+chunks of one device's block (the devices' blocks are a batch dimension split along
+`sequence`, `_attention.chunked_frozen_attention`): a scan over the split token axis
+itself would gather every query on every device. A length that does not divide the axis
+computes the same numbers, but the arrays J keeps are then held whole (a jax array is only
+split evenly): choose N a multiple of the axis. The sequence axis is placed between fsdp
+and tensor (its gathers are once per layer; tensor's are inside each layer).
 
 Tested on 8 forced host CPU devices (tests/test_mesh.py): every family's tiny model
 under tensor 2 × fsdp 2 × data 2 and tensor 4 × data 2 gives the single-device numbers
 to float64 rounding; so does a GGUF kept quantized in several block layouts
-(tests/test_shards.py), each device holding its block of every quantized leaf. Whole
-`jaxlin run`s with a `mesh:` section — the analyses' own programs (layer sweep, ablation,
-steering, Hutchinson, focus), a length study, a GGUF kept quantized — write the
-one-device run's summary.json and arrays.npz to float64 rounding, with the same products
-counted (tests/test_mesh_runs.py).
+(tests/test_shards.py), each device holding its block of every quantized leaf; and
+(tests/test_sequence.py) gemma3, llama GQA and qwen2 with biases under sequence 2 ×
+tensor 2 × data 2, sequence 4 × data 2 and sequence 8, dense and chunked attention, each
+per-token array J keeps split along `sequence`. Whole `jaxlin run`s with a `mesh:`
+section — the analyses' own programs (layer sweep, ablation, steering, Hutchinson,
+focus), a length study, a GGUF kept quantized — write the one-device run's summary.json
+and arrays.npz to float64 rounding, with the same products counted
+(tests/test_mesh_runs.py).
 """
 
 from __future__ import annotations
@@ -73,10 +96,15 @@ from jaxlin.quantized import QuantizedArray, is_quantized
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
+SEQUENCE_AXIS = "sequence"
 TENSOR_AXIS = "tensor"
-# Outer to inner: the tensor axis, which communicates inside every layer, gets
-# neighbouring devices (the fastest links on a GPU node or TPU slice).
+# The axes every jaxlin mesh has. The sequence axis is there only when it splits (size
+# > 1), so every mesh without it is the data × fsdp × tensor mesh it always was.
 MESH_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
+# Outer to inner: the tensor axis, which communicates inside every layer, gets
+# neighbouring devices (the fastest links on a GPU node or TPU slice); the sequence axis,
+# which gathers keys and values once per layer, the next fastest.
+AXIS_ORDER = (DATA_AXIS, FSDP_AXIS, SEQUENCE_AXIS, TENSOR_AXIS)
 
 # Logical axis of a parameter dimension → the mesh axis it is split along.
 LOGICAL_AXIS_RULES: dict[str, str] = {
@@ -111,9 +139,8 @@ PARAM_LOGICAL_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
 LAYERS = "layers"
 
 # A batch of vectors pushed through the operator (b, …): the batch along `data`, each
-# vector whole. The input X (N, d): replicated (the sequence axis is not sharded).
+# vector's tokens as the activations' (along `sequence` inside the programs).
 VECTORS_SPEC = PartitionSpec(DATA_AXIS)
-INPUTS_SPEC = PartitionSpec()
 
 
 class MeshError(JaxlinError):
@@ -121,29 +148,50 @@ class MeshError(JaxlinError):
 
 
 def make_mesh(sizes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The data × fsdp × tensor mesh. `sizes` names some axes' sizes (the others are 1)
-    and uses the first prod(sizes) of `devices` (default: all); without `sizes`, every
-    device is on `data` (the parameters replicated, the batches split: what fits on one
-    device needs no more). All axes are Auto: jaxlin leaves placement to the partitioner."""
+    """The data × fsdp × tensor mesh, with a sequence axis when `sizes` gives it a size
+    above 1. `sizes` names some axes' sizes (the others are 1) and uses the first
+    prod(sizes) of `devices` (default: all); without `sizes`, every device is on `data`
+    (the parameters replicated, the batches split: what fits on one device needs no
+    more). All axes are Auto: jaxlin leaves placement to the partitioner."""
     devices = list(devices) if devices is not None else jax.devices()
     if sizes is None:
         sizes = {DATA_AXIS: len(devices)}
     for name, size in sizes.items():
-        if name not in MESH_AXES:
-            raise MeshError(f"mesh.{name}: unknown axis (expected one of {', '.join(MESH_AXES)})")
+        if name not in AXIS_ORDER:
+            raise MeshError(f"mesh.{name}: unknown axis (expected one of {', '.join(AXIS_ORDER)})")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise MeshError(f"mesh.{name}: {size!r} is not a positive integer")
-    shape = tuple(sizes.get(name, 1) for name in MESH_AXES)
+    names = tuple(name for name in AXIS_ORDER if name in MESH_AXES or sizes.get(name, 1) > 1)
+    shape = tuple(sizes.get(name, 1) for name in names)
     needed = math.prod(shape)
     if needed > len(devices):
-        named = " × ".join(f"{size} {name}" for name, size in zip(MESH_AXES, shape, strict=True))
+        named = " × ".join(f"{size} {name}" for name, size in zip(names, shape, strict=True))
         raise MeshError(
             f"mesh: {named} needs {needed} devices, "
             f"but {len(devices)} {devices[0].platform} device(s) are available"
         )
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices[:needed]
-    )
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names), devices=devices[:needed])
+
+
+def token_devices(mesh: Mesh | jax.sharding.AbstractMesh | None = None) -> int:
+    """How many ways `mesh` (default: the ambient one) splits the token axis: the size of
+    its sequence axis, 1 without one (or without a mesh)."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names:
+        return 1
+    return dict(mesh.shape)[SEQUENCE_AXIS]
+
+
+def split_tokens(activation: jax.Array, axis: int = 0) -> jax.Array:
+    """`activation` with its token dimension `axis` split along the ambient mesh's
+    sequence axis, its other dimensions left to the partitioner; as it is without a
+    sequence axis. A sharding constraint (inside a jitted program): a length that does
+    not divide the axis is padded by the partitioner, not refused."""
+    if token_devices() == 1:
+        return activation
+    spec = [PartitionSpec.UNCONSTRAINED] * activation.ndim
+    spec[axis] = SEQUENCE_AXIS
+    return jax.lax.with_sharding_constraint(activation, PartitionSpec(*spec))
 
 
 def _unit(logical: str, config: ModelConfig) -> int:
@@ -244,9 +292,14 @@ def place_params(params: Any, config: ModelConfig, mesh: Mesh | None = None) -> 
     return jax.device_put(params, param_shardings(params, config, mesh))
 
 
-def input_sharding(mesh: Mesh) -> NamedSharding:
-    """The input X (N, d): replicated (the sequence axis is not sharded)."""
-    return NamedSharding(mesh, INPUTS_SPEC)
+def input_sharding(mesh: Mesh, tokens: int | None = None) -> NamedSharding:
+    """The input X (`tokens`, d): its tokens along the sequence axis when `mesh` has one
+    and `tokens` splits evenly over it (an array placed on devices needs even shards;
+    inside a program `split_tokens` splits any length), otherwise whole on every device."""
+    devices = token_devices(mesh)
+    if devices > 1 and tokens is not None and tokens % devices == 0:
+        return NamedSharding(mesh, PartitionSpec(SEQUENCE_AXIS))
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def vectors_sharding(mesh: Mesh) -> NamedSharding:

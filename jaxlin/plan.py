@@ -51,11 +51,11 @@ from jaxlin._config import ModelConfig
 from jaxlin._modules import Transformer
 from jaxlin._policy import FreezePolicy
 from jaxlin.jacobian import DEFAULT_ATTENTION_CHUNK, DetachedJacobian, _linearize, _resolve_params
-from jaxlin.mesh import MESH_AXES, input_sharding, make_mesh, param_specs
+from jaxlin.mesh import AXIS_ORDER, MESH_AXES, SEQUENCE_AXIS, input_sharding, make_mesh, param_specs
 from jaxlin.model import Tap
 
 Abstract = jax.ShapeDtypeStruct
-MeshSizes = dict[str, int]  # axis → size (jaxlin.mesh's data × fsdp × tensor); an axis left out is 1
+MeshSizes = dict[str, int]  # axis → size (jaxlin.mesh's data × fsdp × tensor × sequence); one left out is 1
 # The quantized layouts planned: a GGUF block type's name (`QUANTIZED_LAYOUTS`), or a file's
 # own layouts by param path (`jaxlin.quantized.layouts`, as `gguf_quantized_layouts` reads them).
 Quantized = str | Mapping[str, Mapping[str, Any]]
@@ -200,6 +200,17 @@ def nbytes(tree: Any) -> int:
     return sum(_leaf_bytes(leaf) for leaf in jax.tree_util.tree_leaves(tree))
 
 
+def placed(outputs: Any, compiled: Any, mesh: Any) -> Any:
+    """A program's abstract `outputs` (`jax.eval_shape`'s) as `compiled` places them on
+    `mesh`, so that `nbytes` counts one device's share of each (rows split by token along
+    a sequence axis, say); as they are without a mesh."""
+    if mesh is None:
+        return outputs
+    return jax.tree_util.tree_map(
+        lambda leaf, sharding: leaf.update(sharding=sharding), outputs, compiled.output_shardings
+    )
+
+
 def program_memory(name: str, program: Any, held: int = 0) -> ProgramMemory:
     """The memory analysis of a lowered (`jit(f).lower(...)`) or compiled program, with
     `held` bytes resident beside the weights while it runs (what it is given that is
@@ -271,9 +282,11 @@ class Abstracts:
         are `ParamRef`s — so whatever it copies (a tap's layer weights) counts, and what it
         refers to does not. On a mesh, each output as the partitioner placed it."""
         compiled = _linearize.lower(self.params, inputs, self.config, policy, block, tap).compile()
-        out = jax.eval_shape(_linearize, self.params, inputs, self.config, policy, block, tap)
-        if self.mesh is not None:
-            out = jax.tree_util.tree_map(lambda a, s: a.update(sharding=s), out, compiled.output_shardings)
+        out = placed(
+            jax.eval_shape(_linearize, self.params, inputs, self.config, policy, block, tap),
+            compiled,
+            self.mesh,
+        )
         jacobian = dataclasses.replace(out, linear=_resolve_params(out.linear, self.params))
         return _compiled_memory(name, compiled, held), jacobian, nbytes(out)
 
@@ -297,8 +310,9 @@ def _jacobian_programs(planned: Abstracts, work: Workload) -> tuple[list[Program
     dense, dense_held = None, held
     if need_rows:
         identity = Abstract((d, d), jacobian.dtype)
-        dense = jax.eval_shape(operator._rows, jacobian, identity, work.chunk)
-        programs.append(program_memory("rows", operator._rows.lower(jacobian, identity, work.chunk), held))
+        compiled = operator._rows.lower(jacobian, identity, work.chunk).compile()
+        dense = placed(jax.eval_shape(operator._rows, jacobian, identity, work.chunk), compiled, planned.mesh)
+        programs.append(program_memory("rows", compiled, held))
         dense_held = held + nbytes(dense)  # the rows stay while the programs that read them run
     if work.method == "rows":
         lowered = spectral._rows_top_k.lower(dense, work.top_k)
@@ -317,9 +331,11 @@ def _jacobian_programs(planned: Abstracts, work: Workload) -> tuple[list[Program
         programs.append(program_memory("per-token", lowered, dense_held))
     elif work.per_token == "projected":
         basis = Abstract((work.per_token_rank, d), jacobian.dtype)
-        projected = jax.eval_shape(operator._rows, jacobian, basis, work.chunk)
-        lowered = operator._rows.lower(jacobian, basis, work.chunk)
-        programs.append(program_memory("per-token rows", lowered, dense_held))
+        compiled = operator._rows.lower(jacobian, basis, work.chunk).compile()
+        projected = placed(
+            jax.eval_shape(operator._rows, jacobian, basis, work.chunk), compiled, planned.mesh
+        )
+        programs.append(program_memory("per-token rows", compiled, dense_held))
         wide_basis, k = basis.update(dtype=wide), work.per_token_top_k
         lowered = spectral.per_token_from_rows.lower(projected, wide_basis, k)
         programs.append(program_memory("per-token", lowered, dense_held + nbytes(projected)))
@@ -356,7 +372,7 @@ def _plan(
     config: ModelConfig, tokens: int, dtype: jnp.dtype, work: Workload, mesh: Any, quantized: Quantized | None
 ) -> Plan:
     params = abstract_params(config, dtype, mesh, quantized)
-    sharding = input_sharding(mesh) if mesh is not None else None
+    sharding = input_sharding(mesh, tokens) if mesh is not None else None
     inputs = Abstract((tokens, config.hidden_size), dtype, sharding=sharding)
     planned = Abstracts(config, params, inputs, None, 0, mesh)
     programs: list[ProgramMemory] = []
@@ -432,9 +448,11 @@ def token_bound(text: str) -> int:
 
 
 def mesh_label(sizes: MeshSizes) -> str:
-    """'data 1 × fsdp 2 × tensor 4 (8 devices)'."""
-    count = math.prod(sizes.get(axis, 1) for axis in MESH_AXES)
-    axes = " × ".join(f"{axis} {sizes.get(axis, 1)}" for axis in MESH_AXES)
+    """'data 1 × fsdp 2 × tensor 4 (8 devices)'; 'data 1 × fsdp 1 × tensor 2 × sequence 4
+    (8 devices)' (the sequence axis named only where it splits)."""
+    named = [*MESH_AXES, *([SEQUENCE_AXIS] if sizes.get(SEQUENCE_AXIS, 1) > 1 else [])]
+    count = math.prod(sizes.get(axis, 1) for axis in named)
+    axes = " × ".join(f"{axis} {sizes.get(axis, 1)}" for axis in named)
     return f"{axes} ({count} device{'s' if count > 1 else ''})"
 
 
@@ -462,12 +480,13 @@ def describe(planned: Plan, limit: int | None) -> str:
 # ------------------------------------------------------------------ the smallest mesh
 
 
-def mesh_candidates(devices: int) -> list[MeshSizes]:
-    """Every data × fsdp × tensor mesh whose device count divides `devices`."""
+def mesh_candidates(devices: int, axes: Sequence[str] = MESH_AXES) -> list[MeshSizes]:
+    """Every mesh over `axes` (default data × fsdp × tensor; `AXIS_ORDER` adds the
+    sequence axis) whose device count divides `devices`."""
     divisors = [n for n in range(1, devices + 1) if devices % n == 0]
     return [
-        dict(zip(MESH_AXES, sizes, strict=True))
-        for sizes in itertools.product(divisors, repeat=len(MESH_AXES))
+        dict(zip(axes, sizes, strict=True))
+        for sizes in itertools.product(divisors, repeat=len(axes))
         if devices % math.prod(sizes) == 0
     ]
 
@@ -511,12 +530,14 @@ def smallest_mesh(
     plan_on: Callable[[MeshSizes], Plan],
     known_misfit: Callable[[MeshSizes], bool] = lambda sizes: False,
     per_count: int | None = None,
+    axes: Sequence[str] = MESH_AXES,
 ) -> MeshSearch:
     """The mesh of fewest devices (up to `devices`) whose plan's peak fits `limit`.
 
     Meshes are tried by device count; within a count, those holding the fewest weights per
     device first, then the wider tensor axis, then fsdp (data splits only the batches of
-    vectors). A mesh whose weights alone exceed the limit is not compiled (a peak is at
+    vectors; with `axes` = `AXIS_ORDER`, the wider sequence axis before data: it splits the
+    activations). A mesh whose weights alone exceed the limit is not compiled (a peak is at
     least the weights), nor one the caller knows not to fit (`known_misfit`: say, one that
     did not fit a shorter input). So every mesh of fewer devices than the answer — each
     neighbour with an axis halved among them — was tried and does not fit.
@@ -524,11 +545,11 @@ def smallest_mesh(
     `per_count` limits the search to the first that many meshes of each device count (in
     the order above): cheaper, and then only an upper bound on the devices needed."""
 
-    def order(sizes: MeshSizes) -> tuple[int, int, int, int]:
+    def order(sizes: MeshSizes) -> tuple[int, int, int, int, int]:
         count = math.prod(sizes.values())
-        return (count, weights_on(sizes), -sizes["tensor"], -sizes["fsdp"])
+        return (count, weights_on(sizes), -sizes["tensor"], -sizes["fsdp"], -sizes.get(SEQUENCE_AXIS, 1))
 
-    candidates = sorted(mesh_candidates(devices), key=order)
+    candidates = sorted(mesh_candidates(devices, axes), key=order)
     if per_count is not None:
         by_count = itertools.groupby(candidates, key=lambda sizes: math.prod(sizes.values()))
         candidates = [sizes for _, group in by_count for sizes in itertools.islice(group, per_count)]
@@ -589,7 +610,7 @@ def parse_bytes(text: str) -> int:
 
 
 def _mesh_key(sizes: MeshSizes) -> tuple[int, ...]:
-    return tuple(sizes.get(axis, 1) for axis in MESH_AXES)
+    return tuple(sizes.get(axis, 1) for axis in AXIS_ORDER)
 
 
 def plans_by_mesh(
@@ -601,7 +622,7 @@ def plans_by_mesh(
     def planned(key: tuple[int, ...]) -> Plan:
         count = math.prod(key)
         mesh = (
-            make_mesh(dict(zip(MESH_AXES, key, strict=True)), planning_devices(count)) if count > 1 else None
+            make_mesh(dict(zip(AXIS_ORDER, key, strict=True)), planning_devices(count)) if count > 1 else None
         )
         return plan(config, tokens, dtype, work, mesh, quantized)
 
@@ -691,7 +712,7 @@ def plan_run(
 
     @functools.cache
     def weights_on(key: tuple[int, ...]) -> int:
-        return weights_per_device(model, dtype, dict(zip(MESH_AXES, key, strict=True)), planned_layouts)
+        return weights_per_device(model, dtype, dict(zip(AXIS_ORDER, key, strict=True)), planned_layouts)
 
     plans, searches = [], []
     for n in tokens:
@@ -700,6 +721,8 @@ def plan_run(
         searches.append(
             None
             if limit is None
-            else smallest_mesh(count, limit, lambda sizes: weights_on(_mesh_key(sizes)), plan_on)
+            else smallest_mesh(
+                count, limit, lambda sizes: weights_on(_mesh_key(sizes)), plan_on, axes=AXIS_ORDER
+            )
         )
     return PlanReport(architecture, limit, tuple(plans), tuple(searches))

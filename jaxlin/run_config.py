@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from jaxlin.errors import JaxlinError
 
@@ -197,9 +206,24 @@ class MeshSection(_Strict):
     data: int = Field(1, ge=1, description="batches of vectors split across this many devices")
     fsdp: int = Field(1, ge=1, description="the hidden dimension of every weight split this many ways")
     tensor: int = Field(1, ge=1, description="heads, MLP width and vocabulary split this many ways")
+    sequence: int = Field(
+        1,
+        ge=1,
+        description="the tokens of every activation the linearization keeps split this many ways "
+        "(long inputs)",
+    )
 
     def sizes(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "sequence": self.sequence}
+
+    @model_serializer(mode="wrap")
+    def _without_unsplit_sequence(self, serialize: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A mesh that does not split the tokens is recorded as before the sequence axis
+        existed (a run's summary, its fingerprint)."""
+        fields = serialize(self)
+        if fields.get("sequence") == 1:
+            del fields["sequence"]
+        return fields
 
 
 class DistributedSection(_Strict):
@@ -295,8 +319,8 @@ class RunConfig(_Strict):
     )
     mesh: MeshSection | None = Field(
         None,
-        description="shard the model over a data × fsdp × tensor device mesh (default: every device on "
-        "data, the parameters replicated)",
+        description="shard the model over a data × fsdp × tensor (× sequence) device mesh (default: every "
+        "device on data, the parameters replicated)",
     )
     distributed: DistributedSection | None = Field(
         None,

@@ -36,6 +36,7 @@ from jaxlin.devices import map_in_batches, map_matrices
 from jaxlin.distributed import to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import DetachedJacobian, Products
+from jaxlin.mesh import split_tokens, token_devices
 from jaxlin.operator import chunk_size, rows
 
 
@@ -266,11 +267,20 @@ def per_token_from_rows(
     basis = basis.astype(wide)
     b, n, d = rows.shape
     group = min(n, token_group or token_group_size(n, b, d, jnp.dtype(wide).itemsize))
-    # Group starts; the last group is moved back to end at N (it overlaps the one before).
-    starts = np.minimum(np.arange(-(-n // group)) * group, n - group)
+    # Split by token along a sequence axis (jaxlin.mesh), each device's block of N / devices
+    # tokens is grouped on its own and a step takes one group from every block: a scan
+    # over groups of the split axis itself would gather all the rows on every device.
+    devices = token_devices() if n % token_devices() == 0 else 1
+    block = n // devices
+    group = min(group, block)
+    # Group starts in a block; the last group is moved back to end at the block's end (it
+    # overlaps the one before).
+    starts = np.minimum(np.arange(-(-block // group)) * group, block - group)
+    blocks_of_rows = split_tokens(rows.reshape(b, devices, block, d), axis=1)
 
     def group_triplets(start: jax.Array) -> tuple[jax.Array, ...]:
-        blocks = jnp.moveaxis(jax.lax.dynamic_slice_in_dim(rows, start, group, axis=1), 1, 0)  # (g, b, d)
+        taken = jax.lax.dynamic_slice_in_dim(blocks_of_rows, start, group, axis=2)  # (b, devices, g, d)
+        blocks = jnp.moveaxis(taken.reshape(b, devices * group, d), 1, 0)  # (devices·g, b, d)
         gram = jnp.einsum("tid,tjd->tij", blocks, blocks, precision=jax.lax.Precision.HIGHEST)
         _, eigenvectors = map_matrices(jnp.linalg.eigh, gram)  # ascending, per token
         w = eigenvectors[:, :, ::-1][:, :, :k]  # (g, b, k)
@@ -282,10 +292,12 @@ def per_token_from_rows(
         left = jnp.einsum("tbk,bd->tkd", w, basis)
         return left, sigma, right, bounds, jnp.sum(blocks**2, axis=(1, 2))
 
-    grouped = jax.lax.map(group_triplets, jnp.asarray(starts))
-    # Token t's result sits in the group covering it (the later one where two overlap).
-    owner = np.minimum(np.arange(n) // group, len(starts) - 1)
-    flat_index = jnp.asarray(owner * group + np.arange(n) - starts[owner])
+    grouped = jax.lax.map(group_triplets, jnp.asarray(starts))  # each (steps, devices·g, …)
+    # Token t (position `local` of block j) sits in the group covering it (the later one
+    # where two overlap).
+    local = np.arange(n) % block
+    owner = np.minimum(local // group, len(starts) - 1)
+    flat_index = jnp.asarray((owner * devices + np.arange(n) // block) * group + local - starts[owner])
     return tuple(out.reshape(-1, *out.shape[2:])[flat_index] for out in grouped)
 
 
