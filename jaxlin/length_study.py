@@ -70,7 +70,7 @@ from jaxlin.devices import batch_devices, map_in_batches
 from jaxlin.distributed import is_writer, to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import DetachedJacobian, Products, linearize
-from jaxlin.memory import linearization_bytes, product_bytes, refusal_everywhere, shortfall
+from jaxlin.memory import linearization_bytes, planned_refusal, product_bytes
 from jaxlin.operator import (
     Certificate,
     certify,
@@ -81,7 +81,7 @@ from jaxlin.operator import (
     rows,
 )
 from jaxlin.outputs import claim_output, make_directory, write_json_atomic
-from jaxlin.plan import Abstracts, ProgramMemory, Workload, program_memory
+from jaxlin.plan import Abstracts, ProgramMemory, Quantized, Workload, program_memory
 from jaxlin.run_config import LengthStudySection, RunConfig, read_text_file
 from jaxlin.spectral import rows_top_k, top_k, widened
 
@@ -620,14 +620,32 @@ def _memory_estimate(config: ModelConfig, length: int, dtype: Any, settings: Stu
     estimate = linearization_bytes(config, length, dtype, chunk)
     estimate += product_bytes(config, length, dtype, settings.chunk, chunk)
     if settings.exact_influence(length):
-        estimate += config.hidden_size**2 * length * wide  # J's rows, kept for the exact spectrum
+        # J's rows, kept for the exact spectrum, and the copy the contributions' contraction
+        # makes of them (XLA transposes the token axis ahead: `contributions_from_rows`).
+        estimate += 2 * config.hidden_size**2 * length * wide
     return estimate
 
 
 def plan_lengths(
-    lengths: list[int], n_tokens: int, config: ModelConfig, dtype: Any, settings: StudySettings
+    lengths: list[int],
+    n_tokens: int,
+    config: ModelConfig,
+    dtype: Any,
+    settings: StudySettings,
+    quantized: Quantized | None = None,
 ) -> tuple[list[int], list[dict[str, Any]]]:
-    """The lengths that can run, and why the others cannot (document, positions, memory)."""
+    """The lengths that can run, and why the others cannot (document, positions, memory).
+    Memory is decided as `jaxlin run` decides it (`jaxlin.memory.planned_refusal`): the
+    formula where it says yes, else the study's programs at that length compiled on the
+    ambient mesh with abstract weights in the model's `quantized` layouts
+    (`study_workload`, what `jaxlin plan` plans for the study)."""
+    from jaxlin.plan import plan
+    from jaxlin.runner import run_mesh
+
+    def planned(length: int) -> int:
+        work = study_workload(settings, length)
+        return plan(config, length, dtype, work, run_mesh(), quantized).above_weights
+
     kept, skipped = [], []
     for length in lengths:
         reason = None
@@ -638,7 +656,7 @@ def plan_lengths(
         else:
             # Every process keeps the same lengths (`jaxlin.memory.refusal_everywhere`).
             estimate = _memory_estimate(config, length, dtype, settings)
-            reason = refusal_everywhere(shortfall(estimate), f"length {length}")
+            reason = planned_refusal(f"length {length}", estimate, functools.partial(planned, length))
         if reason is None:
             kept.append(length)
         else:
@@ -735,6 +753,7 @@ def _run(
     verbose: bool,
 ) -> tuple[dict[str, Any], Path]:
     from jaxlin.command import load_placed
+    from jaxlin.runner import quantized_layouts
     from jaxlin.tokens import token_text, tokenize
 
     say = _progress(verbose)
@@ -743,7 +762,8 @@ def _run(
     model, tokenizer = loaded.model, loaded.tokenizer
     params = model.params
     ids = tokenize(tokenizer, document.text, config.add_bos)
-    kept, skipped = plan_lengths(lengths, len(ids), model.config, model.dtype, settings)
+    quantized = quantized_layouts(params)
+    kept, skipped = plan_lengths(lengths, len(ids), model.config, model.dtype, settings, quantized)
     for entry in skipped:
         say(f"length {entry['length']} skipped: {entry['reason']}")
     if not kept:

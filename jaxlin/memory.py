@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -137,3 +138,22 @@ def require_everywhere(short: Shortfall | None, what: str) -> None:
     message = refusal_everywhere(short, what)
     if message is not None:
         raise InsufficientMemoryError(message)
+
+
+# What the planner does not see, measured on CPU (benchmarks/plan_accuracy.py): the
+# process's peak exceeds the compiled programs' by a constant ≈ 0.24 GB (the compiler,
+# host copies of results), whatever N.
+PLAN_OVERHEAD_BYTES = 2**29
+
+
+def planned_refusal(what: str, estimate: int, planned: Callable[[], int]) -> str | None:
+    """Why every process refuses `what`, or None. The formula (`estimate`, conservative
+    and free) decides when it says yes; otherwise `planned()` — the bytes the compiled
+    programs add above the resident weights (`jaxlin.plan.Plan.above_weights`), costly —
+    decides. Each process decides for its own device and all refuse together when one
+    does (`refusal_everywhere`: a collective, every process calls it at the same point)."""
+    short = shortfall(estimate)
+    if short is not None:
+        what += " (compiled programs' plan)"
+        short = shortfall(planned() + PLAN_OVERHEAD_BYTES)
+    return refusal_everywhere(short, what)

@@ -23,7 +23,7 @@ from jaxlin.distributed import to_host
 from jaxlin.errors import JaxlinError
 from jaxlin.jacobian import Products, linearize
 from jaxlin.loading import LoadedModel
-from jaxlin.memory import linearization_bytes, product_bytes, require_everywhere, shortfall
+from jaxlin.memory import InsufficientMemoryError, linearization_bytes, planned_refusal, product_bytes
 from jaxlin.operator import rows
 from jaxlin.outputs import RunKind, staged_directory, write_npz_atomic
 from jaxlin.plan import Plan, Quantized, Workload, plan, run_sources, workload
@@ -52,12 +52,6 @@ def memory_estimate(
     estimate = linearization_bytes(config, n, dtype, options.attention_chunk)
     estimate += product_bytes(config, n, dtype, options.chunk, options.attention_chunk)
     return estimate + sum(analysis.memory_bytes(config, n, dtype, options) for analysis in analyses)
-
-
-# What the planner does not see, measured on CPU (benchmarks/plan_accuracy.py): the
-# process's peak exceeds the compiled programs' by a constant ≈ 0.24 GB (the compiler,
-# host copies of results), whatever N.
-PLAN_OVERHEAD_BYTES = 2**29
 
 
 def check_memory(
@@ -118,16 +112,13 @@ def run_mesh() -> jax.sharding.Mesh | None:
 
 
 def _check(what: str, estimate: int, planned: Callable[[], Plan]) -> None:
-    """The formula (`estimate`, conservative and free) decides when it says yes; otherwise
-    the programs are compiled with abstract weights and their memory analysis read
-    (`jaxlin.plan`), which decides. Every process of a run decides for its own device and
-    all refuse together when one does (`jaxlin.memory.require_everywhere`)."""
-    short = shortfall(estimate)
-    if short is not None:
-        what += " (compiled programs' plan)"
-        # The weights are already resident: only what the programs add must fit.
-        short = shortfall(planned().above_weights + PLAN_OVERHEAD_BYTES)
-    require_everywhere(short, what)
+    """Refuse `what` in every process unless the formula (`estimate`) or, where it says
+    no, the programs compiled with abstract weights (`jaxlin.plan`) say it fits
+    (`jaxlin.memory.planned_refusal`). The weights are already resident: only what the
+    programs add must fit."""
+    message = planned_refusal(what, estimate, lambda: planned().above_weights)
+    if message is not None:
+        raise InsufficientMemoryError(message)
 
 
 def analyse(

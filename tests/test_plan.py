@@ -71,7 +71,7 @@ def test_run_refuses_by_the_plan_only_where_the_formula_says_no(tiny_model_dir, 
     formula = runner.memory_estimate(config, n, jnp.float64, options, analyses)
     planned = plan(config, n, jnp.float64, runner.workload(options)).above_weights
     assert planned < formula  # the formula is the conservative one
-    monkeypatch.setattr(runner, "PLAN_OVERHEAD_BYTES", 0)
+    monkeypatch.setattr(memory, "PLAN_OVERHEAD_BYTES", 0)
     plans = []
     monkeypatch.setattr(runner, "plan", lambda *args: plans.append(1) or plan(*args))
 
@@ -557,7 +557,7 @@ def test_the_memory_check_plans_on_the_run_mesh_and_every_process_refuses_togeth
         return np.asarray([list(values), *others[1:]])
 
     monkeypatch.setattr(runner, "plan", fake_plan)
-    monkeypatch.setattr(runner, "PLAN_OVERHEAD_BYTES", 0)
+    monkeypatch.setattr(memory, "PLAN_OVERHEAD_BYTES", 0)
     monkeypatch.setattr(memory, "from_every_process", fake_gather)
     monkeypatch.setattr(memory, "available_bytes", lambda: 1 * mib)  # the formula says no
     mesh = make_mesh({"data": 1})
@@ -659,3 +659,45 @@ def test_every_process_of_a_length_study_keeps_the_same_lengths(tiny_model_dir, 
             "device; use a shorter input, a smaller analysis.chunk, or a machine with more memory",
         }
     ]
+
+
+def test_a_length_study_refuses_a_length_by_the_plan_only_where_the_formula_says_no(
+    tiny_model_dir, monkeypatch
+):
+    """A length the conservative formula has no room for is kept when the study's programs,
+    compiled at that length on the run's mesh, fit (as `jaxlin run` decides for an input),
+    and skipped, naming the plan, when they do not."""
+    import jaxlin.plan
+    from jaxlin import length_study, memory
+    from jaxlin.mesh import make_mesh
+    from jaxlin.run_config import parse_run_config
+
+    config = load_hf_model(tiny_model_dir("llama_gqa_untied"), jnp.float64).config
+    section = {"lengths": [16], "max_exact_tokens": 16}
+    settings = length_study.StudySettings.from_config(parse_run_config({"length_study": section}), "study")
+    formula = length_study._memory_estimate(config, 16, jnp.float64, settings)
+    planned = plan(config, 16, jnp.float64, length_study.study_workload(settings, 16)).above_weights
+    assert planned < formula  # the formula is the conservative one
+    monkeypatch.setattr(memory, "PLAN_OVERHEAD_BYTES", 0)
+    plans, real_plan = [], jaxlin.plan.plan
+
+    def recorded_plan(*args):
+        plans.append((args, real_plan(*args)))
+        return plans[-1][1]
+
+    monkeypatch.setattr(jaxlin.plan, "plan", recorded_plan)
+
+    def with_free(free: int) -> tuple[list[int], list[dict]]:
+        monkeypatch.setattr(memory, "available_bytes", lambda: free)
+        return length_study.plan_lengths([16], 100, config, jnp.float64, settings, "Q4_0")
+
+    assert with_free(10 * formula) == ([16], []) and plans == []  # the formula says yes: nothing compiled
+    mesh = make_mesh({"data": 1})
+    with jax.set_mesh(mesh):
+        # The formula says no, the plan yes.
+        assert with_free(int((formula + planned) / 2 / 0.9)) == ([16], [])
+    ((_, n, _, work, on, quantized), result), *_ = plans
+    assert (n, on, quantized) == (16, mesh, "Q4_0") and work.method == "rows"
+    assert "length study: contributions" in [program.name for program in result.programs]
+    kept, skipped = with_free(int(planned / 2))
+    assert kept == [] and skipped[0]["reason"].startswith("length 16 (compiled programs' plan) needs about")
