@@ -268,6 +268,14 @@ class Abstracts:
             return self
         return dataclasses.replace(self, rows=None, held=self.held - nbytes(self.rows))
 
+    def program(self, name: str, function: Any, *args: Any, held: int = 0) -> tuple[ProgramMemory, Any]:
+        """The program of the jitted `function` at `args` and its outputs as it places them
+        on the plan's mesh: what a later program finds held is counted per device (J's
+        rows split by token along a sequence axis, say)."""
+        compiled = function.lower(*args).compile()
+        outputs = placed(jax.eval_shape(function, *args), compiled, self.mesh)
+        return _compiled_memory(name, compiled, held), outputs
+
     def linearization(
         self,
         inputs: Abstract,
@@ -310,9 +318,8 @@ def _jacobian_programs(planned: Abstracts, work: Workload) -> tuple[list[Program
     dense, dense_held = None, held
     if need_rows:
         identity = Abstract((d, d), jacobian.dtype)
-        compiled = operator._rows.lower(jacobian, identity, work.chunk).compile()
-        dense = placed(jax.eval_shape(operator._rows, jacobian, identity, work.chunk), compiled, planned.mesh)
-        programs.append(program_memory("rows", compiled, held))
+        program, dense = planned.program("rows", operator._rows, jacobian, identity, work.chunk, held=held)
+        programs.append(program)
         dense_held = held + nbytes(dense)  # the rows stay while the programs that read them run
     if work.method == "rows":
         lowered = spectral._rows_top_k.lower(dense, work.top_k)
@@ -331,11 +338,10 @@ def _jacobian_programs(planned: Abstracts, work: Workload) -> tuple[list[Program
         programs.append(program_memory("per-token", lowered, dense_held))
     elif work.per_token == "projected":
         basis = Abstract((work.per_token_rank, d), jacobian.dtype)
-        compiled = operator._rows.lower(jacobian, basis, work.chunk).compile()
-        projected = placed(
-            jax.eval_shape(operator._rows, jacobian, basis, work.chunk), compiled, planned.mesh
+        program, projected = planned.program(
+            "per-token rows", operator._rows, jacobian, basis, work.chunk, held=dense_held
         )
-        programs.append(program_memory("per-token rows", compiled, dense_held))
+        programs.append(program)
         wide_basis, k = basis.update(dtype=wide), work.per_token_top_k
         lowered = spectral.per_token_from_rows.lower(projected, wide_basis, k)
         programs.append(program_memory("per-token", lowered, dense_held + nbytes(projected)))

@@ -183,9 +183,10 @@ def programs(options: AnalysisSection, planned: Abstracts) -> Iterator[ProgramMe
         held = planned.held
         if local:
             collect = jax.jit(layer_inputs, static_argnames=("config", "attention_chunk"))
-            lowered = collect.lower(config, planned.params, planned.inputs, attention_chunk)
-            yield program_memory(f"layers {scope}: layer inputs", lowered, held)
-            held += nbytes(jax.eval_shape(collect, config, planned.params, planned.inputs, attention_chunk))
+            arguments = (config, planned.params, planned.inputs, attention_chunk)
+            program, inputs = planned.program(f"layers {scope}: layer inputs", collect, *arguments, held=held)
+            yield program
+            held += nbytes(inputs)
         previous = 0  # the last tap's J, alive while the next is linearized
         for kind in section.kinds:
             tap = Tap(0, kind, section.final_norm, local)
@@ -199,9 +200,10 @@ def programs(options: AnalysisSection, planned: Abstracts) -> Iterator[ProgramMe
             with_tap = held + tap_held
             if rows_in_memory:
                 identity = jax.ShapeDtypeStruct((d, d), jacobian.dtype)
-                lowered = operator._rows.lower(jacobian, identity, options.chunk)
-                yield program_memory(f"{name}: rows", lowered, with_tap)
-                dense = jax.eval_shape(operator._rows, jacobian, identity, options.chunk)
+                program, dense = planned.program(
+                    f"{name}: rows", operator._rows, jacobian, identity, options.chunk, held=with_tap
+                )
+                yield program
                 with_rows = with_tap + nbytes(dense)
                 lowered = spectral._rows_top_k.lower(dense, section.top_k)
                 yield program_memory(f"{name}: spectrum", lowered, with_rows)

@@ -239,14 +239,17 @@ def programs(
     )
     yield program
     identity = jax.ShapeDtypeStruct((model.hidden_size,) * 2, jacobian.dtype)
-    lowered = operator._rows.lower(jacobian, identity, CONCEPT_ROWS_CHUNK)
-    yield program_memory("steering: concept rows", lowered, held)
-    dense = jax.eval_shape(operator._rows, jacobian, identity, CONCEPT_ROWS_CHUNK)
+    program, dense = planned.program(
+        "steering: concept rows", operator._rows, jacobian, identity, CONCEPT_ROWS_CHUNK, held=held
+    )
+    yield program
     # J_S is dropped once its rows exist; they are moved into blocks, then only those stay.
-    yield program_memory("steering: blocks", jax.jit(concept_blocks).lower(dense), nbytes(dense))
-    blocks = jax.eval_shape(concept_blocks, dense)
-    yield program_memory("steering: direction", jax.jit(top_direction).lower(blocks), nbytes(blocks))
-    direction = jax.eval_shape(top_direction, blocks)
+    program, blocks = planned.program("steering: blocks", jax.jit(concept_blocks), dense, held=nbytes(dense))
+    yield program
+    program, direction = planned.program(
+        "steering: direction", jax.jit(top_direction), blocks, held=nbytes(blocks)
+    )
+    yield program
     buffer = planned.replicated((tokens_of(section.prompt) + section.max_new_tokens,), jnp.int32)
     position = planned.replicated((), jnp.int32)
     strength = planned.replicated((), planned.dtype)
