@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from jaxlin._config import ModelConfig
 from jaxlin._policy import FreezePolicy
+from jaxlin.mesh import pad_tokens
 from jaxlin.model import Params, Tap, final_hidden, tap_values
 
 # Query chunk of the O(N)-memory attention used by the detached operator. Inputs up to
@@ -68,9 +69,11 @@ def target_function(
 
     def target(embeddings: jax.Array, beta: jax.Array | float = 1.0) -> jax.Array:
         scaled = scale_biases(params, jnp.asarray(beta)) if config.has_biases else params
+        # On a sequence axis the tokens are padded to split evenly (`jaxlin.mesh.pad_tokens`).
+        last, padded = embeddings.shape[0] - 1, pad_tokens(embeddings)
         if tap is not None:
-            return tap_values(config, scaled, embeddings, tap, policy, chunk)[-1]
-        return final_hidden(config, scaled, embeddings, policy, chunk)[-1]
+            return tap_values(config, scaled, padded, tap, policy, chunk)[last]
+        return final_hidden(config, scaled, padded, policy, chunk)[last]
 
     return target
 

@@ -62,9 +62,11 @@ log-sum-exps, one chunk per device, to the devices holding the keys and summing 
 partial outputs: never all N queries on a device. The chunked form's scans run over the
 chunks of one device's block (the devices' blocks are a batch dimension split along
 `sequence`, `_attention.chunked_frozen_attention`): a scan over the split token axis
-itself would gather every query on every device. A length that does not divide the axis
-computes the same numbers, but the arrays J keeps are then held whole (a jax array is only
-split evenly): choose N a multiple of the axis. The sequence axis is placed between fsdp
+itself would gather every query on every device. A jax array is only split evenly, so a
+length that does not divide the axis is padded (`pad_tokens`): J's target runs on X with
+zero rows appended up to a multiple of the axis and reads the last real token, which no
+appended row can reach (attention is causal); every array J keeps is then split, and its
+products still take and give (N, d). The sequence axis is placed between fsdp
 and tensor (its gathers are once per layer; tensor's are inside each layer).
 
 Tested on 8 forced host CPU devices (tests/test_mesh.py): every family's tiny model
@@ -88,6 +90,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlin._config import ModelConfig
@@ -280,6 +283,18 @@ def sharded_shapes(shapes: Any, config: ModelConfig, mesh: Mesh | None) -> Any:
         shapes,
         param_shardings(shapes, config, mesh),
     )
+
+
+def pad_tokens(activation: jax.Array) -> jax.Array:
+    """`activation` (N, …) with zero rows appended up to a multiple of the ambient mesh's
+    sequence axis, so that every per-token array computed from it splits evenly; as it
+    is when N divides the axis (always without one). The appended rows come after every
+    real token: under causal attention they change no real row (their keys are masked
+    for every real query), and padding is linear, so J·v and Jᵀ·u through it are exact."""
+    extra = -activation.shape[0] % token_devices()
+    if extra == 0:
+        return activation
+    return jnp.pad(activation, ((0, extra),) + ((0, 0),) * (activation.ndim - 1))
 
 
 def place_params(params: Any, config: ModelConfig, mesh: Mesh | None = None) -> Any:

@@ -9,9 +9,9 @@ RUNS):
 y, J·v, Jᵀ·u, contributions, bias term, whole-J top-k and per-token spectra equal to
 float64 rounding. Every leaf of J's own residuals whose shape grows with the input
 (found by linearizing at two lengths) is split along `sequence`: each device holds at
-most 1/sequence of it. An input whose length does not divide the axis gives the same
-numbers too (its residuals are held whole: a jax array is split only evenly). Run as a
-script, this file is that subprocess."""
+most 1/sequence of it. An input whose length does not divide the axis (13 tokens) gives
+the same numbers too, its residuals split as well (padded to a multiple of the axis:
+`jaxlin.mesh.pad_tokens`). Run as a script, this file is that subprocess."""
 
 from __future__ import annotations
 
@@ -60,7 +60,10 @@ def check_token_residuals_split(
     """Each residual whose shape differs between the two lengths (a per-token activation
     or frozen coefficient) is split along the sequence axis, each device holding at most
     1/devices of it; returns how many there are."""
-    short_leaves, long_leaves = own_residuals(short, params), own_residuals(long, params)
+    # Scalars never grow with the input (a padded input's J keeps one more: the padding value).
+    short_leaves, long_leaves = (
+        [leaf for leaf in own_residuals(jacobian, params) if leaf.ndim] for jacobian in (short, long)
+    )
     assert len(short_leaves) == len(long_leaves), label
     pairs = zip(short_leaves, long_leaves, strict=True)
     per_token = [leaf for leaf, other in pairs if leaf.shape != other.shape]
@@ -106,6 +109,12 @@ def check_family(
         count = check_token_residuals_split(
             jacobians[TOKENS], jacobians[LONGER], sharded, token_devices(mesh), label
         )
+        for n in lengths:
+            if n % token_devices(mesh):  # padded to split: as split as a length that divides
+                uneven = check_token_residuals_split(
+                    jacobians[n], jacobians[LONGER], sharded, token_devices(mesh), f"{label} N={n}"
+                )
+                assert uneven == count, (label, n, uneven, count)
         print(f"{label}: {count} per-token residuals split", flush=True)
 
 
@@ -130,11 +139,34 @@ def check_plan_shrinks(model_dir: Path) -> None:
         )
 
 
+def check_held_rows_placed(model_dir: Path) -> None:
+    """Rows an analysis keeps between its programs count one device's share in the plan:
+    the layer sweep's tap rows (d, N, d), split by token on sequence 2, are held at half
+    their size beside the programs that read them."""
+    from jaxlin.analyses import INPUT_ANALYSES
+    from jaxlin.model_source import read_model_config
+    from jaxlin.plan import plans_by_mesh, workload
+    from jaxlin.run_config import AnalysisSection, ModelSection
+
+    config = read_model_config(ModelSection(source="hf", path=str(model_dir)))
+    n, d, item = 64, config.hidden_size, 8
+    layers = {"enabled": True, "kinds": ["mlp"], "local": True}
+    options = AnalysisSection(top_k=2, chunk=4, per_token={"method": "off"}, layers=layers)
+    enabled = [analysis for analysis in INPUT_ANALYSES if analysis.enabled(options, n)]
+    plan_on = plans_by_mesh(config, n, jnp.dtype("float64"), workload(options, enabled), None)
+    for devices in (1, 2):
+        held = {program.name: program.held for program in plan_on({"sequence": devices}).programs}
+        for scope in ("cumulative", "local"):
+            rows = held[f"layers {scope} mlp: spectrum"] - held[f"layers {scope} mlp: rows"]
+            assert rows == d * n * d * item // devices, (scope, devices, rows)
+    print("plan: held rows placed", flush=True)
+
+
 def test_sequence_axis_on_eight_host_devices(tiny_model_dir):
     dirs = [str(tiny_model_dir(variant)) for variant in FAMILY_VARIANTS]
     done = run_test_script(__file__, *dirs, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "plan: J's residuals" in done.stdout
+    assert "plan: J's residuals" in done.stdout and "plan: held rows placed" in done.stdout
     for directory in dirs:
         for chunk in (None, ATTENTION_CHUNK):
             assert f"{Path(directory).name} chunk {chunk}: meshes agree" in done.stdout, done.stdout
@@ -200,13 +232,13 @@ def test_the_mesh_search_tries_the_sequence_axis_before_data():
 
 # (family index, attention chunk) → the meshes it runs on and the lengths compared: each
 # family with dense and chunked attention, sequence 2, 4 and 8 among them; gemma3's
-# sliding window (the chunked form's local key spans) on 13 tokens too, not a multiple of
-# the axis (J's residuals are then held whole: a jax array is split only evenly).
+# sliding window (the chunked form's local key spans) and llama's dense attention on 13
+# tokens too, not a multiple of the axis (padded to one, `jaxlin.mesh.pad_tokens`).
 SEQUENCE_2, SEQUENCE_4 = MESHES
 RUNS = {
     (0, None): (({"sequence": 8}, (TOKENS,)),),
     (0, ATTENTION_CHUNK): ((SEQUENCE_2, (TOKENS,)), (SEQUENCE_4, (TOKENS, 13))),
-    (1, None): ((SEQUENCE_2, (TOKENS,)),),
+    (1, None): ((SEQUENCE_2, (TOKENS, 13)),),
     (1, ATTENTION_CHUNK): ((SEQUENCE_4, (TOKENS,)),),
     (2, None): ((SEQUENCE_4, (TOKENS,)),),
     (2, ATTENTION_CHUNK): ((SEQUENCE_2, (TOKENS,)),),
@@ -216,6 +248,7 @@ if __name__ == "__main__":
     jax.config.update("jax_enable_x64", True)
     assert jax.device_count() == 8, jax.devices()
     check_plan_shrinks(Path(sys.argv[2]))
+    check_held_rows_placed(Path(sys.argv[2]))
     for index, directory in enumerate(sys.argv[1:]):
         for chunk in (None, ATTENTION_CHUNK):
             check_family(Path(directory), chunk, RUNS[index, chunk])
