@@ -32,11 +32,21 @@ devices when fewer are present (compiling needs the devices, not their memory).
 keeps a GGUF's on device (jaxlin.quantized). A GGUF source with `model.quantized: true`
 is planned in the file's own layouts, read from its header and tensor index (no weight),
 and split on a mesh as `jaxlin.mesh` splits quantized params.
+
+A plan compiled on host CPU devices for other hardware (`jaxlin plan --device-memory`)
+stands in for an accelerator (`stand_in`): XLA's CPU backend computes bfloat16 dots in
+float32, and its loop-invariant code motion then hoists every layer's weight conversion
+out of the layer scan — a float32 copy of all the weights in the temporaries, which a
+GPU or TPU, computing in bfloat16, never makes. Such a plan is compiled without that pass
+(float32, float64 and quantized programs then differ by bytes — a loop's hoisted scalars
+— tests/test_plan.py).
+A plan for this machine's own run (`jaxlin run`'s refusal) compiles as the run does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -94,6 +104,19 @@ class Workload:
     extra: tuple[ProgramSource, ...] = ()
 
 
+# XLA options a plan standing in for an accelerator compiles with (see the module docstring).
+STAND_IN_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+_compiler_options: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "jaxlin_plan_compiler_options", default=None
+)
+
+
+def _compile(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+    """`lowered` compiled as the plan in progress asks (`plan(..., stand_in=)`)."""
+    options = _compiler_options.get()
+    return lowered.compile(compiler_options=options) if options else lowered.compile()
+
+
 @dataclasses.dataclass(frozen=True)
 class ProgramMemory:
     """One compiled program's memory analysis (bytes, per device)."""
@@ -120,6 +143,7 @@ class Plan:
     programs: tuple[ProgramMemory, ...]
     mesh: tuple[tuple[str, int], ...] = ()  # the data × fsdp × tensor sizes; () for one device
     quantized: str | None = None  # the block layout assumed for the matrices, if any
+    stand_in: bool = False  # compiled on CPU for an accelerator (see the module docstring)
 
     @property
     def peak(self) -> int:
@@ -215,7 +239,7 @@ def program_memory(name: str, program: Any, held: int = 0) -> ProgramMemory:
     """The memory analysis of a lowered (`jit(f).lower(...)`) or compiled program, with
     `held` bytes resident beside the weights while it runs (what it is given that is
     neither a weight nor already counted: J's residuals, rows an earlier program made)."""
-    compiled = program.compile() if isinstance(program, jax.stages.Lowered) else program
+    compiled = _compile(program) if isinstance(program, jax.stages.Lowered) else program
     return _compiled_memory(name, compiled, held)
 
 
@@ -272,7 +296,7 @@ class Abstracts:
         """The program of the jitted `function` at `args` and its outputs as it places them
         on the plan's mesh: what a later program finds held is counted per device (J's
         rows split by token along a sequence axis, say)."""
-        compiled = function.lower(*args).compile()
+        compiled = _compile(function.lower(*args))
         outputs = placed(jax.eval_shape(function, *args), compiled, self.mesh)
         return _compiled_memory(name, compiled, held), outputs
 
@@ -289,7 +313,7 @@ class Abstracts:
         J it returns and that J's own residuals in bytes: its outputs, where the weights
         are `ParamRef`s — so whatever it copies (a tap's layer weights) counts, and what it
         refers to does not. On a mesh, each output as the partitioner placed it."""
-        compiled = _linearize.lower(self.params, inputs, self.config, policy, block, tap).compile()
+        compiled = _compile(_linearize.lower(self.params, inputs, self.config, policy, block, tap))
         out = placed(
             jax.eval_shape(_linearize, self.params, inputs, self.config, policy, block, tap),
             compiled,
@@ -365,13 +389,20 @@ def plan(
     work: Workload | None = None,
     mesh: jax.sharding.Mesh | None = None,
     quantized: Quantized | None = None,
+    stand_in: bool = False,
 ) -> Plan:
     """Compile the run's programs for `tokens` input tokens with abstract weights and read
     their memory analyses (minutes for a large model on CPU: compiling is the cost). On
     `mesh` the programs are partitioned as a run under it partitions them (the weights
-    placed by `jaxlin.mesh`'s rules) and every size is one device's."""
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        return _plan(config, tokens, jnp.dtype(dtype), work or Workload(), mesh, quantized)
+    placed by `jaxlin.mesh`'s rules) and every size is one device's. `stand_in`: the CPU
+    compiles stand in for an accelerator's (`STAND_IN_OPTIONS`, the module docstring)."""
+    token = _compiler_options.set(STAND_IN_OPTIONS if stand_in else None)
+    try:
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            planned = _plan(config, tokens, jnp.dtype(dtype), work or Workload(), mesh, quantized)
+    finally:
+        _compiler_options.reset(token)
+    return dataclasses.replace(planned, stand_in=stand_in)
 
 
 def _plan(
@@ -469,7 +500,8 @@ def describe(planned: Plan, limit: int | None) -> str:
     weights = f"weights ({planned.quantized} layout) " if planned.quantized else "weights "
     lines = [
         f"{planned.tokens} tokens, {planned.dtype}{placement}: {weights}{gib(planned.weights)}, "
-        f"J's own residuals {gib(planned.jacobian)}",
+        f"J's own residuals {gib(planned.jacobian)}"
+        + (" (CPU compiles standing in for an accelerator's)" if planned.stand_in else ""),
     ]
     width = max([24, *(len(program.name) + 2 for program in planned.programs)])
     lines.append(f"  {'program':<{width}}{'held':>12}{'outputs':>12}{'temporaries':>12}")
@@ -620,9 +652,15 @@ def _mesh_key(sizes: MeshSizes) -> tuple[int, ...]:
 
 
 def plans_by_mesh(
-    config: ModelConfig, tokens: int, dtype: jnp.dtype, work: Workload, quantized: Quantized | None
+    config: ModelConfig,
+    tokens: int,
+    dtype: jnp.dtype,
+    work: Workload,
+    quantized: Quantized | None,
+    stand_in: bool = False,
 ) -> Callable[[MeshSizes], Plan]:
-    """mesh sizes → the plan on that mesh (one device: no mesh), each compiled once."""
+    """mesh sizes → the plan on that mesh (one device: no mesh), each compiled once
+    (`stand_in`: for an accelerator, `plan`)."""
 
     @functools.cache
     def planned(key: tuple[int, ...]) -> Plan:
@@ -630,7 +668,7 @@ def plans_by_mesh(
         mesh = (
             make_mesh(dict(zip(AXIS_ORDER, key, strict=True)), planning_devices(count)) if count > 1 else None
         )
-        return plan(config, tokens, dtype, work, mesh, quantized)
+        return plan(config, tokens, dtype, work, mesh, quantized, stand_in)
 
     return lambda sizes: planned(_mesh_key(sizes))
 
@@ -690,7 +728,9 @@ def plan_run(
     """The plans of a run config's analysis for each input length, from the model's config
     alone: no weight is read (`jaxlin.model_source`). On the config's `mesh:` if it has
     one; then the smallest mesh of up to `devices` (default: those present) whose peak fits
-    `device_memory` (default: the default device's memory)."""
+    `device_memory` (default: the default device's memory). Given `device_memory` on a CPU
+    backend, the plans are for other hardware: compiled standing in for an accelerator
+    (`plan`'s `stand_in`)."""
     from jaxlin.errors import JaxlinError
     from jaxlin.loading import enable_dtype
     from jaxlin.memory import total_bytes
@@ -720,9 +760,10 @@ def plan_run(
     def weights_on(key: tuple[int, ...]) -> int:
         return weights_per_device(model, dtype, dict(zip(AXIS_ORDER, key, strict=True)), planned_layouts)
 
+    stand_in = device_memory is not None and jax.default_backend() == "cpu"
     plans, searches = [], []
     for n in tokens:
-        plan_on = plans_by_mesh(model, n, dtype, run_workload(config, n), planned_layouts)
+        plan_on = plans_by_mesh(model, n, dtype, run_workload(config, n), planned_layouts, stand_in)
         plans.append(plan_on(configured))
         searches.append(
             None
