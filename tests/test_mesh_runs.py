@@ -1,11 +1,13 @@
-"""`jaxlin run` on a data × fsdp × tensor mesh writes what it writes on one device.
+"""`jaxlin run` on a device mesh (data × fsdp × tensor; sequence) writes what it writes on one device.
 
 tests/test_mesh.py checks the programs on J under a mesh; this file checks the runs: the
 analyses' own programs (the layer sweep's cumulative and layer-local taps, the ablation's
 linear and real edits, steering, the Hutchinson estimate, the focus block, per-token
 spectra exact and projected), a length study (exact and stochastic influence) and a GGUF
 kept quantized, each run through `jaxlin.command` / `jaxlin.length_study` once under a
-`mesh:` section (tensor 2 × fsdp 2 × data 2) and once on one device. Every array of
+`mesh:` section (tensor 2 × fsdp 2 × data 2) and once on one device; then the rows-based
+analyses and a length study under sequence 4 × data 2, on lengths the axis does not
+divide (padded, `jaxlin.mesh.pad_tokens`). Every array of
 arrays.npz and every number of summary.json (a length study: of every length's record)
 must agree to float64 rounding, the products counted must be equal, and each device must
 hold only its shard of the split parameters.
@@ -185,15 +187,17 @@ def loading_recorded() -> list[Any]:
     return loaded
 
 
-def run_twice(data: dict[str, Any], out: Path, loaded: list[Any]) -> tuple[Any, Any]:
-    """The config run under the mesh, then on one device: each run's output directory,
-    and the model the mesh run loaded."""
+def run_twice(
+    data: dict[str, Any], out: Path, loaded: list[Any], mesh: dict[str, int] = MESH
+) -> tuple[Any, Any]:
+    """The config run under `mesh`, then on one device: each run's output directory, and
+    the model the mesh run loaded."""
     from jaxlin.command import run
     from jaxlin.length_study import run_study
     from jaxlin.run_config import parse_run_config
 
     outputs = []
-    for name, placement in (("mesh", {"mesh": MESH}), ("single", {"devices": 1})):
+    for name, placement in (("mesh", {"mesh": mesh}), ("single", {"devices": 1})):
         config = parse_run_config({**data, **placement, "output_dir": str(out / name)})
         before = len(loaded)
         if config.length_study is not None:
@@ -205,10 +209,10 @@ def run_twice(data: dict[str, Any], out: Path, loaded: list[Any]) -> tuple[Any, 
     return outputs, loaded[-2]
 
 
-def compare_run(data: dict[str, Any], out: Path, loaded: list[Any]) -> Any:
-    (mesh, single), model = run_twice(data, out, loaded)
+def compare_run(data: dict[str, Any], out: Path, loaded: list[Any], sizes: dict[str, int] = MESH) -> Any:
+    (mesh, single), model = run_twice(data, out, loaded, sizes)
     summaries = [json.loads((path / "summary.json").read_text()) for path in (mesh, single)]
-    assert summaries[0]["devices"] == MESH["data"] and summaries[1]["devices"] == 1
+    assert summaries[0]["devices"] == sizes["data"] and summaries[1]["devices"] == 1
     assert summaries[0]["products"] == summaries[1]["products"], [s["products"] for s in summaries]
     agree(*(without_run_only(summary) for summary in summaries), "summary")
     with np.load(mesh / "arrays.npz") as split, np.load(single / "arrays.npz") as whole:
@@ -216,10 +220,10 @@ def compare_run(data: dict[str, Any], out: Path, loaded: list[Any]) -> Any:
     return model, summaries[1]
 
 
-def compare_study(data: dict[str, Any], out: Path, loaded: list[Any]) -> Any:
-    (mesh, single), model = run_twice(data, out, loaded)
+def compare_study(data: dict[str, Any], out: Path, loaded: list[Any], sizes: dict[str, int] = MESH) -> Any:
+    (mesh, single), model = run_twice(data, out, loaded, sizes)
     summaries = [json.loads((path / "summary.json").read_text()) for path in (mesh, single)]
-    assert summaries[0]["devices"] == MESH["data"] and summaries[1]["devices"] == 1
+    assert summaries[0]["devices"] == sizes["data"] and summaries[1]["devices"] == 1
     agree(*(without_run_only(summary) for summary in summaries), "summary")
     for length in summaries[1]["lengths"]:
         name = f"lengths/p{length:06d}.json"
@@ -309,6 +313,23 @@ def main(work: Path, first: str, second: str, gguf: str) -> None:
     check_quantized_sharded(model.model.params)
     print(f"kept quantized: mesh = one device ({time.perf_counter() - started:.0f} s)")
 
+    # The sequence axis, on lengths it does not divide (padded: jaxlin.mesh.pad_tokens):
+    # J's rows, exact per-token spectra, the layer sweep's local and cumulative taps and
+    # the ablation; then a length study's prefixes.
+    sequence = {"sequence": 4, "data": 2}
+    data = hf_config(
+        second,
+        method="dense",
+        per_token={"method": "exact", "top_k": 2},
+        layers={"enabled": True, "kinds": ["mlp"], "local": True, "top_k": 2},
+        ablation=True,
+    )
+    model, summary = compare_run(data, work / "sequence", loaded, sequence)
+    assert len(summary["tokens"]) % sequence["sequence"], len(summary["tokens"])
+    study["length_study"]["lengths"] = [9, 13]
+    compare_study(study, work / "sequence_study", loaded, sequence)
+    print(f"sequence axis, uneven lengths: mesh = one device ({time.perf_counter() - started:.0f} s)")
+
 
 def test_runs_on_a_mesh_equal_one_device(tiny_model_dir, tmp_path):
     from conftest import run_test_script
@@ -323,6 +344,7 @@ def test_runs_on_a_mesh_equal_one_device(tiny_model_dir, tmp_path):
         "lanczos, projected, Hutchinson, focus: mesh = one device",
         "length study: mesh = one device",
         "kept quantized: mesh = one device",
+        "sequence axis, uneven lengths: mesh = one device",
     ):
         assert line in done.stdout, done.stdout
 
