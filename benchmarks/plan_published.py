@@ -5,7 +5,8 @@ whose per-device peak fits, and that peak — compiled from the model's architec
 (no weight, no network: jaxlin/data/architectures when the hub id is not in the local cache).
 
     python benchmarks/plan_published.py [--models llama-3.1-8b ...] [--tokens 512 4096 32768]
-                                        [--devices 8] [--device-memory 80GB]
+                                        [--variants float32 "Q4_K (float32)" ...]
+                                        [--devices 8] [--device-memory 80GB] [--name NAME]
 
 The meshes are compiled for host CPU devices standing in for the accelerators (compiling
 needs the devices, not their memory). To keep the sweep affordable on a 2-core machine it
@@ -17,8 +18,8 @@ tensor 4 × sequence 2, then tensor 2 × sequence 4: at most 7 meshes for one ce
 "devices needed" is an upper bound (`jaxlin plan` searches every mesh). A sequence-only
 mesh (s = the count) is not tried: it holds every weight on every device. The sweep
 assumes that a mesh which does not fit a shorter input does not fit a longer one (such
-meshes are not compiled again). Nothing is assumed across dtypes: bfloat16 runs can peak above float32 ones.
-Quantized matrices are split on a mesh as the float params they replace (jaxlin.mesh:
+meshes are not compiled again). Nothing is assumed across dtypes: bfloat16 runs can peak
+above float32 ones. Quantized matrices are split on a mesh as the float params they replace (jaxlin.mesh:
 columns only where each shard holds whole groups).
 """
 
