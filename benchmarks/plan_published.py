@@ -9,7 +9,10 @@ whose per-device peak fits, and that peak — compiled from the model's architec
                                         [--devices 8] [--device-memory 80GB] [--name NAME]
 
 The meshes are compiled for host CPU devices standing in for the accelerators (compiling
-needs the devices, not their memory). To keep the sweep affordable on a 2-core machine it
+needs the devices, not their memory), as `jaxlin plan --device-memory` compiles them
+(`jaxlin.plan.plan`'s `stand_in`: bfloat16 programs without the float32 copy of the
+weights XLA's CPU backend would hoist out of the layer scan). To keep the sweep affordable
+on a 2-core machine it
 compiles a few meshes per device count (1, 2, 4, 8), in `smallest_mesh`'s order: for each
 sequence split s smaller than the count (s = 1, 2, 4; one device: s = 1), the first mesh
 with sequence s — the data × fsdp × tensor mesh of count / s devices holding the fewest
@@ -133,7 +136,7 @@ def _search(
         devices,
         limit,
         lambda sizes: weights(key(sizes)),
-        plans_by_mesh(model, n, jnp.dtype(dtype), work, quantized),
+        plans_by_mesh(model, n, jnp.dtype(dtype), work, quantized, stand_in=True),  # for 80 GB accelerators
         skipped,
         axes=AXIS_ORDER,
     )
