@@ -12,18 +12,18 @@ The meshes are compiled for host CPU devices standing in for the accelerators (c
 needs the devices, not their memory), as `jaxlin plan --device-memory` compiles them
 (`jaxlin.plan.plan`'s `stand_in`: bfloat16 programs without the float32 copy of the
 weights XLA's CPU backend would hoist out of the layer scan). To keep the sweep affordable
-on a 2-core machine it
-compiles a few meshes per device count (1, 2, 4, 8), in `smallest_mesh`'s order: for each
-sequence split s smaller than the count (s = 1, 2, 4; one device: s = 1), the first mesh
-with sequence s — the data × fsdp × tensor mesh of count / s devices holding the fewest
-weights, widest tensor axis first, times sequence s. So 8 devices try, say, tensor 8, then
-tensor 4 × sequence 2, then tensor 2 × sequence 4: at most 7 meshes for one cell, and
-"devices needed" is an upper bound (`jaxlin plan` searches every mesh). A sequence-only
-mesh (s = the count) is not tried: it holds every weight on every device. The sweep
-assumes that a mesh which does not fit a shorter input does not fit a longer one (such
-meshes are not compiled again). Nothing is assumed across dtypes: bfloat16 runs can peak
-above float32 ones. Quantized matrices are split on a mesh as the float params they replace (jaxlin.mesh:
-columns only where each shard holds whole groups).
+on a 2-core machine it compiles a few meshes per device count (1, 2, 4, 8), in
+`smallest_mesh`'s order: for each sequence split s smaller than the count (s = 1, 2, 4;
+one device: s = 1), the first mesh with sequence s — the data × fsdp × tensor mesh of
+count / s devices holding the fewest weights, widest tensor axis first, times sequence s.
+So 8 devices try, say, tensor 8, then tensor 4 × sequence 2, then tensor 2 × sequence 4:
+at most 7 meshes for one cell, and "devices needed" is an upper bound (`jaxlin plan`
+searches every mesh). A sequence-only mesh (s = the count) is not tried: it holds every
+weight on every device. The sweep assumes that a mesh which does not fit a shorter input
+does not fit a longer one (such meshes are not compiled again). Nothing is assumed across
+dtypes: bfloat16 runs can peak above float32 ones. Quantized matrices are split on a mesh
+as the float params they replace (jaxlin.mesh: columns only where each shard holds whole
+groups).
 """
 
 from __future__ import annotations
